@@ -1,0 +1,13 @@
+"""The `vpdetect` command line: a thin layer over the compute modules.
+
+Each command lives in its own module and registers itself on `app`. Heavy
+libraries (torch, scipy, matplotlib) are imported inside the commands so that
+`vpdetect --help` answers at once.
+"""
+
+from __future__ import annotations
+
+from vpdetect.cli.app import app, main  # noqa: F401
+
+# Importing a command module registers its command(s) on `app`.
+from vpdetect.cli import info  # noqa: E402,F401  isort: skip

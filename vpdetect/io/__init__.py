@@ -1,0 +1,1 @@
+"""All file reading and writing lives in this package."""

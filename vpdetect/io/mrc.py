@@ -1,0 +1,174 @@
+"""Tomogram I/O: MRC/REC files as float32 arrays indexed [z, y, x].
+
+Large files are memory-mapped; slightly malformed headers are retried in
+mrcfile's permissive mode with a warning. A header voxel size of 0 or 1
+Angstrom is what most software writes when it does not know, so it is
+reported as unknown (None).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vpdetect.errors import VPDetectError
+from vpdetect.io.atomic import atomic_path
+
+# Files above this size are memory-mapped rather than read into memory.
+MMAP_THRESHOLD_BYTES = 256 * 1024**2
+# MRC modes vpdetect reads: int8, int16, float32, uint16, float16.
+SUPPORTED_MODES = {0, 1, 2, 6, 12}
+
+
+@dataclass
+class Tomogram:
+    """A volume indexed [z, y, x] with its voxel size in Angstrom (None if unknown)."""
+
+    data: np.ndarray
+    voxel_size: float | None = None
+    path: Path | None = None
+
+    @property
+    def shape_xyz(self) -> tuple[int, int, int]:
+        z, y, x = self.data.shape
+        return (x, y, z)
+
+    @property
+    def name(self) -> str:
+        """The tomogram's name as written in particle tables (file name without suffix)."""
+        return tomogram_name(self.path) if self.path is not None else "tomogram"
+
+
+def tomogram_name(path: str | os.PathLike) -> str:
+    """File name without its MRC-like suffix: `TS_01.mrc` -> `TS_01`."""
+    name = Path(path).name
+    for suffix in (".mrc", ".rec", ".map", ".st", ".ali"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def header_voxel_size(voxel_size_record) -> float | None:
+    """The x voxel size from an mrcfile voxel_size record; 0 or 1 Angstrom means unknown."""
+    value = float(voxel_size_record.x)
+    if not np.isfinite(value) or value <= 0 or abs(value - 1.0) < 1e-6:
+        return None
+    return value
+
+
+def _open_mrc(path: Path, mmap: bool):
+    import mrcfile
+
+    opener = mrcfile.mmap if mmap else mrcfile.open
+    try:
+        return opener(path, mode="r")
+    except ValueError as strict_error:
+        try:
+            handle = opener(path, mode="r", permissive=True)
+        except Exception as exc:  # noqa: BLE001 - report the original problem
+            raise VPDetectError(f"cannot read MRC file {path}: {strict_error}") from exc
+        if handle.data is None:
+            handle.close()
+            raise VPDetectError(f"cannot read MRC file {path}: {strict_error}")
+        warnings.warn(
+            f"{path}: malformed MRC header ({strict_error}); read in permissive mode",
+            stacklevel=3,
+        )
+        return handle
+    except OSError as exc:
+        raise VPDetectError(f"cannot read MRC file {path}: {exc}") from exc
+
+
+def read_tomogram(
+    path: str | os.PathLike,
+    voxel_size: float | None = None,
+    mmap: bool | None = None,
+    allow_2d: bool = False,
+) -> Tomogram:
+    """Read an MRC/REC volume as float32 [z, y, x].
+
+    `voxel_size` (Angstrom) overrides the header. `mmap=None` memory-maps files
+    larger than MMAP_THRESHOLD_BYTES; a memory-mapped float32 file is returned
+    as a read-only view without copying.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VPDetectError(f"file not found: {path}")
+    if path.is_dir():
+        raise VPDetectError(f"expected an MRC file, got a directory: {path}")
+    if mmap is None:
+        mmap = path.stat().st_size > MMAP_THRESHOLD_BYTES
+    handle = _open_mrc(path, mmap)
+    try:
+        mode = int(handle.header.mode)
+        if mode not in SUPPORTED_MODES:
+            raise VPDetectError(f"{path}: unsupported MRC mode {mode} (complex or packed data)")
+        data = handle.data
+        if data is None:
+            raise VPDetectError(f"{path}: MRC file holds no data")
+        if data.ndim != 3 and not (allow_2d and data.ndim == 2):
+            raise VPDetectError(f"{path}: expected a 3D volume, got {data.ndim}D data of shape {data.shape}")
+        header_size = header_voxel_size(handle.voxel_size)
+        if data.dtype == np.float32 and mmap:
+            array = data  # zero-copy view of the memory map
+        else:
+            array = np.asarray(data, dtype=np.float32).copy()
+    except VPDetectError:
+        handle.close()
+        raise
+    except ValueError as exc:  # truncated files surface here on mmap/read
+        handle.close()
+        raise VPDetectError(f"cannot read MRC file {path}: {exc}") from exc
+    if not mmap:
+        handle.close()
+    return Tomogram(
+        data=array, voxel_size=voxel_size if voxel_size is not None else header_size, path=path
+    )
+
+
+def read_mrc_header(path: str | os.PathLike) -> dict:
+    """Shape (z, y, x), mode and voxel size of an MRC file, read from the header only."""
+    import mrcfile
+
+    path = Path(path)
+    if not path.exists():
+        raise VPDetectError(f"file not found: {path}")
+    try:
+        with mrcfile.open(path, mode="r", header_only=True, permissive=True) as handle:
+            header = handle.header
+            return {
+                "shape": (int(header.nz), int(header.ny), int(header.nx)),
+                "mode": int(header.mode),
+                "voxel_size": header_voxel_size(handle.voxel_size),
+            }
+    except (ValueError, OSError) as exc:
+        raise VPDetectError(f"cannot read MRC header of {path}: {exc}") from exc
+
+
+def write_mrc(
+    path: str | os.PathLike, array: np.ndarray, voxel_size: float | None = None
+) -> None:
+    """Write a volume atomically. float64 is stored as float32, bool as int8.
+
+    Integer masks keep an integer mode (int8 or int16) so label values survive.
+    """
+    import mrcfile
+
+    array = np.asarray(array)
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    elif array.dtype == bool:
+        array = array.astype(np.int8)
+    elif array.dtype.kind in "iu" and array.dtype not in (np.int8, np.int16, np.uint16):
+        if array.size and (array.min() < -32768 or array.max() > 32767):
+            raise VPDetectError(f"labels out of int16 range cannot be written to {path}")
+        array = array.astype(np.int16)
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as handle:
+            handle.set_data(np.ascontiguousarray(array))
+            if voxel_size is not None:
+                handle.voxel_size = float(voxel_size)
