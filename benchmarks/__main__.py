@@ -1,0 +1,41 @@
+"""Run the benchmarks: `python -m benchmarks [NAME ...]` (NAME = bench_NAME.py)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def machine_summary() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
+    )
+
+
+def main(argv: list[str]) -> int:
+    here = Path(__file__).parent
+    available = sorted(p.stem[len("bench_") :] for p in here.glob("bench_*.py"))
+    chosen = argv or available
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        print(f"error: unknown benchmark(s) {unknown}; available: {available}", file=sys.stderr)
+        return 2
+    print(f"machine: {machine_summary()}")
+    for name in chosen:
+        print(f"\n=== {name} ===", flush=True)
+        start = time.perf_counter()
+        importlib.import_module(f"benchmarks.bench_{name}").run()
+        print(f"({name}: {time.perf_counter() - start:.1f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Evaluation: the SHREC localization/classification protocol and segmentation metrics."""

@@ -1,0 +1,319 @@
+"""The SHREC'20/'21 evaluation protocol (SHREC'21 paper section 2.2, tables 3-6).
+
+A prediction is a position (and a class). Positions are rounded to the nearest
+voxel (halves round up) and clipped into the volume; RO counts the clipped ones.
+The occupancy mask (0 background, k = the particle on line k of
+particle_locations.txt) is dilated once with a 6-connected cross as a greyscale
+maximum, so where particles touch the higher id wins, and looked up at [z, y, x]:
+0 is a false positive, k a hit on particle k.
+
+AD is measured from the reported (unrounded) position of a particle's first hit
+in file order. Classification gives each scored true particle the class of its
+first hit, or `background` when it has none; the confusion matrix [true,
+assigned] covers true particles only, so false positives lower localization
+precision but not a class's precision (as in the SHREC tables).
+
+Truth particles of class `vesicle` are not scored (as in SHREC'21, where vesicles
+are context, not targets): their voxels are background before the dilation, so a
+prediction on a vesicle is a false positive, and they do not count in n_particles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vpdetect.errors import VPDetectError
+from vpdetect.io.particles import ParticleTable
+
+# SHREC'21 table 5: groups by molecular weight (small < 200 kDa, medium 200-600, large > 600).
+SHREC21_SIZE_GROUPS: dict[str, list[str]] = {
+    "small": ["1s3x", "3qm1", "3gl1", "3h84", "2cg9"],
+    "medium": ["3d2f", "1u6g", "3cf3", "1bxn", "1qvr"],
+    "large": ["4cr2", "5mrc"],
+}
+UNSCORED_CLASSES = frozenset({"vesicle"})
+BACKGROUND = "background"
+SIMULATION_FILE = "simulation.json"
+
+
+def _key(name: str) -> str:
+    """Class names compare case-insensitively."""
+    return str(name).strip().lower()
+
+
+def dilate_occupancy(occupancy: np.ndarray) -> np.ndarray:
+    """One greyscale dilation with the 6-connected cross: each voxel takes the highest id
+    among itself and its 6 face neighbours (voxels outside the volume do not count)."""
+    from scipy import ndimage
+
+    cross = ndimage.generate_binary_structure(3, 1)
+    return ndimage.grey_dilation(occupancy, footprint=cross, mode="constant", cval=0)
+
+
+def round_and_clip(coords_xyz: np.ndarray, shape_zyx: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest voxel (x.5 rounds up, not to even) clipped into the volume.
+
+    Returns the (n, 3) integer x, y, z indices and a boolean mask of the clipped rows.
+    """
+    coords = np.asarray(coords_xyz, dtype=np.float64).reshape(-1, 3)
+    rounded = np.floor(coords + 0.5).astype(np.int64)
+    upper = np.asarray(shape_zyx[::-1], dtype=np.int64) - 1  # x, y, z maxima
+    clipped = np.clip(rounded, 0, upper)
+    return clipped, np.any(clipped != rounded, axis=1)
+
+
+def _safe_div(numerator: float, denominator: float) -> float:
+    return float(numerator) / float(denominator) if denominator else 0.0
+
+
+def _f1(precision: float, recall: float) -> float:
+    return _safe_div(2 * precision * recall, precision + recall)
+
+
+def _check_inputs(pred: ParticleTable, occupancy: np.ndarray, truth: ParticleTable) -> np.ndarray:
+    occupancy = np.asarray(occupancy)
+    if occupancy.ndim != 3:
+        raise VPDetectError(f"occupancy mask must be 3D, got shape {occupancy.shape}")
+    if occupancy.dtype.kind == "f":
+        if not np.all(np.isfinite(occupancy)) or np.any(occupancy != np.round(occupancy)):
+            raise VPDetectError("occupancy mask holds non-integer values (is it a tomogram?)")
+    occupancy = occupancy.astype(np.int64 if len(truth) >= 2**31 - 1 else np.int32)
+    n = len(truth)
+    if occupancy.size and (occupancy.min() < 0 or occupancy.max() > n):
+        raise VPDetectError(
+            f"occupancy mask holds particle ids up to {int(occupancy.max())} "
+            f"but the truth lists {n} particles"
+        )
+    shape_xyz = tuple(int(v) for v in occupancy.shape[::-1])
+    if len(truth):
+        centre = np.floor(truth.coords_xyz() + 0.5)
+        outside = np.any((centre < 0) | (centre >= np.asarray(shape_xyz)), axis=1)
+        if outside.any():
+            row = int(np.argmax(outside))
+            raise VPDetectError(
+                f"truth particle {row + 1} at {tuple(truth.coords_xyz()[row])} lies outside the "
+                f"occupancy mask of size (x, y, z) {shape_xyz}: mask and particle list disagree"
+            )
+    if pred.tomo_size is not None and tuple(pred.tomo_size) != shape_xyz:
+        raise VPDetectError(
+            f"predictions are for a tomogram of size (x, y, z) {tuple(pred.tomo_size)} "
+            f"but the occupancy mask is {shape_xyz}"
+        )
+    if (
+        pred.voxel_size is not None and truth.voxel_size is not None
+        and abs(pred.voxel_size - truth.voxel_size) > 0.01 * truth.voxel_size
+    ):
+        raise VPDetectError(
+            f"predictions are at {pred.voxel_size:g} A/voxel but the truth at "
+            f"{truth.voxel_size:g} A/voxel; pick in a tomogram sampled like the truth"
+        )
+    return occupancy
+
+
+def evaluate_picks(
+    pred: ParticleTable,
+    occupancy: np.ndarray,
+    truth: ParticleTable,
+    size_groups: Mapping[str, Sequence[str]] | None = None,
+) -> dict:
+    """SHREC metrics of `pred` against the occupancy mask [z, y, x] and the truth table.
+
+    `size_groups` maps a group name to class names (default: SHREC'21 table 5);
+    groups report the mean F1 of their classes that occur in the truth.
+    Returns {"localization": {...}, "classification": {...} or None}.
+    """
+    occupancy = _check_inputs(pred, occupancy, truth)
+    n = len(truth)
+    truth_labels = truth.class_labels()
+    truth_keys = [_key(v) for v in truth_labels] if truth_labels is not None else [""] * n
+    # ids 1..n; scored[k] says whether particle k counts.
+    scored = np.ones(n + 1, dtype=bool)
+    scored[0] = False
+    for i, key in enumerate(truth_keys):
+        if key in UNSCORED_CLASSES:
+            scored[i + 1] = False
+    id_map = np.where(scored, np.arange(n + 1), 0).astype(occupancy.dtype)
+    lookup = dilate_occupancy(id_map[occupancy])
+
+    coords = pred.coords_xyz()
+    voxels, was_clipped = round_and_clip(coords, occupancy.shape)
+    hits = lookup[voxels[:, 2], voxels[:, 1], voxels[:, 0]].astype(np.int64)
+    counts = np.bincount(hits, minlength=n + 1)
+    # First hit of each particle in file order (np.unique returns first occurrences).
+    first_hit = np.full(n + 1, -1, dtype=np.int64)
+    ids, first_index = np.unique(hits, return_index=True)
+    first_hit[ids] = first_index
+    first_hit[0] = -1
+
+    n_particles = int(scored.sum())
+    found = scored & (counts > 0)
+    tp = int(found.sum())
+    found_ids = np.flatnonzero(found)
+    if tp:
+        deltas = coords[first_hit[found_ids]] - truth.coords_xyz()[found_ids - 1]
+        average_distance: float | None = float(np.linalg.norm(deltas, axis=1).mean())
+    else:
+        average_distance = None  # no hit, no distance (JSON null)
+    rr = len(pred)
+    precision = _safe_div(tp, rr)
+    recall = _safe_div(tp, n_particles)
+    localization = {
+        "RR": rr,
+        "TP": tp,
+        "FP": int(np.count_nonzero(hits == 0)),
+        "FN": n_particles - tp,
+        "MH": int(np.count_nonzero(scored & (counts > 1))),
+        "RO": int(was_clipped.sum()),
+        "AD": average_distance,
+        "precision": precision,
+        "recall": recall,
+        "miss_rate": 1.0 - recall if n_particles else 0.0,
+        "f1": _f1(precision, recall),
+        "n_particles": n_particles,
+    }
+
+    classification = None
+    pred_labels = pred.class_labels()
+    if pred_labels is not None and truth_labels is not None:
+        assigned = [
+            pred_labels[first_hit[k]] if counts[k] > 0 else BACKGROUND
+            for k in range(1, n + 1) if scored[k]
+        ]
+        true_names = [truth_labels[k - 1] for k in range(1, n + 1) if scored[k]]
+        groups = dict(SHREC21_SIZE_GROUPS if size_groups is None else size_groups)
+        classification = classification_metrics(true_names, assigned, pred_labels, groups)
+    return {"localization": localization, "classification": classification}
+
+
+def _label_order(
+    true_names: Sequence[str], pred_names: Sequence[str], groups: Mapping[str, Sequence[str]]
+) -> tuple[list[str], dict[str, str]]:
+    """Class keys in table order (size-group order, then the rest sorted) and display names."""
+    display: dict[str, str] = {}
+    for name in list(true_names) + list(pred_names):
+        display.setdefault(_key(name), str(name))
+    true_keys = {_key(v) for v in true_names}
+    other_keys = {_key(v) for v in pred_names} - true_keys
+    grouped = [_key(c) for members in groups.values() for c in members]
+    order = [k for k in dict.fromkeys(grouped) if k in true_keys]
+    order += sorted(true_keys - set(order))
+    order += sorted(other_keys - {BACKGROUND})
+    order = [k for k in order if k != BACKGROUND] + [BACKGROUND]
+    display.setdefault(BACKGROUND, BACKGROUND)
+    return order, display
+
+
+def classification_metrics(
+    true_names: Sequence[str],
+    assigned_names: Sequence[str],
+    all_pred_names: Sequence[str],
+    size_groups: Mapping[str, Sequence[str]],
+) -> dict:
+    """Confusion matrix [true, assigned] over true particles, per-class P/R/F1, group means.
+
+    `assigned_names[i]` is the class of true particle i's first hit or "background";
+    `all_pred_names` only widens the label set to classes predicted but never true.
+    """
+    order, display = _label_order(true_names, all_pred_names, size_groups)
+    index = {k: i for i, k in enumerate(order)}
+    matrix = np.zeros((len(order), len(order)), dtype=np.int64)
+    for true, got in zip(true_names, assigned_names, strict=True):
+        matrix[index[_key(true)], index[_key(got)]] += 1
+    per_class: dict[str, dict] = {}
+    for key in order:
+        if key == BACKGROUND:
+            continue
+        i = index[key]
+        precision = _safe_div(matrix[i, i], matrix[:, i].sum())
+        recall = _safe_div(matrix[i, i], matrix[i, :].sum())
+        per_class[display[key]] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": _f1(precision, recall),
+            "n_true": int(matrix[i, :].sum()),
+        }
+    true_keys = {_key(v) for v in true_names}
+    groups_out: dict[str, dict] = {}
+    for group, members in size_groups.items():
+        present = [display[_key(c)] for c in dict.fromkeys(members) if _key(c) in true_keys]
+        if present:
+            groups_out[group] = {
+                "f1": float(np.mean([per_class[c]["f1"] for c in present])),
+                "classes": present,
+            }
+    return {
+        "per_class": per_class,
+        "confusion": {"labels": [display[k] for k in order], "matrix": matrix.tolist()},
+        "size_groups": groups_out,
+    }
+
+
+# --------------------------------------------------------------------------- truth folders
+
+
+def read_truth(model_dir: str | os.PathLike) -> tuple[np.ndarray, ParticleTable]:
+    """The occupancy mask [z, y, x] (int32) and particle_locations.txt of a SHREC model folder."""
+    from vpdetect.io.mrc import read_tomogram
+    from vpdetect.io.particles import read_particles
+
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise VPDetectError(f"truth folder not found: {folder}")
+    mask_path = folder / "occupancy_mask.mrc"
+    list_path = folder / "particle_locations.txt"
+    for needed in (mask_path, list_path):
+        if not needed.is_file():
+            raise VPDetectError(f"truth folder {folder} has no {needed.name}")
+    tomo = read_tomogram(mask_path, mmap=False)
+    data = tomo.data
+    if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+        raise VPDetectError(f"{mask_path}: occupancy mask holds non-integer values")
+    occupancy = data.astype(np.int32)
+    truth = read_particles(list_path, fmt="shrec")
+    truth.tomo_size = tomo.shape_xyz
+    truth.voxel_size = tomo.voxel_size
+    return occupancy, truth
+
+
+def size_groups_from_simulation(simulation: Mapping) -> dict[str, list[str]]:
+    """Groups from a simulation.json record: `classes: [{name, size_group, ...}]`."""
+    groups: dict[str, list[str]] = {}
+    classes = simulation.get("classes", []) if isinstance(simulation, Mapping) else []
+    if not isinstance(classes, list):
+        raise VPDetectError(f"{SIMULATION_FILE}: 'classes' must be a list")
+    for entry in classes:
+        if not isinstance(entry, Mapping) or "name" not in entry:
+            raise VPDetectError(f"{SIMULATION_FILE}: every class needs a 'name'")
+        group = entry.get("size_group")
+        if group:
+            groups.setdefault(str(group), []).append(str(entry["name"]))
+    return groups
+
+
+def merge_size_groups(
+    base: Mapping[str, Sequence[str]], extra: Mapping[str, Sequence[str]]
+) -> dict[str, list[str]]:
+    """`base` groups plus `extra` ones; a class named in `extra` leaves its `base` group."""
+    moved = {_key(c) for members in extra.values() for c in members}
+    merged = {g: [c for c in members if _key(c) not in moved] for g, members in base.items()}
+    for group, members in extra.items():
+        merged.setdefault(group, [])
+        merged[group].extend(str(c) for c in members)
+    return {g: members for g, members in merged.items() if members}
+
+
+def read_size_groups(model_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """SHREC'21 groups, extended by the class groups in `simulation.json` when the folder has one."""
+    path = Path(model_dir) / SIMULATION_FILE
+    if not path.is_file():
+        return {g: list(m) for g, m in SHREC21_SIZE_GROUPS.items()}
+    try:
+        simulation = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VPDetectError(f"cannot read {path}: {exc}") from None
+    return merge_size_groups(SHREC21_SIZE_GROUPS, size_groups_from_simulation(simulation))
