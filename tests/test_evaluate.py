@@ -41,13 +41,13 @@ TRUTH_XYZ = [(2, 2, 1), (6, 6, 6), (9, 6, 6), (10, 2, 2), (11, 2, 2), (2, 9, 7),
 #   c (6.5, 6.5, 6.5) 5mrc  -> (7,7,7)   particle 2 (halves round up)
 #   d (8, 6, 6)       1s3x  -> (8,6,6)   particle 3 (gap voxel; misclassified)
 #   e (10, 2, 2)      4cr2  -> (10,2,2)  particle 5 (touching, higher id wins)
-#   f (2, 9, 7)       vesicle -> 0        false positive (vesicles are background)
+#   f (2, 9, 7)       1s3x  -> 0          false positive (the vesicle is background)
 #   g (5, 10, 1)      1s3x  -> 0          false positive
 #   h (2, 2, -0.6)    5mrc  -> z -1 clipped to 0: (2,2,0) particle 1 (third hit), RO
 #   i (20, 6, 6)      5mrc  -> x clipped to 13: background, RO
 PRED_XYZ = [(2.4, 2, 1), (3, 2, 1), (6.5, 6.5, 6.5), (8, 6, 6), (10, 2, 2), (2, 9, 7), (5, 10, 1),
             (2, 2, -0.6), (20, 6, 6)]
-PRED_CLASSES = ["1s3x", "5mrc", "5mrc", "1s3x", "4cr2", "vesicle", "1s3x", "5mrc", "5mrc"]
+PRED_CLASSES = ["1s3x", "5mrc", "5mrc", "1s3x", "4cr2", "1s3x", "1s3x", "5mrc", "5mrc"]
 
 
 def hand_truth() -> tuple[np.ndarray, ParticleTable]:
@@ -93,6 +93,16 @@ def test_every_localization_metric_on_the_hand_example():
     assert loc["AD"] == pytest.approx((0.4 + math.sqrt(3) / 2 + 1 + 1) / 4)
 
 
+def test_predictions_labelled_vesicle_are_not_scored():
+    occupancy, truth = hand_truth()
+    pred = hand_predictions()
+    with_vesicle = pred.data.copy()
+    with_vesicle.loc[len(with_vesicle)] = {"x": 2.0, "y": 9.0, "z": 7.0, "class_name": "Vesicle"}
+    before = evaluate_picks(pred, occupancy, truth)["localization"]
+    after = evaluate_picks(ParticleTable(with_vesicle), occupancy, truth)["localization"]
+    assert after == before
+
+
 def test_first_hit_rule_uses_file_order():
     occupancy, truth = hand_truth()
     pred = hand_predictions()
@@ -109,14 +119,13 @@ def test_classification_confusion_per_class_and_size_groups():
     labels = cls["confusion"]["labels"]
     # SHREC order (small, then large), then predicted-only classes, background last;
     # names compare case-insensitively and keep the truth's spelling.
-    assert labels == ["1s3x", "3qm1", "4CR2", "5mrc", "vesicle", "background"]
+    assert labels == ["1s3x", "3qm1", "4CR2", "5mrc", "background"]
     assert cls["confusion"]["matrix"] == [
-        [1, 0, 0, 0, 0, 0],  # 1s3x: particle 1 -> 1s3x
-        [0, 0, 0, 0, 0, 2],  # 3qm1: particles 4 and 7 never hit
-        [0, 0, 1, 0, 0, 0],  # 4CR2: particle 5 -> 4cr2
-        [1, 0, 0, 1, 0, 0],  # 5mrc: particle 2 -> 5mrc, particle 3 -> 1s3x
-        [0, 0, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0],
+        [1, 0, 0, 0, 0],  # 1s3x: particle 1 -> 1s3x
+        [0, 0, 0, 0, 2],  # 3qm1: particles 4 and 7 never hit
+        [0, 0, 1, 0, 0],  # 4CR2: particle 5 -> 4cr2
+        [1, 0, 0, 1, 0],  # 5mrc: particle 2 -> 5mrc, particle 3 -> 1s3x
+        [0, 0, 0, 0, 0],
     ]
     per = cls["per_class"]
     assert per["1s3x"]["precision"] == pytest.approx(0.5) and per["1s3x"]["recall"] == 1.0

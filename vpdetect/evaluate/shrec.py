@@ -16,6 +16,8 @@ precision but not a class's precision (as in the SHREC tables).
 Truth particles of class `vesicle` are not scored (as in SHREC'21, where vesicles
 are context, not targets): their voxels are background before the dilation, so a
 prediction on a vesicle is a false positive, and they do not count in n_particles.
+Predictions labelled `vesicle` are dropped before scoring for the same reason, so
+a ground-truth file scores perfectly against itself.
 """
 
 from __future__ import annotations
@@ -128,6 +130,11 @@ def evaluate_picks(
     Returns {"localization": {...}, "classification": {...} or None}.
     """
     occupancy = _check_inputs(pred, occupancy, truth)
+    pred_labels = pred.class_labels()
+    if pred_labels is not None:
+        keep = np.array([_key(v) not in UNSCORED_CLASSES for v in pred_labels], dtype=bool)
+        if not keep.all():
+            pred = ParticleTable(pred.data[keep].reset_index(drop=True), pred.voxel_size, pred.tomo_size)
     n = len(truth)
     truth_labels = truth.class_labels()
     truth_keys = [_key(v) for v in truth_labels] if truth_labels is not None else [""] * n

@@ -22,6 +22,7 @@ from vpdetect.io.atomic import atomic_path
 MMAP_THRESHOLD_BYTES = 256 * 1024**2
 # MRC modes vpdetect reads: int8, int16, float32, uint16, float16.
 SUPPORTED_MODES = {0, 1, 2, 6, 12}
+FIXED_LABEL = b"written by vpdetect".ljust(80)
 
 
 @dataclass
@@ -172,3 +173,7 @@ def write_mrc(
             handle.set_data(np.ascontiguousarray(array))
             if voxel_size is not None:
                 handle.voxel_size = float(voxel_size)
+            # mrcfile stamps the creation time into label 0; a fixed label keeps
+            # files byte-identical for identical inputs.
+            handle.header.label[0] = FIXED_LABEL
+            handle.header.nlabl = 1
