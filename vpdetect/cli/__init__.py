@@ -12,4 +12,8 @@ from vpdetect.cli.app import app, main  # noqa: F401
 # Importing a command module registers its command(s) on `app`.
 from vpdetect.cli import info  # noqa: E402,F401  isort: skip
 from vpdetect.cli import convert, evaluate  # noqa: E402,F401  isort: skip
+from vpdetect.cli import classify  # noqa: E402,F401  isort: skip
 from vpdetect.cli import simulate  # noqa: E402,F401  isort: skip
+from vpdetect.cli import localize  # noqa: E402,F401  isort: skip
+from vpdetect.cli import pick  # noqa: E402,F401  isort: skip
+from vpdetect.cli import train  # noqa: E402,F401  isort: skip

@@ -1,0 +1,163 @@
+"""MSDNet inference speed on CPU (issue 8 point 2): the engine vs the straightforward net.
+
+Three ways to evaluate the same random-weight network on the same input, all
+timed in this run with the same torch thread count:
+
+- baseline `concat`: `vpdetect.nn.reference.concat_forward`, which concatenates
+  all earlier maps for every layer and runs one dilated conv3d per channel;
+- `buffer`: `MSDNet.predict` (one preallocated buffer), with its layers as
+  conv3d per channel and as whole-volume matrix multiplies (`model.method`);
+- `engine`: `vpdetect.nn.engine.fast_predict` (one matrix multiply per layer
+  and slab plus shifted adds, z-slab cache blocking, one worker per thread).
+
+Nets: the paper's localizer (w=2, d=49, M=7) on 96^3 and the classifier
+(w=2, d=100, M=5) on a 40^3 box. Target: engine >= 3x the baseline on the
+localizer, probabilities within 1e-4. The baselines take minutes at 96^3, so
+they run `BASELINE_REPEATS` times and the engine `REPEATS` times (median).
+More sizes: `python -c "from benchmarks.bench_msdnet import run; run(localizer_sizes=(96, 128))"`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+THREADS = 2
+LOCALIZER_SIZES = (96,)
+CLASSIFIER_SIZE = 40
+REPEATS = 3
+BASELINE_REPEATS = 1
+TOLERANCE = 1e-4
+TARGET_RATIO = 3.0
+SEED = 0
+
+
+def _net(n_classes: int, width: int, depth: int, max_dilation: int):
+    import torch
+
+    from vpdetect.nn.msdnet import MSDNet
+
+    torch.manual_seed(SEED)
+    model = MSDNet(1, n_classes, width, depth, max_dilation).eval()
+    with torch.no_grad():
+        for bias in model.layer_biases:
+            bias.normal_(0.0, 0.1)
+    return model
+
+
+def _flops_per_voxel(model) -> int:
+    """Multiply-adds x 2 of the dense layers and the final 1x1x1 layer."""
+    dense = sum(2 * 27 * model.width * (model.in_channels + i * model.width) for i in range(model.depth))
+    return dense + 2 * model.n_feature_maps * model.n_classes
+
+
+def _time(fn, repeats: int) -> tuple[float, object]:
+    times = []
+    result = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def _variants(model) -> list[tuple[str, object, int]]:
+    """(label, predict function, repeats) for every way of evaluating `model`, baseline first."""
+    from vpdetect.nn.engine import InferenceEngine
+    from vpdetect.nn.reference import concat_predict
+
+    def with_method(method):
+        def predict(x):
+            saved = model.method
+            model.method = method
+            try:
+                return model.predict(x)
+            finally:
+                model.method = saved
+
+        return predict
+
+    variants = [("concat (baseline)", lambda x: concat_predict(model, x), BASELINE_REPEATS)]
+    if hasattr(model, "method"):
+        # MSDNet can run its layers as conv3d or as whole-volume matrix multiplies.
+        variants += [
+            ("buffer, conv3d", with_method("conv"), BASELINE_REPEATS),
+            ("buffer, whole-volume mm", with_method("gemm"), BASELINE_REPEATS),
+        ]
+    else:
+        variants.append(("buffer (model.predict)", model.predict, BASELINE_REPEATS))
+    variants.append(("engine (fast_predict)", InferenceEngine(model).predict, REPEATS))
+    return variants
+
+
+def compare(model, size: int) -> dict:
+    """Time every variant on one size^3 input; {label: (median seconds, runs, max |diff| to baseline)}."""
+    import torch
+
+    generator = torch.Generator().manual_seed(SEED + size)
+    x = torch.randn((1, 1, size, size, size), generator=generator)
+    variants = _variants(model)
+    engine_predict = variants[-1][1]
+    start = time.perf_counter()
+    engine_predict(x)  # first call: builds the buffers for this shape (tiles reuse them)
+    first = time.perf_counter() - start
+    figures: dict = {"voxels": size**3, "engine_first": first, "times": {}}
+    reference = None
+    for label, predict, repeats in variants:
+        seconds, probs = _time(lambda predict=predict: predict(x), repeats)
+        if reference is None:
+            reference = probs
+        figures["times"][label] = (seconds, repeats, float((probs - reference).abs().max()))
+    return figures
+
+
+def _report(name: str, model, size: int, figures: dict) -> tuple[float, float]:
+    """Print the table; return (engine speed-up over the baseline, engine's max difference)."""
+    voxels = figures["voxels"]
+    gflop = _flops_per_voxel(model) * voxels / 1e9
+    print(f"{name} w={model.width} d={model.depth} M={model.max_dilation} at {size}^3 "
+          f"({gflop:.0f} GFLOP per pass)")
+    times = figures["times"]
+    baseline = next(iter(times.values()))[0]
+    for label, (seconds, runs, diff) in times.items():
+        print(
+            f"  {label:26s} {seconds:8.2f} s  {seconds / voxels * 1e6:8.2f} us/voxel  "
+            f"{gflop / seconds:6.1f} GFLOP/s  {baseline / seconds:6.1f}x baseline  "
+            f"max|p - baseline| {diff:.1e}  (median of {runs})"
+        )
+    print(f"  engine first call incl. buffer setup: {figures['engine_first']:.2f} s")
+    seconds, _, diff = times["engine (fast_predict)"]
+    return baseline / seconds, diff
+
+
+def run(
+    localizer_sizes: tuple[int, ...] = LOCALIZER_SIZES,
+    classifier_size: int | None = CLASSIFIER_SIZE,
+) -> None:
+    import os
+
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        print(
+            f"settings: {THREADS} torch threads (engine: {THREADS} workers), float32, random "
+            f"weights (seed {SEED}), N(0,1) input, batch 1; load average at start "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
+        localizer = _net(2, 2, 49, 7)
+        met = True
+        for size in localizer_sizes:
+            ratio, diff = _report("localizer", localizer, size, compare(localizer, size))
+            met &= ratio >= TARGET_RATIO and diff <= TOLERANCE
+            print(f"  localizer: engine {ratio:.1f}x the baseline (target >= {TARGET_RATIO:g}x), "
+                  f"max difference {diff:.1e} (tolerance {TOLERANCE:g})")
+        if classifier_size:
+            classifier = _net(13, 2, 100, 5)
+            figures = compare(classifier, classifier_size)
+            ratio, diff = _report("classifier", classifier, classifier_size, figures)
+            print(f"  classifier: engine {ratio:.1f}x the baseline, max difference {diff:.1e}")
+        print(f"msdnet target (>= {TARGET_RATIO:g}x, within {TOLERANCE:g}): {'met' if met else 'NOT met'}")
+    finally:
+        torch.set_num_threads(previous)

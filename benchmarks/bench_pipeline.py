@@ -1,0 +1,157 @@
+"""Whole `vpdetect pick` on CPU, time per phase (issue 8 point 4), for 128^3 and 256^3.
+
+Each size: simulate a tomogram (`vpdetect.simulate`, the "easy" preset scaled
+to the size), write it as MRC, and run the `pick` command's per-tomogram task
+(`vpdetect.cli.pick.pick_task`: read, tiled localizer through the CPU engine,
+stitching, clustering, box extraction, classifier through the CPU engine,
+write) with the paper-sized nets (localizer w=2 d=49 M=7, classifier w=2
+d=100 M=5). The phases come from the pipeline's own timings.
+
+Models: the bundled ones when installed; otherwise paper-sized stand-ins with
+random dense layers whose final layer reads the input so that dark (dense)
+voxels become foreground at the simulated particles' volume fraction. The
+stand-ins' labels mean nothing, but they cost exactly what trained nets of
+that size cost, and give a realistic number of particles to cluster and classify.
+
+Baseline, measured in this run: the network phases with `MSDNet.predict`
+instead of the engine, extrapolated from one tile / one box (running them
+whole would take hours on 2 cores).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+THREADS = 2
+SIZES = (128, 256)
+SEED = 11
+BASELINE_TILE = 48  # edge of the tile on which MSDNet.predict is timed for the estimate
+
+
+def _simulate(size: int):
+    from vpdetect.simulate.pipeline import preset_params, simulate_tomogram
+
+    slab = max(32, (size * 3) // 8)
+    params = preset_params("easy", shape_xyz=(size, size, size), slab_thickness=slab)
+    return simulate_tomogram(params, SEED)
+
+
+def _models(directory: Path, reconstruction, class_mask) -> tuple[Path, Path, str]:
+    """(localizer path, classifier path, description): bundled models or stand-ins."""
+    import numpy as np
+    import torch
+
+    from vpdetect.errors import VPDetectError
+    from vpdetect.models import default_model_path
+    from vpdetect.nn.checkpoint import save_model
+    from vpdetect.nn.msdnet import MSDNet
+    from vpdetect.simulate.phantoms import protein_classes
+
+    try:
+        return default_model_path("localizer"), default_model_path("classifier"), "bundled models"
+    except VPDetectError:
+        pass
+    torch.manual_seed(SEED)
+    localizer = MSDNet(1, 2, 2, 49, 7)
+    volume = np.asarray(reconstruction, dtype=np.float64)
+    normalised = (volume - volume.mean()) / volume.std()
+    fraction = float(np.mean(class_mask > 0))
+    cut = float(np.quantile(normalised, fraction))  # dark voxels, as many as there are particle voxels
+    with torch.no_grad():
+        localizer.final.weight.zero_()
+        localizer.final.bias.zero_()
+        localizer.final.weight[1, 0] = -8.0  # foreground logit = -8 (x - cut)
+        localizer.final.bias[1] = 8.0 * cut
+    names = ["background"] + [c.name for c in protein_classes()]
+    classifier = MSDNet(1, len(names), 2, 100, 5)
+    loc_path, cls_path = directory / "localizer.pt", directory / "classifier.pt"
+    save_model(loc_path, localizer, {"stage": "localizer", "class_names": ["background", "particle"],
+                                     "crop_size": 64, "voxel_size": None})
+    save_model(cls_path, classifier, {"stage": "classifier", "class_names": names, "crop_size": 40,
+                                      "voxel_size": None})
+    return loc_path, cls_path, "paper-sized stand-in models (random dense layers, see docstring)"
+
+
+def _predict_seconds_per_voxel(model, edge: int, engine: bool) -> float:
+    import torch
+
+    from vpdetect.nn.engine import InferenceEngine
+
+    x = torch.randn(1, 1, edge, edge, edge, generator=torch.Generator().manual_seed(SEED))
+    predict = InferenceEngine(model).predict if engine else model.predict
+    if engine:
+        predict(x)  # buffers
+    start = time.perf_counter()
+    predict(x)
+    return (time.perf_counter() - start) / edge**3
+
+
+def run(sizes: tuple[int, ...] = SIZES) -> None:
+    import os
+
+    import torch
+
+    from vpdetect.classify.pipeline import ClassifyOptions
+    from vpdetect.cli.pick import PickJob, pick_task
+    from vpdetect.io.mrc import write_mrc
+    from vpdetect.localize.pipeline import LocalizeOptions
+    from vpdetect.localize.tiling import tile_layout
+    from vpdetect.nn.checkpoint import load_model
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        print(f"settings: {THREADS} torch threads, CPU, float32, `pick` defaults "
+              f"(tile {LocalizeOptions().tile}, box batch {ClassifyOptions().batch_size}); "
+              f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        for size in sizes:
+            with tempfile.TemporaryDirectory(prefix="vpdetect-bench-") as tmp:
+                directory = Path(tmp)
+                start = time.perf_counter()
+                sim = _simulate(size)
+                simulate_s = time.perf_counter() - start
+                source = directory / f"tomo{size}.mrc"
+                write_mrc(source, sim.reconstruction, voxel_size=10.0)
+                loc_path, cls_path, models = _models(directory, sim.reconstruction, sim.class_mask)
+                job = PickJob(
+                    localizer_path=str(loc_path), classifier_path=str(cls_path),
+                    localize_options=LocalizeOptions(), classify_options=ClassifyOptions(),
+                    fmt="csv", show_progress=False,
+                )
+                start = time.perf_counter()
+                result = pick_task(source, directory / "picks.csv", "cpu", job)
+                total = time.perf_counter() - start
+                timings = result["timings_s"]
+                print(f"{size}^3 tomogram ({models}; simulated in {simulate_s:.1f} s, "
+                      f"{len(sim.particles.data)} particles placed, {result['n_particles']} picked):")
+                for phase, seconds in timings.items():
+                    print(f"  {phase:16s} {seconds:8.2f} s  {100 * seconds / total:5.1f} %")
+                print(f"  {'total (pick)':16s} {total:8.2f} s  "
+                      f"{total / size**3 * 1e6:.2f} us per tomogram voxel")
+
+                localizer, _ = load_model(loc_path, device="cpu")
+                classifier, card = load_model(cls_path, device="cpu")
+                options = LocalizeOptions()
+                tiles = tile_layout((size,) * 3, options.tile, options.resolved_halo(localizer))
+                tile_voxels = sum(
+                    (s.stop - s.start) * (y.stop - y.start) * (x.stop - x.start) for s, y, x in
+                    (t.source for t in tiles)
+                )
+                box = int(card["crop_size"])
+                boxes = result["n_particles"]
+                eng_loc = _predict_seconds_per_voxel(localizer, BASELINE_TILE, engine=True)
+                ref_loc = _predict_seconds_per_voxel(localizer, BASELINE_TILE, engine=False)
+                eng_cls = _predict_seconds_per_voxel(classifier, box, engine=True)
+                ref_cls = _predict_seconds_per_voxel(classifier, box, engine=False)
+                network = timings.get("network", 0.0) + timings.get("classify", 0.0)
+                estimate = ref_loc * tile_voxels + ref_cls * boxes * box**3
+                print(f"  baseline: networks through MSDNet.predict, estimated from one "
+                      f"{BASELINE_TILE}^3 tile and one {box}^3 box: {estimate:.0f} s "
+                      f"(localizer {ref_loc / eng_loc:.1f}x, classifier {ref_cls / eng_cls:.1f}x "
+                      f"slower per voxel than the engine) vs {network:.1f} s measured; "
+                      f"pick would take {total - network + estimate:.0f} s, "
+                      f"{(total - network + estimate) / total:.1f}x this run")
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,173 @@
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from vpdetect.errors import VPDetectError
+from vpdetect.localize.cluster import (
+    PARTICLE_COLUMNS,
+    ball,
+    binary_opening,
+    extract_foreground,
+    find_particles,
+    mean_shift,
+    merge_close,
+    threshold_mask,
+)
+
+
+def spheres(shape, centres, radii, value=1.0):
+    """A map [z, y, x] with balls of `value` at sub-voxel centres [z, y, x]."""
+    z, y, x = np.indices(shape)
+    out = np.zeros(shape, np.float32)
+    for c, r in zip(centres, np.broadcast_to(radii, len(centres)), strict=True):
+        out[(z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r] = value
+    return out
+
+
+def xyz_to_zyx(table):
+    return table[["z", "y", "x"]].to_numpy()
+
+
+def test_touching_spheres_merged_by_components_are_split():
+    centres = [(20.0, 20.0, 14.0), (20.0, 20.0, 24.0)]
+    prob = spheres((40, 40, 40), centres, 5)
+    _, n_components = ndimage.label(prob > 0.5, structure=np.ones((3, 3, 3)))
+    assert n_components == 1
+    table = find_particles(prob, threshold=0.5, opening_radius=1, bandwidth=5, min_size=10)
+    assert list(table.columns) == PARTICLE_COLUMNS
+    assert len(table) == 2
+    np.testing.assert_allclose(xyz_to_zyx(table), centres, atol=0.5)
+    assert table["cluster_size"].sum() == pytest.approx(np.count_nonzero(binary_opening(prob > 0.5, 1)))
+
+
+def test_known_subvoxel_centres_are_recovered():
+    rng = np.random.default_rng(5)
+    centres = [(10.3, 12.6, 11.2), (30.7, 12.2, 33.5), (12.4, 34.9, 30.1), (33.2, 35.5, 12.8), (22.5, 23.1, 22.4)]
+    radii = [3.5, 4.0, 5.0, 4.5, 3.0]
+    prob = spheres((46, 46, 46), centres, radii, value=0.9) + rng.uniform(0, 0.05, (46, 46, 46)).astype(np.float32)
+    table = find_particles(prob, threshold=0.5, opening_radius=1, bandwidth=5, min_size=10)
+    assert len(table) == len(centres)
+    found = xyz_to_zyx(table)
+    for c in centres:
+        assert np.min(np.linalg.norm(found - c, axis=1)) < 0.5
+    # Score is the mean probability of the cluster's voxels.
+    assert np.all((table["score"] > 0.9) & (table["score"] < 0.95))
+
+
+def test_specks_below_min_size_are_dropped():
+    prob = spheres((30, 30, 30), [(15.0, 15.0, 15.0)], 4)
+    prob[3:5, 3:5, 3:5] = 1.0  # an 8-voxel speck (no opening here, so only --min-size removes it)
+    prob[25, 25, 25] = 1.0
+    kept = find_particles(prob, threshold=0.5, opening_radius=0, bandwidth=4, min_size=10)
+    assert len(kept) == 1
+    np.testing.assert_allclose(xyz_to_zyx(kept)[0], (15, 15, 15), atol=1e-6)
+    everything = find_particles(prob, threshold=0.5, opening_radius=0, bandwidth=4, min_size=1)
+    assert sorted(everything["cluster_size"]) == [1, 8, int(np.count_nonzero(spheres((30, 30, 30), [(15, 15, 15)], 4)))]
+
+
+def test_opening_removes_thin_speckle():
+    prob = spheres((30, 30, 30), [(15.0, 15.0, 15.0)], 4)
+    prob[2, 2:20, 2] = 1.0  # a one-voxel-thin line
+    table = find_particles(prob, threshold=0.5, opening_radius=1, bandwidth=4, min_size=1)
+    assert len(table) == 1
+
+
+def test_results_are_deterministic_and_independent_of_slab_size():
+    rng = np.random.default_rng(11)
+    prob = ndimage.gaussian_filter(rng.random((36, 40, 38)), 1.5).astype(np.float32)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    first = find_particles(prob, 0.6, 1, 3.0, 2)
+    again = find_particles(prob.copy(), 0.6, 1, 3.0, 2)
+    slabs = find_particles(prob, 0.6, 1, 3.0, 2, slab_voxels=40 * 38 * 4)
+    assert len(first) > 3
+    assert first.equals(again)
+    np.testing.assert_allclose(first.to_numpy(), slabs.to_numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2])
+def test_slabwise_foreground_equals_whole_volume_opening_and_labels(radius):
+    rng = np.random.default_rng(radius)
+    prob = ndimage.gaussian_filter(rng.random((30, 25, 27)), 1.2).astype(np.float32)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    mask = prob >= 0.55
+    if radius:
+        mask = ndimage.binary_opening(mask, structure=ball(radius))
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    fg = extract_foreground(prob, 0.55, radius, slab_voxels=25 * 27 * 3)
+    np.testing.assert_array_equal(fg.coords, np.argwhere(mask))
+    assert fg.n_components == n
+    reference = labels[mask]
+    # Same partition: a one-to-one map between the two numberings.
+    assert len(set(zip(fg.labels.tolist(), reference.tolist(), strict=True))) == n
+
+
+def test_roi_and_z_range_restrict_the_search():
+    centres = [(8.0, 10.0, 10.0), (22.0, 10.0, 10.0), (22.0, 25.0, 25.0)]
+    prob = spheres((32, 36, 36), centres, 4)
+    roi = np.zeros(prob.shape, np.int8)
+    roi[:, :, :18] = 1
+    in_roi = find_particles(prob, 0.5, 1, 4, 10, roi=roi)
+    np.testing.assert_allclose(xyz_to_zyx(in_roi), centres[:2], atol=1e-6)
+    in_slices = find_particles(prob, 0.5, 1, 4, 10, z_range=(15, 31))
+    np.testing.assert_allclose(xyz_to_zyx(in_slices), sorted(centres[1:]), atol=1e-6)
+    with pytest.raises(VPDetectError, match="mask shape"):
+        find_particles(prob, 0.5, 1, 4, 10, roi=roi[:-1])
+
+
+def test_empty_map_gives_empty_table():
+    table = find_particles(np.zeros((10, 10, 10), np.float16), 0.5, 1, 4, 5)
+    assert len(table) == 0 and list(table.columns) == PARTICLE_COLUMNS
+
+
+def test_float16_threshold_matches_exact_comparison():
+    values = np.random.default_rng(2).random((4, 5, 6)).astype(np.float16)
+    values[0, 0, :3] = [0.5, np.nextafter(np.float16(0.5), np.float16(0)), 0.0]
+    for threshold in (0.0, 0.1, 1 / 3, 0.5, 0.999, 1.0):
+        np.testing.assert_array_equal(threshold_mask(values, threshold), values.astype(np.float64) >= threshold)
+
+
+def test_mean_shift_matches_scikit_learn_on_the_same_seeds():
+    from sklearn.cluster import MeanShift
+
+    rng = np.random.default_rng(4)
+    points = np.concatenate([rng.normal(c, 1.5, (150, 3)) for c in ((0, 0, 0), (9, 1, 0), (3, 12, 4))])
+    seeds = points[::37]
+    ours = mean_shift(points, seeds, bandwidth=4.0, tolerance=1e-6)
+    reference = MeanShift(bandwidth=4.0, seeds=seeds, cluster_all=True).fit(points).cluster_centers_
+    # sklearn keeps one centre per mode (stopping at 1e-3 * bandwidth); every one of our modes is one of them.
+    distance = np.min(np.linalg.norm(ours[:, None] - reference[None], axis=2), axis=1)
+    assert np.all(distance < 0.05)
+    distinct = merge_close(ours, np.ones(len(ours), int), np.zeros(len(ours)), radius=1.0)[0]
+    assert len(distinct) == len(reference) == 3
+
+
+def test_agrees_with_scikit_learn_meanshift_on_all_foreground_voxels():
+    from sklearn.cluster import MeanShift
+
+    centres = [(9.5, 10.2, 9.8), (9.7, 10.1, 18.9), (26.0, 11.0, 25.2), (12.3, 28.0, 27.1), (28.0, 28.4, 9.6)]
+    prob = spheres((38, 38, 36), centres, [4.0, 4.2, 3.5, 4.5, 3.8])
+    table = find_particles(prob, 0.5, 1, 5.0, 10)
+    points = extract_foreground(prob, 0.5, 1).coords.astype(float)
+    fit = MeanShift(bandwidth=5.0, bin_seeding=True).fit(points)
+    sizes = np.bincount(fit.labels_)
+    reference = fit.cluster_centers_[sizes >= 10]
+    assert len(table) == len(reference) == len(centres)
+    distance = np.min(np.linalg.norm(xyz_to_zyx(table)[:, None] - reference[None], axis=2), axis=1)
+    assert np.all(distance < 1.0)
+
+
+def test_merge_close_takes_size_weighted_mean_and_is_order_free():
+    centres = np.array([[0.0, 0, 0], [1.0, 0, 0], [10.0, 0, 0]])
+    sizes = np.array([30, 10, 5])
+    sums = np.array([15.0, 5.0, 2.0])
+    merged = merge_close(centres, sizes, sums, radius=2.0)
+    np.testing.assert_allclose(merged[0], [[0.25, 0, 0], [10.0, 0, 0]])
+    np.testing.assert_array_equal(merged[1], [40, 5])
+    shuffled = merge_close(centres[::-1], sizes[::-1], sums[::-1], radius=2.0)
+    for a, b in zip(merged, shuffled, strict=True):
+        np.testing.assert_allclose(a, b)
+
+
+def test_nonpositive_bandwidth_is_refused():
+    with pytest.raises(VPDetectError, match="bandwidth"):
+        find_particles(np.zeros((5, 5, 5)), bandwidth=0)

@@ -1,0 +1,168 @@
+"""The fast inference engine must give MSDNet.predict's probabilities (within 1e-4)."""
+
+import gc
+
+import pytest
+import torch
+
+from vpdetect.errors import VPDetectError
+from vpdetect.nn.engine import InferenceEngine, engine_for, fast_predict
+from vpdetect.nn.msdnet import MSDNet
+from vpdetect.nn.reference import concat_forward, concat_predict
+
+
+def random_net(in_channels, n_classes, width, depth, max_dilation, seed=0):
+    """An MSDNet with random weights and non-zero biases (the default init zeroes them)."""
+    torch.manual_seed(seed)
+    model = MSDNet(in_channels, n_classes, width, depth, max_dilation).eval()
+    with torch.no_grad():
+        for bias in model.layer_biases:
+            bias.normal_(0.0, 0.3)
+        model.final.bias.normal_(0.0, 0.3)
+        model.final.weight.mul_(4.0)  # sharper softmax, so errors are not hidden near 1/K
+    return model
+
+
+@pytest.mark.parametrize(
+    ("arch", "shape", "batch"),
+    [
+        ((1, 2, 2, 9, 7), (13, 11, 9), 2),  # the localizer's w and M, shallow
+        ((1, 2, 2, 12, 5), (9, 15, 10), 1),  # the classifier's w and M
+        ((2, 3, 3, 5, 4), (7, 12, 17), 3),  # several input channels and classes, odd width
+        ((1, 4, 1, 8, 3), (16, 5, 6), 2),  # width 1
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_engine_matches_predict(arch, shape, batch, threads):
+    model = random_net(*arch)
+    x = torch.randn(batch, arch[0], *shape)
+    expected = model.predict(x)
+    # Small slabs so that every volume spans several slabs and slab edges are exercised.
+    got = InferenceEngine(model, threads=threads, slab_columns=400).predict(x)
+    assert got.shape == expected.shape
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0)
+    assert torch.allclose(got.sum(dim=1), torch.ones(batch, *shape), atol=1e-5)
+
+
+def test_engine_volume_thinner_than_dilation():
+    # Taps reaching beyond every face: planes fewer than the dilation in each axis.
+    model = random_net(1, 2, 2, 6, 6)
+    x = torch.randn(2, 1, 1, 3, 2)
+    got = InferenceEngine(model, threads=2).predict(x)
+    assert torch.allclose(got, concat_predict(model, x), atol=1e-4, rtol=0)
+
+
+def test_engine_default_slab_and_threads_on_larger_volume():
+    model = random_net(1, 2, 2, 7, 7, seed=3)
+    x = torch.randn(1, 1, 24, 31, 29)
+    got = InferenceEngine(model).predict(x)
+    assert torch.allclose(got, model.predict(x), atol=1e-4, rtol=0)
+
+
+def test_engine_reuses_buffers_across_shapes_and_calls():
+    model = random_net(1, 2, 2, 5, 3)
+    engine = InferenceEngine(model, threads=2, slab_columns=300)
+    a = torch.randn(1, 1, 10, 9, 8)
+    b = torch.randn(1, 1, 6, 7, 12)
+    first = engine.predict(a)
+    assert torch.allclose(engine.predict(b), model.predict(b), atol=1e-4, rtol=0)
+    # The buffers are reused: stale maps from earlier calls must not leak into results.
+    assert torch.equal(engine.predict(a), first)
+    assert torch.allclose(first, model.predict(a), atol=1e-4, rtol=0)
+
+
+def test_engine_restores_thread_count():
+    torch.set_num_threads(2)
+    model = random_net(1, 2, 2, 3, 3)
+    InferenceEngine(model, threads=2).predict(torch.randn(1, 1, 8, 8, 8))
+    assert torch.get_num_threads() == 2
+
+
+def test_engine_accepts_float64_input():
+    model = random_net(1, 2, 2, 4, 3)
+    x = torch.randn(1, 1, 6, 6, 6, dtype=torch.float64)
+    got = InferenceEngine(model, threads=1).predict(x)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, model.predict(x.float()), atol=1e-4, rtol=0)
+
+
+def test_fast_predict_caches_engine_and_follows_weight_updates():
+    model = random_net(1, 2, 2, 4, 3)
+    x = torch.randn(1, 1, 9, 9, 9)
+    before = fast_predict(model, x)
+    assert engine_for(model) is engine_for(model)
+    with torch.no_grad():
+        model.layer_weights[2].mul_(-2.0)
+        model.final.bias.add_(1.0)
+    after = fast_predict(model, x)
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert torch.allclose(after, model.predict(x), atol=1e-4, rtol=0)
+
+
+def test_engine_cache_does_not_keep_models_alive():
+    from vpdetect.nn import engine as engine_module
+
+    model = random_net(1, 2, 2, 3, 3)
+    fast_predict(model, torch.randn(1, 1, 6, 6, 6))
+    assert model in engine_module._ENGINES
+    before = len(engine_module._ENGINES)
+    del model
+    gc.collect()
+    assert len(engine_module._ENGINES) == before - 1
+
+
+def test_engine_rejects_bad_input_and_options():
+    model = random_net(2, 2, 2, 3, 3)
+    with pytest.raises(VPDetectError, match="expects input"):
+        InferenceEngine(model).predict(torch.randn(1, 1, 8, 8, 8))
+    with pytest.raises(VPDetectError, match="expects input"):
+        InferenceEngine(model).predict(torch.randn(2, 8, 8, 8))
+    with pytest.raises(VPDetectError, match="precision"):
+        InferenceEngine(model, precision="int8")
+    with pytest.raises(VPDetectError, match="precision"):
+        fast_predict(model, torch.randn(1, 2, 4, 4, 4), precision="float64")
+    with pytest.raises(VPDetectError, match="threads"):
+        InferenceEngine(model, threads=0)
+
+
+def test_concat_reference_matches_model():
+    # The benchmark's baseline must compute the same network.
+    model = random_net(2, 3, 2, 6, 4)
+    x = torch.randn(2, 2, 9, 8, 7)
+    with torch.no_grad():
+        assert torch.allclose(concat_forward(model, x), model(x), atol=1e-5, rtol=0)
+    assert torch.allclose(concat_predict(model, x), model.predict(x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 5e-3), ("bf16", 5e-2), ("auto", 5e-2)])
+def test_engine_cuda_close_to_cpu(precision, tolerance):
+    torch.manual_seed(0)
+    model = random_net(1, 2, 2, 8, 7)
+    x = torch.randn(2, 1, 20, 18, 16)
+    expected = model.predict(x)
+    cuda_model = random_net(1, 2, 2, 8, 7).cuda()
+    cuda_model.load_state_dict(model.state_dict())
+    got = fast_predict(cuda_model, x, precision=precision)
+    assert got.is_cuda and got.dtype == torch.float32
+    assert (got.cpu() - expected).abs().max().item() < tolerance
+
+
+def test_engine_inside_and_outside_inference_mode():
+    # Tiling runs under inference_mode (thread-local, so the workers must enter it too);
+    # the classifier under no_grad; the same cached buffers serve both.
+    model = random_net(1, 2, 2, 5, 4)
+    x = torch.randn(1, 1, 12, 10, 11)
+    expected = model.predict(x)
+    engine = InferenceEngine(model, threads=2, slab_columns=300)
+    with torch.inference_mode():
+        inside = engine.predict(x)
+    outside = engine.predict(x)
+    with torch.inference_mode():
+        fresh = InferenceEngine(model, threads=2).predict(x)
+    again = engine.predict(x)
+    for got in (inside, outside, fresh, again):
+        assert torch.allclose(got, expected, atol=1e-4, rtol=0)
+    outside.mul_(2.0)  # what model.predict returns outside inference mode is a normal tensor

@@ -1,0 +1,241 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vpdetect.cli  # noqa: F401  registers the commands
+from vpdetect.cli.app import app
+from vpdetect.io.mrc import read_tomogram, write_mrc
+from vpdetect.io.particles import read_particles
+from vpdetect.nn.msdnet import MSDNet
+
+SHAPE = (36, 40, 44)  # [z, y, x]
+CENTRES = [(10.0, 12.0, 12.0), (11.0, 27.0, 30.0), (25.0, 14.0, 31.0), (26.0, 28.0, 13.0)]  # [z, y, x]
+RADIUS = 4.0
+
+
+def scene(rng, centres=CENTRES, shape=SHAPE):
+    """Bright balls (1.0) on weak noise: the tomogram and the true centres [z, y, x]."""
+    z, y, x = np.indices(shape)
+    volume = rng.normal(0.0, 0.1, shape).astype(np.float32)
+    for c in centres:
+        volume[(z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= RADIUS**2] = 1.0
+    return volume
+
+
+def card(stage="localizer", crop_size=16):
+    return {
+        "format": "vpdetect-model",
+        "stage": stage,
+        "arch": {"in_channels": 1, "n_classes": 2, "width": 1, "depth": 2, "max_dilation": 2},
+        "class_names": ["background", "particle"],
+        "normalisation": "zscore",
+        "voxel_size": 10.0,
+        "crop_size": crop_size,
+        "provenance": {"note": "hand-set test weights"},
+        "metrics": {},
+    }
+
+
+def intensity_localizer(path, volume, stage="localizer", crop_size=16):
+    """A tiny MSDNet whose foreground probability is a steep sigmoid of the normalised intensity,
+    centred half-way between background (0) and particles (1): it segments the balls."""
+    from vpdetect.nn.checkpoint import save_model
+
+    torch.manual_seed(0)
+    net = MSDNet(in_channels=1, n_classes=2, width=1, depth=2, max_dilation=2)
+    mean, std = float(volume.mean()), float(volume.std())
+    gain = 10.0 * std  # logit difference 20 * (raw - 0.5)
+    with torch.no_grad():
+        for weight in net.layer_weights:
+            weight.zero_()
+        net.final.weight.zero_()
+        net.final.weight[1, 0] = gain
+        net.final.bias.copy_(torch.tensor([0.0, gain * (mean - 0.5) / std]))
+    save_model(path, net, card(stage, crop_size))
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def data(tmp_path, rng):
+    volume = scene(rng)
+    write_mrc(tmp_path / "TS_01.mrc", volume, voxel_size=10.0)
+    model = intensity_localizer(tmp_path / "localizer.pt", volume)
+    return tmp_path, volume, model
+
+
+def found_zyx(table):
+    return table.data[["z", "y", "x"]].to_numpy()
+
+
+def assert_centres(table, centres, tolerance=0.5):
+    got = found_zyx(table)
+    assert len(got) == len(centres), got
+    for c in centres:
+        assert np.min(np.linalg.norm(got - np.asarray(c), axis=1)) < tolerance
+
+
+def test_localize_one_tomogram_to_relion4_star_with_map_and_sidecar(data):
+    folder, volume, model = data
+    out = folder / "picks.star"
+    result = run("localize", folder / "TS_01.mrc", "--model", model, "-o", out,
+                 "--save-map", folder / "map.mrc", "--tile", 24, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "_rlnTomoName" in text and "_rlnAutopickFigureOfMerit" in text and "_rlnCoordinateX" in text
+    table = read_particles(out)
+    assert_centres(table, CENTRES)
+    assert set(table.data["tomo_name"]) == {"TS_01"}
+    assert table.data["tomo_path"].iloc[0] == str((folder / "TS_01.mrc").resolve())
+    assert (table.data["score"] > 0.9).all()
+    # The map: tomogram-sized, high inside the balls.
+    prob = read_tomogram(folder / "map.mrc").data
+    assert prob.shape == SHAPE
+    assert prob[10, 12, 12] > 0.99 and prob[0, 0, 0] < 0.01
+    record = json.loads((folder / "picks.star.json").read_text())
+    assert record["command"] == "localize"
+    assert record["parameters"]["tile"] == 24 and record["parameters"]["threshold"] == 0.5
+    assert len(record["input"]["sha256"]) == 64 and len(record["models"]["localizer"]["sha256"]) == 64
+    assert record["result"]["n_particles"] == 4
+    # A timing line names every phase.
+    for phase in ("load", "network", "stitch", "cluster", "write"):
+        assert phase in result.output
+
+
+@pytest.mark.parametrize("fmt,suffix", [("csv", ".csv"), ("relion5", ".star"), ("shrec", ".txt")])
+def test_other_formats_land_in_output_dir(data, fmt, suffix):
+    folder, _, model = data
+    result = run("localize", folder / "TS_01.mrc", "-m", model, "--format", fmt,
+                 "--output-dir", folder / "out", "--bandwidth", 4, "--quiet")
+    assert result.exit_code == 0, result.output
+    out = folder / "out" / f"TS_01{suffix}"
+    table = read_particles(out, voxel_size=10.0, tomo_size=SHAPE[::-1])
+    assert_centres(table, CENTRES)
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
+def test_batch_with_glob_failure_summary_resume_and_shards(tmp_path, rng):
+    volume = scene(rng)
+    for name in ("TS_01", "TS_02", "TS_03"):
+        write_mrc(tmp_path / f"{name}.mrc", volume, voxel_size=10.0)
+    bad = volume.copy()
+    bad[3, 3, 3] = np.nan
+    write_mrc(tmp_path / "TS_00.mrc", bad, voxel_size=10.0)
+    model = intensity_localizer(tmp_path / "localizer.pt", volume)
+    out = tmp_path / "out"
+    result = run("localize", tmp_path / "TS_*.mrc", "-m", model, "-d", out, "--tile", 32)
+    assert result.exit_code == 2
+    assert "TS_00.mrc: tomogram contains NaN" in result.output
+    assert "3 done, 0 skipped, 1 failed of 4" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "TS_01.star", "TS_01.star.json", "TS_02.star", "TS_02.star.json", "TS_03.star", "TS_03.star.json",
+    ]
+    # A rerun resumes: complete outputs are skipped.
+    (out / "TS_02.star.json").unlink()  # as if killed between table and sidecar
+    again = run("localize", tmp_path / "TS_0[123].mrc", "-m", model, "-d", out, "--tile", 32)
+    assert again.exit_code == 0, again.output
+    assert "1 done, 2 skipped, 0 failed of 3" in again.output
+    # Shards 0/2 and 1/2 (or the Slurm variables) together do every input once.
+    shard_out = tmp_path / "shards"
+    first = run("localize", tmp_path / "TS_0[123].mrc", "-m", model, "-d", shard_out, "--shard", "0/2")
+    second = CliRunner(env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"}).invoke(
+        app, ["localize", str(tmp_path / "TS_0[123].mrc"), "-m", str(model), "-d", str(shard_out)]
+    )
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    assert "2 done" in first.output and "1 done" in second.output
+    assert sorted(p.name for p in shard_out.glob("*.star")) == ["TS_01.star", "TS_02.star", "TS_03.star"]
+
+
+def test_mask_and_z_range_restrict_the_search(data):
+    folder, _, model = data
+    mask = np.zeros(SHAPE, np.int8)
+    mask[:, :, :22] = 1  # the x < 22 half holds centres 0 and 3
+    write_mrc(folder / "roi.mrc", mask)
+    result = run("localize", folder / "TS_01.mrc", "-m", model, "-o", folder / "roi.csv", "--mask", folder / "roi.mrc")
+    assert result.exit_code == 0, result.output
+    assert_centres(read_particles(folder / "roi.csv"), [CENTRES[0], CENTRES[3]])
+    result = run("localize", folder / "TS_01.mrc", "-m", model, "-o", folder / "z.csv", "--z-range", 18, 35)
+    assert result.exit_code == 0, result.output
+    assert_centres(read_particles(folder / "z.csv"), CENTRES[2:])
+    wrong = run("localize", folder / "TS_01.mrc", "-m", model, "-o", folder / "w.csv", "--mask", folder / "map_missing.mrc")
+    assert wrong.exit_code == 2 and not (folder / "w.csv").exists()
+
+
+def test_particle_diameter_sets_the_bandwidth(data):
+    folder, _, model = data
+    result = run("localize", folder / "TS_01.mrc", "-m", model, "-o", folder / "d.star", "--particle-diameter", 80)
+    assert result.exit_code == 0, result.output
+    record = json.loads((folder / "d.star.json").read_text())
+    assert record["result"]["bandwidth_voxels"] == pytest.approx(4.0)  # 80 A / 2 / 10 A per voxel
+
+
+def test_zero_particles_is_an_empty_table_and_a_warning(tmp_path, rng):
+    volume = scene(rng)
+    model = intensity_localizer(tmp_path / "localizer.pt", volume)
+    write_mrc(tmp_path / "empty.mrc", rng.normal(0, 0.1, SHAPE).astype(np.float32))
+    result = run("localize", tmp_path / "empty.mrc", "-m", model, "-o", tmp_path / "e.star")
+    assert result.exit_code == 0, result.output
+    assert "warning" in result.output and "no particles" in result.output
+    assert len(read_particles(tmp_path / "e.star")) == 0
+
+
+def _error_line(result):
+    lines = [line for line in result.output.splitlines() if "error" in line]
+    assert lines, result.output
+    return lines[0]
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("classifier", "localizer"),
+        ("missing_model", "model file not found"),
+        ("too_small", "needs at least 16"),
+        ("constant", "constant value"),
+        ("nan", "NaN"),
+        ("devices", "CPU-only"),
+    ],
+)
+def test_errors_are_one_line_exit_2_and_leave_no_output(tmp_path, rng, monkeypatch, case, expected):
+    volume = scene(rng)
+    model = intensity_localizer(tmp_path / "localizer.pt", volume)
+    tomo = tmp_path / "t.mrc"
+    extra = []
+    if case == "classifier":
+        model = intensity_localizer(tmp_path / "classifier.pt", volume, stage="classifier")
+    elif case == "missing_model":
+        model = tmp_path / "nope.pt"
+    elif case == "too_small":
+        volume = volume[:12]
+    elif case == "constant":
+        volume = np.full(SHAPE, 3.0, np.float32)
+    elif case == "nan":
+        volume[5, 5, 5] = np.nan
+    elif case == "devices":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        extra = ["--devices", "0,1"]
+    write_mrc(tomo, volume)
+    out = tmp_path / "out.star"
+    result = run("localize", tomo, "-m", model, "-o", out, *extra)
+    assert result.exit_code == 2, result.output
+    assert expected in _error_line(result)
+    assert "Traceback" not in result.output
+    assert not out.exists() and not (tmp_path / "out.star.json").exists()
+
+
+def test_missing_default_model_is_a_clear_error(tmp_path, rng, monkeypatch):
+    import vpdetect.models
+
+    monkeypatch.setattr(vpdetect.models, "default_model_path", lambda stage: tmp_path / f"{stage}.pt", raising=False)
+    write_mrc(tmp_path / "t.mrc", scene(rng))
+    result = run("localize", tmp_path / "t.mrc", "-o", tmp_path / "o.star")
+    assert result.exit_code == 2
+    assert "no localizer model" in _error_line(result) and "--model" in result.output
+    assert not (tmp_path / "o.star").exists()

@@ -1,0 +1,156 @@
+import numpy as np
+import pytest
+import torch
+
+from vpdetect.errors import VPDetectError
+from vpdetect.io.mrc import read_tomogram, write_mrc
+from vpdetect.localize.tiling import (
+    PageReleasingVolume,
+    allocate_map,
+    axis_layout,
+    predict_map,
+    tile_layout,
+)
+from vpdetect.nn.msdnet import MSDNet
+from vpdetect.preprocess import normalise, zscore_params
+
+
+def small_net(seed=0, n_classes=2):
+    torch.manual_seed(seed)
+    net = MSDNet(in_channels=1, n_classes=n_classes, width=2, depth=3, max_dilation=2)
+    # Random biases so that the border handling matters everywhere.
+    with torch.no_grad():
+        for bias in net.layer_biases:
+            bias.normal_(0, 0.3)
+    return net.eval()
+
+
+def whole_volume_foreground(net, volume, mean, std):
+    x = torch.from_numpy(normalise(volume, mean, std))[None, None]
+    probs = net.predict(x)[0]
+    return probs[1:].sum(dim=0).numpy()
+
+
+@pytest.mark.parametrize("length,tile,halo", [(50, 20, 6), (37, 16, 3), (20, 20, 5), (9, 32, 4), (33, 17, 8)])
+def test_axis_layout_cores_partition_and_keep_context(length, tile, halo):
+    layout = axis_layout(length, tile, halo)
+    size = min(tile, length)
+    covered = np.zeros(length, int)
+    for source, start, stop in layout:
+        assert 0 <= source and source + size <= length
+        assert source <= start < stop <= source + size
+        covered[start:stop] += 1
+        # Context on each side is either `halo` voxels or the tomogram's face.
+        assert start - source >= halo or source == 0
+        assert source + size - stop >= halo or source + size == length
+    assert np.all(covered == 1)
+
+
+def test_tile_smaller_than_twice_the_halo_is_refused():
+    with pytest.raises(VPDetectError, match="larger than twice the halo"):
+        axis_layout(100, 10, 5)
+
+
+def test_tile_layout_covers_every_voxel_once():
+    shape = (13, 29, 31)
+    counts = np.zeros(shape, int)
+    tiles = tile_layout(shape, 12, 3)
+    for t in tiles:
+        counts[t.core] += 1
+        assert all(s.stop - s.start == min(12, n) for s, n in zip(t.source, shape, strict=True))
+    assert np.all(counts == 1)
+    # z-major order: core starts along z never decrease.
+    z_starts = [t.core[0].start for t in tiles]
+    assert z_starts == sorted(z_starts)
+
+
+@pytest.mark.parametrize("tile,batch_size", [(19, 1), (23, 3)])
+def test_tiled_map_equals_whole_volume_pass(rng, tile, batch_size):
+    net = small_net()
+    volume = rng.normal(5.0, 2.0, size=(26, 33, 30)).astype(np.float32)
+    mean, std = zscore_params(volume)
+    reference = whole_volume_foreground(net, volume, mean, std)
+    assert net.halo == 6
+    tiled = predict_map(net, volume, mean, std, tile=tile, halo=net.halo, batch_size=batch_size)
+    assert tiled.shape == volume.shape and tiled.dtype == np.float32
+    np.testing.assert_allclose(tiled, reference, atol=1e-4)
+    # Not a trivial map: the probabilities vary.
+    assert reference.std() > 1e-3
+
+
+def test_capped_halo_differs_only_slightly_and_multiclass_foreground(rng):
+    net = small_net(seed=3, n_classes=3)
+    volume = rng.normal(size=(24, 24, 24)).astype(np.float32)
+    mean, std = zscore_params(volume)
+    reference = whole_volume_foreground(net, volume, mean, std)
+    capped = predict_map(net, volume, mean, std, tile=14, halo=2)
+    difference = np.abs(capped - reference)
+    assert difference.max() > 1e-6  # the cap is real: context was cut
+    assert difference.mean() < 0.05
+
+
+def test_progress_and_timings_are_reported(rng):
+    net = small_net()
+    volume = rng.normal(size=(20, 20, 20)).astype(np.float32)
+    calls, timings = [], {}
+    predict_map(net, volume, 0.0, 1.0, tile=16, halo=4, batch_size=3,
+                progress=lambda done, total: calls.append((done, total)), timings=timings)
+    n_tiles = len(tile_layout(volume.shape, 16, 4))
+    assert calls[-1] == (n_tiles, n_tiles)
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls)
+    assert timings["network"] > 0 and timings["stitch"] >= 0
+
+
+def test_memory_mapped_volume_into_float16_memmap(tmp_path, rng):
+    net = small_net()
+    volume = rng.normal(size=(22, 25, 21)).astype(np.float32)
+    write_mrc(tmp_path / "t.mrc", volume)
+    tomo = read_tomogram(tmp_path / "t.mrc", mmap=True)
+    assert isinstance(tomo.data, np.memmap)
+    mean, std = zscore_params(PageReleasingVolume(tomo.data))
+    np.testing.assert_allclose((mean, std), zscore_params(volume), rtol=1e-6)
+    out = allocate_map(volume.shape, np.float16, max_in_memory_voxels=100)
+    assert isinstance(out, np.memmap)
+    result = predict_map(net, tomo.data, mean, std, tile=14, halo=6, out=out)
+    reference = whole_volume_foreground(net, volume, mean, std)
+    np.testing.assert_allclose(result.astype(np.float32), reference, atol=1e-3)
+
+
+def test_any_module_with_predict_and_halo_works(rng):
+    class Smooth(torch.nn.Module):
+        halo = 2
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 2, 5, padding=2)
+
+        def predict(self, x):
+            return torch.softmax(self.conv(x), dim=1)
+
+    torch.manual_seed(1)
+    net = Smooth().eval()
+    volume = rng.normal(size=(17, 18, 19)).astype(np.float32)
+    with torch.no_grad():
+        reference = net.predict(torch.from_numpy(volume)[None, None])[0, 1].numpy()
+    np.testing.assert_allclose(predict_map(net, volume, 0.0, 1.0, tile=9), reference, atol=1e-5)
+
+
+def test_unknown_precision_is_refused(rng):
+    with pytest.raises(VPDetectError, match="precision"):
+        predict_map(small_net(), np.ones((8, 8, 8), np.float32), 0.0, 1.0, tile=8, precision="fp8")
+
+
+def test_released_pages_keep_their_data(tmp_path):
+    from vpdetect.localize.tiling import release_pages
+
+    shared = np.memmap(tmp_path / "shared.bin", dtype=np.float32, mode="w+", shape=(64, 32, 32))
+    shared[:] = np.arange(shared.size, dtype=np.float32).reshape(shared.shape)
+    release_pages(shared, 60, 2)
+    assert shared[30, 5, 5] == 30 * 1024 + 5 * 32 + 5  # re-read from the page cache
+    private = np.memmap(tmp_path / "shared.bin", dtype=np.float32, mode="c", shape=(64, 32, 32))
+    private[:] = -1.0  # copy-on-write: only in this process
+    release_pages(private, 64)
+    assert np.all(private[:, 0, 0] == -1.0)
+    in_memory = np.ones((8, 8, 8))
+    release_pages(in_memory, 8)  # nothing to release, nothing breaks
+    assert in_memory.sum() == 512

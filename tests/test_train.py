@@ -1,0 +1,400 @@
+"""Training data (targets, classes, crops), the training loop, resume and `vpdetect train`."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vpdetect.cli  # noqa: F401  (registers the commands)
+from vpdetect.cli.app import app
+from vpdetect.errors import VPDetectError
+from vpdetect.io.mrc import write_mrc
+from vpdetect.io.particles import ParticleTable, write_particles
+from vpdetect.nn.checkpoint import load_model, read_model_card
+from vpdetect.nn.losses import IGNORE_INDEX, focal_loss
+from vpdetect.train.data import (
+    CropDataset,
+    annotate_from_table,
+    augment,
+    build_class_mapping,
+    cut_crop,
+    load_shrec_folder,
+    paint_spheres,
+    parse_merge,
+    parse_radii,
+    prepare_volume,
+    shard_indices,
+)
+from vpdetect.train.loop import TrainConfig, Trainer, fit, history_csv
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Many small ops per step: on a shared machine, OpenMP threads waiting for each
+    # other cost far more than a second core gains (measured: 0.3 s vs 3-7 s per epoch).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# name, radius (voxels), centre (z, y, x), density
+PARTICLES = [
+    ("small", 2.5, (6, 6, 6), 1.0),
+    ("large", 4.0, (8, 20, 20), 1.0),
+    ("small", 2.5, (20, 8, 18), 1.0),
+    ("vesicle", 3.5, (20, 20, 6), 0.5),
+    ("fiducial", 2.0, (14, 14, 14), 3.0),
+]
+SHAPE = (28, 28, 28)
+
+
+def make_shrec_folder(folder, seed=0, noise=0.3, with_class_mask=True):
+    """A tiny SHREC-layout folder whose truth is known exactly."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.indices(SHAPE)
+    occupancy = np.zeros(SHAPE, np.int16)
+    class_labels = {"small": 1, "large": 2, "vesicle": 3, "fiducial": 4}
+    class_mask = np.zeros(SHAPE, np.int16)
+    density = np.zeros(SHAPE, np.float32)
+    lines = []
+    for k, (name, r, (z, y, x), rho) in enumerate(PARTICLES, start=1):
+        inside = (zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+        occupancy[inside] = k
+        class_mask[inside] = class_labels[name]
+        density[inside] = rho
+        lines.append(f"{name} {x} {y} {z} 0 0 0")
+    write_mrc(folder / "reconstruction.mrc", density + rng.normal(0, noise, SHAPE).astype(np.float32), 10.0)
+    write_mrc(folder / "occupancy_mask.mrc", occupancy, 10.0)
+    if with_class_mask:
+        write_mrc(folder / "class_mask.mrc", class_mask, 10.0)
+    (folder / "particle_locations.txt").write_text("\n".join(lines) + "\n")
+    table = [
+        {"name": n, "label": lab, "effective_radius_voxels": {"small": 2.5, "large": 4.0}.get(n, 3.0)}
+        for n, lab in class_labels.items()
+    ]
+    (folder / "simulation.json").write_text(json.dumps({"format": "vpdetect-simulation", "classes": table}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shrec_dir(tmp_path_factory):
+    return make_shrec_folder(tmp_path_factory.mktemp("data") / "model_0")
+
+
+# --------------------------------------------------------------------------- targets and classes
+
+
+def test_localizer_targets_are_binary_without_vesicles(shrec_dir):
+    av = load_shrec_folder(shrec_dir)
+    mapping = build_class_mapping(list(av.id_names.values()), "localizer")
+    assert mapping.class_names == ["background", "particle"]
+    tv = prepare_volume(av, mapping)
+    occupancy = av.label_map
+    assert set(np.unique(tv.targets)) == {0, 1}
+    assert np.all(tv.targets[occupancy == 4] == 0)  # the vesicle (line 4) is background
+    for pid in (1, 2, 3, 5):
+        assert np.all(tv.targets[occupancy == pid] == 1)
+    # Centres of target particles only, rounded to voxels.
+    assert sorted(map(tuple, tv.centres_zyx)) == sorted([(6, 6, 6), (8, 20, 20), (20, 8, 18), (14, 14, 14)])
+    assert tv.mean == pytest.approx(float(np.mean(av.volume, dtype=np.float64)), rel=1e-5)
+
+
+def test_classifier_targets_follow_names_selection_and_merging(shrec_dir):
+    av = load_shrec_folder(shrec_dir)
+    names = list(av.id_names.values())
+    mapping = build_class_mapping(names, "classifier")
+    assert mapping.class_names == ["background", "fiducial", "large", "small"]
+    tv = prepare_volume(av, mapping)
+    assert np.all(tv.targets[av.label_map == 2] == 2)
+    assert np.all(tv.targets[av.label_map == 3] == 3)
+    assert np.all(tv.targets[av.label_map == 5] == 1)
+
+    picked = build_class_mapping(names, "classifier", select=["small", "large"])
+    assert picked.class_names == ["background", "small", "large"]
+    assert picked.index("fiducial") == 0 and picked.index("large") == 2
+
+    merged = build_class_mapping(names, "classifier", merge=parse_merge(["protein=small,large"]))
+    assert merged.class_names == ["background", "fiducial", "protein"]
+    assert merged.index("small") == merged.index("large") == 2
+
+    with_vesicles = build_class_mapping(names, "classifier", exclude=())
+    assert "vesicle" in with_vesicles.class_names
+    with pytest.raises(VPDetectError, match="not in the data: ribosome"):
+        build_class_mapping(names, "classifier", select=["ribosome"])
+    with pytest.raises(VPDetectError, match="NEW=OLD"):
+        parse_merge(["protein"])
+    with pytest.raises(VPDetectError, match="no particle classes"):
+        build_class_mapping(["vesicle"], "localizer")
+
+
+def test_class_mask_route_equals_occupancy_route(tmp_path, shrec_dir):
+    via_occupancy = load_shrec_folder(shrec_dir)
+    folder = make_shrec_folder(tmp_path / "m", with_class_mask=True)
+    (folder / "occupancy_mask.mrc").unlink()
+    via_class_mask = load_shrec_folder(folder)
+    mapping = build_class_mapping(list(via_occupancy.id_names.values()), "classifier")
+    a = prepare_volume(via_occupancy, mapping).targets
+    b = prepare_volume(via_class_mask, mapping).targets
+    assert np.array_equal(a, b)
+    assert via_class_mask.radii_vox["large"] == 4.0  # from simulation.json
+
+
+def test_radii_estimated_from_occupancy_without_a_class_table(tmp_path):
+    folder = make_shrec_folder(tmp_path / "m", with_class_mask=False)
+    (folder / "simulation.json").unlink()
+    av = load_shrec_folder(folder)
+    # Equivalent-sphere radius of a digitised ball is close to its radius.
+    assert av.radii_vox["large"] == pytest.approx(4.0, abs=0.15)
+    assert av.radii_vox["small"] == pytest.approx(2.5, abs=0.2)
+
+
+def test_bad_folders_are_named(tmp_path):
+    with pytest.raises(VPDetectError, match="not found"):
+        load_shrec_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VPDetectError, match="no reconstruction.mrc"):
+        load_shrec_folder(tmp_path / "empty")
+    folder = make_shrec_folder(tmp_path / "m", with_class_mask=False)
+    (folder / "occupancy_mask.mrc").unlink()
+    with pytest.raises(VPDetectError, match="neither occupancy_mask.mrc"):
+        load_shrec_folder(folder)
+
+
+def test_spheres_from_coordinates():
+    labels = paint_spheres((20, 20, 20), np.array([[10, 10, 10], [10, 10, 15]]), [1, 2], [4.0, 2.0])
+    assert labels[10, 10, 6] == 1 and labels[10, 10, 5] == 0
+    # The smaller ball is painted over the larger one where they touch.
+    assert labels[10, 10, 13] == 2 and labels[10, 10, 17] == 2 and labels[10, 10, 18] == 0
+    assert np.count_nonzero(labels == 2) == np.count_nonzero(paint_spheres((20, 20, 20), np.array([[10, 10, 15]]), [2], [2.0]))
+
+
+def test_coordinate_table_targets_in_angstrom():
+    frame = pd.DataFrame({"x": [5.0, 14.0], "y": [5.0, 14.0], "z": [5.0, 14.0], "class_name": ["a", "b"]})
+    volume = np.zeros((20, 20, 20), np.float32)
+    default, per_class = parse_radii(["30", "b=20"])
+    av = annotate_from_table("t", volume, 10.0, frame, default, per_class, "angstrom")
+    assert av.radii_vox == {"a": 3.0, "b": 2.0}
+    expected = paint_spheres(volume.shape, np.array([[5, 5, 5], [14, 14, 14]]), [1, 2], [3.0, 2.0])
+    assert np.array_equal(av.label_map, expected)
+    with pytest.raises(VPDetectError, match="voxel size"):
+        annotate_from_table("t", volume, None, frame, 3.0, {}, "angstrom")
+    with pytest.raises(VPDetectError, match="no radius for class 'a'"):
+        annotate_from_table("t", volume, 10.0, frame, None, {"b": 2.0}, "voxel")
+    with pytest.raises(VPDetectError, match="positive"):
+        parse_radii(["a=-1"])
+
+
+# --------------------------------------------------------------------------- crops
+
+
+def test_augmentation_never_mixes_z(rng):
+    image = rng.normal(size=(4, 6, 6)).astype(np.float32)
+    labels = np.arange(4 * 36).reshape(4, 6, 6)
+    seen = set()
+    for seed in range(40):
+        img, lab = augment(image, labels, np.random.default_rng(seed))
+        # Every z-plane comes from the same z-plane; image and labels move together.
+        assert np.array_equal(lab // 36, np.broadcast_to(np.arange(4)[:, None, None], (4, 6, 6)))
+        flat = image.reshape(-1)
+        assert np.array_equal(img, flat[lab])
+        seen.add(lab[0].tobytes())
+    assert len(seen) == 8  # the 8 symmetries of the square in the y-x plane
+
+
+def test_cut_crop_pads_outside():
+    volume = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
+    crop = cut_crop(volume, (-1, 0, 1), 3, fill=-5)
+    assert np.all(crop[0] == -5)
+    assert np.array_equal(crop[1:, :, :2], volume[:2, :, 1:])
+    assert np.all(crop[:, :, 2] == -5)
+
+
+def test_crops_are_deterministic_and_near_particles(shrec_dir):
+    av = load_shrec_folder(shrec_dir)
+    tv = prepare_volume(av, build_class_mapping(list(av.id_names.values()), "classifier"))
+    data = CropDataset([tv], 12, seed=3, particle_share=1.0)
+    a_img, a_lab = data[5]
+    b_img, b_lab = data[5]
+    assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
+    assert a_img.shape == (1, 12, 12, 12) and a_img.dtype == torch.float32
+    assert a_lab.dtype == torch.int64
+    assert not torch.equal(data[6][0], a_img)
+    # Particle-centred crops always contain particle voxels; class-balanced over 3 classes.
+    classes_seen = set()
+    for i in range(30):
+        lab = data[i][1]
+        assert (lab > 0).any()
+        classes_seen |= set(lab.unique().tolist())
+    assert {1, 2, 3} <= classes_seen
+    # A crop larger than the volume is padded with ignored targets and zeros (the mean).
+    big = CropDataset([tv], 32, seed=0, particle_share=0.0, augment=False)
+    img, lab = big[0]
+    assert (lab == IGNORE_INDEX).sum() == 32**3 - 28**3
+    assert torch.all(img[0][lab == IGNORE_INDEX] == 0)
+
+
+def test_shards_partition_the_epoch():
+    shards = [shard_indices(40, 10, r, 3) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(40, 50))
+    assert shards[1] == [41, 44, 47]
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def _volumes(shrec_dir, stage="localizer"):
+    av = load_shrec_folder(shrec_dir)
+    mapping = build_class_mapping(list(av.id_names.values()), stage)
+    return [prepare_volume(av, mapping)], mapping.class_names
+
+
+def _config(class_names, **kw):
+    base = dict(width=2, depth=4, max_dilation=3, crop_size=14, batch_size=2, epochs=1,
+                steps_per_epoch=4, lr=2e-2, lr_step=80, val_crops=4, class_names=class_names)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_tiny_network_learns_the_particles(shrec_dir):
+    torch.manual_seed(0)
+    volumes, names = _volumes(shrec_dir)
+    train = CropDataset(volumes, 12, seed=0, particle_share=0.6)
+    val = CropDataset(volumes, 12, seed=0, particle_share=0.6, augment=False, stream=1)
+    trainer = Trainer(_config(names, steps_per_epoch=30, crop_size=12), train, val)
+    images = torch.stack([val[i][0] for i in range(4)])
+    targets = torch.stack([val[i][1] for i in range(4)])
+    with torch.no_grad():
+        before = focal_loss(trainer.model(images), targets).item()
+    trainer.train_epoch()
+    metrics = trainer.validate()
+    assert metrics["val_loss"] < before / 10
+    assert metrics["VA"] > 0.95
+    assert metrics["MIoU"] > 0.75
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_resume_reproduces_the_uninterrupted_run(shrec_dir, tmp_path):
+    from vpdetect.nn.checkpoint import read_training_state, save_model
+
+    volumes, names = _volumes(shrec_dir)
+
+    def new_trainer(epochs):
+        cfg = _config(names, epochs=epochs, steps_per_epoch=2, lr_step=2, crop_size=10, val_crops=2)
+        train = CropDataset(volumes, 10, seed=1, particle_share=0.5)
+        val = CropDataset(volumes, 10, seed=1, augment=False, stream=1)
+        return Trainer(cfg, train, val)
+
+    straight = new_trainer(4)
+    assert fit(straight) == "done"
+
+    first = new_trainer(4)
+    first.config.epochs = 2
+    fit(first)
+    path = tmp_path / "last.pt"
+    save_model(path, first.model, {"stage": "localizer", "class_names": names}, first.training_state())
+
+    resumed = new_trainer(4)
+    model, _ = load_model(path)
+    resumed.load_training_state(read_training_state(path), model.state_dict())
+    assert resumed.epoch == 2
+    assert fit(resumed) == "done"
+    assert torch.equal(_weights(straight.model), _weights(resumed.model))
+    assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr() == pytest.approx([2e-4])
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+
+    other = new_trainer(4)
+    other.config.seed = 99
+    with pytest.raises(VPDetectError, match="cannot resume: seed"):
+        other.load_training_state(read_training_state(path), model.state_dict())
+
+
+def test_history_csv_has_fixed_columns():
+    text = history_csv([{"epoch": 1, "lr": 0.001, "train_loss": 0.5, "seconds": 2.0}])
+    assert text.splitlines() == ["epoch,lr,train_loss,val_loss,VA,MVA,MIoU,seconds", "1,0.001,0.5,,,,,2"]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+TINY = ["--width", "2", "--depth", "3", "--max-dilation", "2", "--crop-size", "10",
+        "--batch-size", "2", "--steps-per-epoch", "2", "--val-crops", "2", "--threads", "1"]
+
+
+def test_cli_trains_writes_model_log_curves_and_resumes(shrec_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "loc.pt"
+    args = ["train", "localizer", "--data", str(shrec_dir), "--val", str(shrec_dir), "--out", str(out), *TINY]
+    result = runner.invoke(app, [*args, "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    for name in ("loc.pt", "loc.last.pt", "loc.log.csv", "loc.curves.png"):
+        assert (tmp_path / name).is_file()
+    assert (tmp_path / "loc.curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((tmp_path / "loc.log.csv").read_text().splitlines()) == 3
+    card = read_model_card(out)
+    assert card["stage"] == "localizer" and card["class_names"] == ["background", "particle"]
+    assert card["arch"]["depth"] == 3 and card["crop_size"] == 10 and card["voxel_size"] == 10.0
+    assert card["provenance"]["seed"] == 0 and "MIoU" in card["metrics"]
+
+    again = runner.invoke(app, [*args, "--epochs", "2"])
+    assert again.exit_code == 2 and "--resume" in again.output
+
+    resumed = runner.invoke(app, [*args, "--epochs", "3", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after epoch 2" in resumed.output
+    assert len((tmp_path / "loc.log.csv").read_text().splitlines()) == 4
+    assert read_model_card(tmp_path / "loc.last.pt")["provenance"]["epochs"] == 3
+
+    info = runner.invoke(app, ["info", str(out)])
+    assert info.exit_code == 0 and "localizer" in info.output
+    with pytest.raises(VPDetectError, match="classifier model is needed"):
+        load_model(out, stage="classifier")
+
+
+def test_cli_classifier_from_coordinates(tmp_path, shrec_dir):
+    table = ParticleTable(
+        data=pd.DataFrame({
+            "x": [6.0, 20.0, 18.0], "y": [6.0, 20.0, 8.0], "z": [6.0, 8.0, 20.0],
+            "class_name": ["small", "large", "small"],
+        }),
+        voxel_size=10.0,
+    )
+    write_particles(tmp_path / "picks.csv", table)
+    out = tmp_path / "cls.pt"
+    result = CliRunner().invoke(app, [
+        "train", "classifier", "--tomogram", str(shrec_dir / "reconstruction.mrc"),
+        "--table", str(tmp_path / "picks.csv"), "--radius", "25", "--radius", "large=40",
+        "--out", str(out), "--epochs", "1", *TINY,
+    ])
+    assert result.exit_code == 0, result.output
+    card = read_model_card(out)
+    assert card["class_names"] == ["background", "large", "small"]
+    # alpha from radii 4 and 2.5 voxels: the small class weighs (4/2.5)^3 times more.
+    alpha = card["provenance"]["alpha"]
+    assert alpha[2] / alpha[1] == pytest.approx((4 / 2.5) ** 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "detector", "--data", "X"], "stage must be localizer or classifier"),
+        (["train", "localizer"], "no training data"),
+        (["train", "classifier", "--data", "X", "--classes", "ribosome"], "not in the data: ribosome"),
+        (["train", "localizer", "--tomogram", "X"], "one --table per --tomogram"),
+        (["train", "localizer", "--data", "X", "--resume"], "cannot resume"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, shrec_dir, tmp_path):
+    args = [str(shrec_dir) if a == "X" else a for a in args]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "m.pt"), *TINY, "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "m.pt").exists()

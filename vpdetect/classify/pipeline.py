@@ -1,0 +1,206 @@
+"""Stage 2 on one tomogram: extract a box per coordinate, segment, mask, vote.
+
+Classification runs only at the given coordinates, never as a sliding window.
+Boxes are cut from the tomogram normalised once with its own z-score
+statistics (as in training), segmented in batches by the classifier MSDNet
+(autocast on CUDA, the matrix-multiply engine of `vpdetect.nn.engine` on the
+CPU), and each box's label map is reduced to one class by the
+central-component vote of `vote.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from vpdetect.classify.extract import extract_boxes, inside_volume
+from vpdetect.classify.vote import NO_VOTE, central_mask, needs_tiebreak, vote_in_mask
+from vpdetect.errors import VPDetectError
+
+UNKNOWN_CLASS = "unknown"
+OUTPUT_COLUMNS = ("class_name", "class_number", "vote_fraction", "vote_margin")
+# A tomogram and a classifier whose voxel sizes differ by more than this get a warning.
+VOXEL_SIZE_TOLERANCE = 0.1
+
+
+@dataclass
+class ClassifyOptions:
+    """Settings of stage 2 (the CLI fills these from its options)."""
+
+    batch_size: int = 8  # boxes per network call
+    search_radius: float = 3.0  # voxels; how far from a background centre to look for the particle
+    drop_unknown: bool = False  # drop particles with no central component instead of "unknown"
+    box_size: int | None = None  # None: the model card's crop_size
+    precision: str = "auto"  # CUDA autocast: auto (bf16 where supported), fp32, bf16, fp16; CPU is fp32
+
+
+def classifier_classes(card: dict) -> list[str]:
+    """Class names of a classifier card, index 0 being background; other cards are refused."""
+    from vpdetect.preprocess import NORMALISATION
+
+    stage = card.get("stage")
+    if stage != "classifier":
+        raise VPDetectError(f"this is a {stage or 'unknown-stage'} model; classify needs a classifier model")
+    normalisation = card.get("normalisation", NORMALISATION)
+    if normalisation != NORMALISATION:
+        raise VPDetectError(
+            f"model expects {normalisation!r} input normalisation; vpdetect applies {NORMALISATION!r}"
+        )
+    names = list(card.get("class_names") or [])
+    if len(names) < 2:
+        raise VPDetectError("classifier model card lists no particle classes")
+    return names
+
+
+def tomogram_groups(data) -> list[tuple[str | None, np.ndarray]]:
+    """Row positions of each tomogram in a table, in order of first appearance.
+
+    Tables without a `tomo_name` column are one group named None.
+    """
+    if "tomo_name" not in data.columns:
+        return [(None, np.arange(len(data)))]
+    names = data["tomo_name"].astype(str).to_numpy()
+    order = dict.fromkeys(names)
+    return [(name, np.flatnonzero(names == name)) for name in order]
+
+
+def classify_table(
+    tomo,
+    table,
+    model,
+    card: dict,
+    options: ClassifyOptions | None = None,
+    stats: tuple[float, float] | None = None,
+    progress: Callable[[int], None] | None = None,
+    timings: dict | None = None,
+):
+    """Classify every coordinate of `table` (a ParticleTable of one tomogram) in `tomo`.
+
+    Returns a ParticleTable: the input rows (minus those outside the tomogram,
+    which are skipped with a warning) plus class_name, class_number (index in
+    the card's class_names; 0 = "unknown"), vote_fraction and vote_margin.
+    `stats` reuses (mean, std) already computed for this tomogram (e.g. by
+    localize in `vpdetect pick`); `progress(n)` is called after each batch with
+    the number of boxes done; `timings` (a dict) receives seconds under
+    "classify_load" (normalisation statistics) and "classify" (boxes, network, votes).
+    """
+    from vpdetect.preprocess import zscore_params
+
+    options = options or ClassifyOptions()
+    class_names = classifier_classes(card)
+    n_classes = len(class_names)
+    if getattr(model, "n_classes", n_classes) != n_classes:
+        raise VPDetectError(
+            f"classifier has {model.n_classes} outputs but its card names {n_classes} classes"
+        )
+    box = int(options.box_size or card.get("crop_size") or 0)
+    if box < 1:
+        raise VPDetectError("classifier model card has no crop_size; give a box size")
+    if options.batch_size < 1:
+        raise VPDetectError(f"batch size must be at least 1, got {options.batch_size}")
+
+    data = table.data
+    if len(data) == 0:
+        raise VPDetectError("particle table is empty: nothing to classify")
+    missing = [c for c in ("x", "y", "z") if c not in data.columns]
+    if missing:
+        raise VPDetectError(f"particle table lacks coordinate column(s) {', '.join(missing)}")
+    coords = data[["x", "y", "z"]].to_numpy(dtype=np.float64)
+    inside = inside_volume(coords, tomo.data.shape)
+    n_outside = int(np.count_nonzero(~inside))
+    x, y, z = tomo.shape_xyz
+    where = f"tomogram {tomo.name} ({x} x {y} x {z} voxels)"
+    if n_outside == len(coords):
+        raise VPDetectError(f"all {n_outside} coordinates lie outside {where}")
+    if n_outside:
+        warnings.warn(
+            f"{n_outside} of {len(coords)} coordinates lie outside {where}; skipped", stacklevel=2
+        )
+    _warn_voxel_size_mismatch(tomo.voxel_size or table.voxel_size, card.get("voxel_size"))
+
+    started = time.perf_counter()
+    mean, std = stats if stats is not None else zscore_params(tomo.data)
+    normalised_at = time.perf_counter()
+    kept = data.iloc[np.flatnonzero(inside)].reset_index(drop=True)
+    votes = _segment_and_vote(
+        tomo.data, coords[inside], box, mean, std, model, n_classes, options, progress
+    )
+    finished = time.perf_counter()
+    if timings is not None:
+        timings["classify_load"] = normalised_at - started
+        timings["classify"] = finished - normalised_at
+
+    indices = np.array([v.class_index for v in votes], dtype=np.int64)
+    out = kept.copy()
+    out["class_name"] = [class_names[i] if i > 0 else UNKNOWN_CLASS for i in indices]
+    out["class_number"] = indices
+    out["vote_fraction"] = np.array([v.fraction for v in votes], dtype=np.float64)
+    out["vote_margin"] = np.array([v.margin for v in votes], dtype=np.float64)
+    if options.drop_unknown:
+        out = out[indices > 0].reset_index(drop=True)
+    return dataclasses.replace(
+        table,
+        data=out,
+        voxel_size=table.voxel_size if table.voxel_size is not None else tomo.voxel_size,
+        tomo_size=table.tomo_size if table.tomo_size is not None else tomo.shape_xyz,
+    )
+
+
+def _segment_and_vote(volume, coords, box, mean, std, model, n_classes, options, progress):
+    import torch
+
+    from vpdetect.localize.tiling import autocast_dtype
+    from vpdetect.nn.engine import fast_predict
+
+    device = next(model.parameters()).device
+    cast = autocast_dtype(str(device), options.precision)
+    model.eval()
+    votes = []
+    # no_grad rather than inference_mode: the CPU engine's worker threads update
+    # buffers in place, which inference tensors made here would refuse.
+    with torch.no_grad():
+        for start in range(0, len(coords), options.batch_size):
+            chunk = coords[start : start + options.batch_size]
+            inputs = torch.from_numpy(extract_boxes(volume, chunk, box, mean, std)).unsqueeze(1)
+            if device.type == "cpu":
+                probs = fast_predict(model, inputs)  # matrix-multiply engine, float32
+            else:
+                inputs = inputs.to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, dtype=cast, enabled=cast is not None):
+                    probs = model.predict(inputs)
+            labels = probs.argmax(dim=1).to(torch.int16).cpu().numpy()
+            for i, box_labels in enumerate(labels):
+                votes.append(_vote_one(box_labels, probs[i], n_classes, options.search_radius))
+            if progress is not None:
+                progress(len(chunk))
+    return votes
+
+
+def _vote_one(labels, probs, n_classes, search_radius):
+    mask = central_mask(labels, search_radius)
+    if mask is None:
+        return NO_VOTE
+    prob_sums = None
+    if needs_tiebreak(labels, mask, n_classes):
+        # Only tied boxes pay for summing probabilities (on the device) and moving them.
+        import torch
+
+        mask_t = torch.from_numpy(mask).to(probs.device)
+        prob_sums = probs[:, mask_t].double().sum(dim=1).cpu().numpy()
+    return vote_in_mask(labels, mask, n_classes, prob_sums)
+
+
+def _warn_voxel_size_mismatch(tomo_voxel: float | None, model_voxel: float | None) -> None:
+    if tomo_voxel is None or not model_voxel:
+        return
+    if abs(tomo_voxel - model_voxel) > VOXEL_SIZE_TOLERANCE * model_voxel:
+        warnings.warn(
+            f"tomogram voxel size {tomo_voxel:.3g} A differs from the classifier's "
+            f"{model_voxel:.3g} A; rescale the tomogram for reliable classes",
+            stacklevel=3,
+        )

@@ -1,0 +1,373 @@
+"""`vpdetect localize`: particle coordinates from tomograms (stage 1).
+
+The option factories and `build_localize_options`, `load_localizer` and
+`localize_task` are shared with `vpdetect pick`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import typer
+
+from vpdetect.cli.app import app, console, user_errors
+from vpdetect.cli.batch import (
+    FORMAT_SUFFIX,
+    LogSettings,
+    device_option,
+    devices_option,
+    log_file_option,
+    output_dir_option,
+    overwrite_option,
+    quiet_option,
+    resolve_device,
+    run_command_batch,
+    setup_logging,
+    shard_option,
+    verbose_option,
+)
+from vpdetect.errors import VPDetectError
+
+log = logging.getLogger("vpdetect.localize")
+
+# Defaults repeated here (not imported) so that `vpdetect --help` needs no numpy.
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_OPENING_RADIUS = 1
+DEFAULT_MIN_SIZE = 10
+DEFAULT_TILE = 128
+DEFAULT_BATCH_SIZE = 1
+
+
+# --------------------------------------------------------------------------- shared options
+
+
+def localizer_model_option():
+    return typer.Option(
+        None, "--model", "-m", help="Localizer model file (.pt); default: the bundled localizer."
+    )
+
+
+def threshold_option():
+    return typer.Option(
+        DEFAULT_THRESHOLD, "--threshold", min=0.0, max=1.0,
+        help="Foreground probability above which a voxel belongs to a particle.",
+    )
+
+
+def opening_radius_option():
+    return typer.Option(
+        DEFAULT_OPENING_RADIUS, "--opening-radius", min=0,
+        help="Radius (voxels) of the ball of the morphological opening that removes speckle; 0 = none.",
+    )
+
+
+def bandwidth_option():
+    return typer.Option(
+        None, "--bandwidth", min=0.0,
+        help="Mean-shift bandwidth in voxels, about a particle's radius (default 5, or from --particle-diameter).",
+    )
+
+
+def particle_diameter_option():
+    return typer.Option(
+        None, "--particle-diameter", min=0.0,
+        help="Typical particle diameter in Angstrom; sets the bandwidth to its radius in voxels.",
+    )
+
+
+def min_size_option():
+    return typer.Option(
+        DEFAULT_MIN_SIZE, "--min-size", min=1, help="Drop clusters with fewer voxels than this (false positives)."
+    )
+
+
+def tile_option():
+    return typer.Option(
+        DEFAULT_TILE, "--tile", min=8, help="Edge (voxels) of the cubic tiles fed to the network."
+    )
+
+
+def halo_option():
+    return typer.Option(
+        None, "--halo", min=0,
+        help="Context voxels around each tile's trusted core (default: the network's reach, capped at 24).",
+    )
+
+
+def batch_size_option():
+    return typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="Tiles per network call.")
+
+
+def precision_option():
+    return typer.Option(
+        "auto", "--precision",
+        help="Network arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA only).",
+    )
+
+
+def pixel_size_option():
+    return typer.Option(None, "--pixel-size", help="Voxel size in Angstrom, overriding the MRC header.")
+
+
+def mask_option():
+    return typer.Option(
+        None, "--mask", help="MRC mask the size of the tomogram: search only where it is nonzero."
+    )
+
+
+def z_range_option():
+    return typer.Option(
+        None, "--z-range", help="Search only slices Z0 to Z1 (0-based, inclusive).", show_default=False
+    )
+
+
+def build_localize_options(
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    opening_radius: int = DEFAULT_OPENING_RADIUS,
+    bandwidth: float | None = None,
+    particle_diameter: float | None = None,
+    min_size: int = DEFAULT_MIN_SIZE,
+    tile: int = DEFAULT_TILE,
+    halo: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = "cpu",
+    precision: str = "auto",
+    z_range: tuple[int, int] | None = None,
+):
+    """A validated `LocalizeOptions` from CLI values (`device` already resolved)."""
+    from vpdetect.localize.pipeline import LocalizeOptions
+    from vpdetect.localize.tiling import autocast_dtype
+
+    if bandwidth is not None and particle_diameter is not None:
+        raise VPDetectError("give --bandwidth or --particle-diameter, not both")
+    if bandwidth is not None and bandwidth <= 0:
+        raise VPDetectError(f"--bandwidth must be positive, got {bandwidth}")
+    if z_range is not None and (z_range[0] is None or z_range[0] > z_range[1] or z_range[0] < 0):
+        raise VPDetectError(f"--z-range takes Z0 <= Z1 (0-based slices), got {z_range}")
+    autocast_dtype(device, precision.lower())  # validates the name
+    return LocalizeOptions(
+        threshold=threshold,
+        opening_radius=opening_radius,
+        bandwidth=bandwidth,
+        particle_diameter=particle_diameter,
+        min_size=min_size,
+        tile=tile,
+        halo=halo,
+        batch_size=batch_size,
+        device=device,
+        precision=precision.lower(),
+        z_range=tuple(z_range) if z_range is not None else None,
+    )
+
+
+def resolve_model_path(model: Path | None, stage: str) -> Path:
+    """The model to use: the given file, else the bundled default for `stage`."""
+    if model is not None:
+        if not Path(model).is_file():
+            raise VPDetectError(f"model file not found: {model}")
+        return Path(model)
+    try:
+        from vpdetect.models import default_model_path
+
+        path = Path(default_model_path(stage))
+    except (ImportError, VPDetectError, FileNotFoundError) as exc:
+        raise VPDetectError(f"no {stage} model: the bundled default is missing ({exc}); pass --model") from None
+    if not path.is_file():
+        raise VPDetectError(f"no {stage} model: the bundled default {path.name} is missing; pass --model")
+    return path
+
+
+def load_localizer(model_path: str | Path, device: str):
+    """(model, card) of a localizer, loaded once per process, device and file version."""
+    path = Path(model_path)
+    try:
+        stat = path.stat()
+    except OSError:
+        raise VPDetectError(f"model file not found: {path}") from None
+    return _load_localizer(str(path.resolve()), stat.st_mtime_ns, stat.st_size, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_localizer(path: str, mtime_ns: int, size: int, device: str):
+    from vpdetect.localize.pipeline import check_localizer
+    from vpdetect.nn.checkpoint import load_model
+
+    model, card = load_model(path, stage="localizer", device=device)
+    check_localizer(card)
+    model.eval()
+    return model, card
+
+
+# --------------------------------------------------------------------------- one tomogram
+
+
+@dataclass(frozen=True)
+class LocalizeJob:
+    """Everything `localize_task` needs besides the input, output and device (picklable)."""
+
+    model_path: str
+    options: object  # LocalizeOptions; device filled in per task
+    fmt: str | None
+    save_map: str | None = None
+    save_map_is_dir: bool = False
+    mask: str | None = None
+    pixel_size: float | None = None
+    show_progress: bool = True
+
+
+def map_path(job: LocalizeJob, source: Path) -> Path | None:
+    from vpdetect.io.mrc import tomogram_name
+
+    if job.save_map is None:
+        return None
+    if job.save_map_is_dir:
+        return Path(job.save_map) / f"{tomogram_name(source)}_map.mrc"
+    return Path(job.save_map)
+
+
+def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> dict:
+    """Localize one tomogram file and write its table (and map); returns provenance extras."""
+    import numpy as np
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vpdetect.io.mrc import read_tomogram, write_mrc
+    from vpdetect.io.particles import write_particles
+    from vpdetect.localize.pipeline import format_timings, particles_from_map, segment_volume
+
+    start = time.perf_counter()
+    options = replace(job.options, device=device)
+    tomo = read_tomogram(source, voxel_size=job.pixel_size)
+    model, card = load_localizer(job.model_path, device)
+    roi = None
+    if job.mask is not None:
+        roi = read_tomogram(job.mask, mmap=True).data
+        if tuple(roi.shape) != tuple(tomo.data.shape):
+            raise VPDetectError(
+                f"mask {Path(job.mask).name} is {roi.shape[::-1]} (x, y, z) but the tomogram is "
+                f"{tomo.data.shape[::-1]}"
+            )
+    opened = time.perf_counter() - start
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=not job.show_progress,
+    ) as bar:
+        tiles = bar.add_task(f"{tomo.name}: network", total=None)
+        prob, timings = segment_volume(
+            tomo, model, card, options, progress=lambda done, total: bar.update(tiles, completed=done, total=total)
+        )
+    timings["load"] += opened
+    table = particles_from_map(prob, tomo, options, roi, timings)
+
+    start = time.perf_counter()
+    saved_map = map_path(job, source)
+    if saved_map is not None:
+        saved_map.parent.mkdir(parents=True, exist_ok=True)
+        small = prob.size <= 64 * 1024**2
+        write_mrc(saved_map, np.asarray(prob, dtype=np.float32) if small else prob, voxel_size=tomo.voxel_size)
+    written = write_particles(output, table, fmt=job.fmt)
+    timings["write"] = time.perf_counter() - start
+    log.info("%s: %d particle(s) -> %s (%s)", tomo.name, len(table), output, written)
+    log.info("%s timings: %s", tomo.name, format_timings(timings))
+    return {
+        "n_particles": len(table),
+        "format": written,
+        "shape_xyz": list(tomo.shape_xyz),
+        "voxel_size": tomo.voxel_size,
+        "bandwidth_voxels": options.resolved_bandwidth(tomo.voxel_size),
+        "halo": options.resolved_halo(model),
+        "map": str(saved_map) if saved_map is not None else None,
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+    }
+
+
+# --------------------------------------------------------------------------- command
+
+
+@app.command()
+@user_errors
+def localize(
+    tomograms: list[str] = typer.Argument(..., help="Tomograms (MRC/REC) or globs like 'data/*.mrc'."),
+    model: Path = localizer_model_option(),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Output table for a single tomogram (default: <name>.star in --output-dir)."
+    ),
+    output_dir: Path = output_dir_option(),
+    output_format: str = typer.Option(
+        None, "--format", help="relion4 (default), relion5, csv or shrec; with -o, default from its extension."
+    ),
+    save_map: Path = typer.Option(
+        None, "--save-map",
+        help="Write the probability map as MRC: a file for one tomogram, or a folder (<name>_map.mrc each).",
+    ),
+    mask: Path = mask_option(),
+    z_range: tuple[int, int] = z_range_option(),
+    threshold: float = threshold_option(),
+    opening_radius: int = opening_radius_option(),
+    bandwidth: float = bandwidth_option(),
+    particle_diameter: float = particle_diameter_option(),
+    min_size: int = min_size_option(),
+    tile: int = tile_option(),
+    halo: int = halo_option(),
+    batch_size: int = batch_size_option(),
+    device: str = device_option(),
+    devices: str = devices_option(),
+    precision: str = precision_option(),
+    pixel_size: float = pixel_size_option(),
+    overwrite: bool = overwrite_option(),
+    shard: str = shard_option(),
+    verbose: bool = verbose_option(),
+    quiet: bool = quiet_option(),
+    log_file: Path = log_file_option(),
+) -> None:
+    """Find particles: tiled MSDNet segmentation, opening, connected components, mean-shift."""
+    from vpdetect.cli.batch import expand_inputs
+
+    settings = LogSettings(verbose=verbose, quiet=quiet, log_file=str(log_file) if log_file else None)
+    setup_logging(settings)
+    if output_format is not None and output_format.lower() not in FORMAT_SUFFIX:
+        raise VPDetectError(f"unknown format {output_format!r}; choose relion4, relion5, csv or shrec")
+    fmt = output_format.lower() if output_format else (None if output is not None else "relion4")
+    suffix = FORMAT_SUFFIX[fmt or "relion4"]
+    from vpdetect.cli.batch import parse_devices
+
+    parse_devices(devices)  # a CPU-only machine says so before anything else
+    resolved_device = resolve_device(device) if devices is None else "cuda"
+    options = build_localize_options(
+        threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
+        particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
+        batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
+    )
+    model_path = resolve_model_path(model, "localizer")
+    if devices is None:
+        load_localizer(str(model_path), resolved_device)  # a wrong model fails once, before any input
+    else:
+        from vpdetect.nn.checkpoint import load_model
+
+        load_model(model_path, stage="localizer", device="cpu")
+    save_map_is_dir = False
+    if save_map is not None:
+        n_inputs = len(expand_inputs(tomograms))
+        save_map_is_dir = save_map.is_dir() or save_map.suffix == "" or n_inputs > 1
+        if save_map_is_dir and save_map.exists() and not save_map.is_dir():
+            raise VPDetectError(f"--save-map {save_map} must be a folder when several tomograms are given")
+    job = LocalizeJob(
+        model_path=str(model_path), options=options, fmt=fmt,
+        save_map=str(save_map) if save_map is not None else None, save_map_is_dir=save_map_is_dir,
+        mask=str(mask) if mask is not None else None, pixel_size=pixel_size,
+        show_progress=not quiet and devices is None,
+    )
+    parameters = options.as_dict() | {
+        "format": fmt, "mask": mask, "save_map": save_map, "pixel_size": pixel_size, "model": model_path,
+    }
+    run_command_batch(
+        "localize", tomograms, functools.partial(localize_task, job=job),
+        output=output, output_dir=output_dir, suffix=suffix, parameters=parameters,
+        models={"localizer": model_path}, device=resolved_device, devices=devices, shard=shard,
+        overwrite=overwrite, log_settings=settings,
+    )

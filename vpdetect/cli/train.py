@@ -1,0 +1,345 @@
+"""`vpdetect train`: train a localizer or classifier MSDNet on annotated tomograms.
+
+Writes, beside `--out MODEL.pt` (the best model by validation MIoU):
+`MODEL.last.pt` (the latest epoch plus optimizer state, for `--resume`),
+`MODEL.log.csv` (one row per epoch) and `MODEL.curves.png`. Under
+`torchrun --nproc-per-node N` every process trains on its shard of the crops
+(DistributedDataParallel); only rank 0 reports and writes files.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from vpdetect.cli.app import app, console, user_errors
+from vpdetect.errors import VPDetectError
+
+STAGES = ("localizer", "classifier")
+# Paper defaults per stage: localizer w=2, d=49, dilations 1..7; classifier d=100, 1..5.
+STAGE_DEFAULTS = {
+    "localizer": {"depth": 49, "max_dilation": 7, "gamma": 0.0, "alpha": "none", "particle_share": 0.5},
+    "classifier": {"depth": 100, "max_dilation": 5, "gamma": 2.0, "alpha": "radius", "particle_share": 0.8},
+}
+
+
+def side_paths(out: Path) -> dict[str, Path]:
+    """Files written beside the model: last checkpoint, CSV log, PNG curves."""
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    return {
+        "last": out.with_name(f"{stem}.last.pt"),
+        "csv": out.with_name(f"{stem}.log.csv"),
+        "png": out.with_name(f"{stem}.curves.png"),
+    }
+
+
+def _load_sources(folders, tomograms, tables, radius, radius_unit, pixel_size, what: str):
+    from vpdetect.train.data import load_coordinate_volume, load_shrec_folder, parse_radii
+
+    sources = [load_shrec_folder(folder, voxel_size=pixel_size) for folder in folders]
+    if len(tomograms) != len(tables):
+        raise VPDetectError(
+            f"{what}: give one --{'val-' if what == 'validation' else ''}table per "
+            f"--{'val-' if what == 'validation' else ''}tomogram ({len(tomograms)} tomograms, {len(tables)} tables)"
+        )
+    if tomograms:
+        default_r, per_class = parse_radii(radius)
+        if default_r is None and not per_class:
+            raise VPDetectError("coordinate-only data needs --radius (R, or CLASS=R per class)")
+        for tomo, table in zip(tomograms, tables, strict=True):
+            sources.append(load_coordinate_volume(tomo, table, default_r, per_class, radius_unit, pixel_size))
+    return sources
+
+
+@app.command()
+@user_errors
+def train(
+    stage: str = typer.Argument(..., help="Which network to train: localizer or classifier."),
+    data: list[Path] = typer.Option(
+        [], "--data", "-d", help="SHREC-layout training folder (reconstruction.mrc + masks); repeatable."
+    ),
+    val: list[Path] = typer.Option([], "--val", help="SHREC-layout validation folder; repeatable."),
+    tomogram: list[Path] = typer.Option(
+        [], "--tomogram", help="Training tomogram with coordinates in the matching --table; repeatable."
+    ),
+    table: list[Path] = typer.Option(
+        [], "--table", help="STAR/CSV/SHREC particle table for the --tomogram at the same position."
+    ),
+    val_tomogram: list[Path] = typer.Option([], "--val-tomogram", help="Validation tomogram (with --val-table)."),
+    val_table: list[Path] = typer.Option([], "--val-table", help="Particle table for the --val-tomogram."),
+    radius: list[str] = typer.Option(
+        [], "--radius", help="Target sphere radius for coordinate data: R for all classes or CLASS=R; repeatable."
+    ),
+    radius_unit: str = typer.Option("angstrom", "--radius-unit", help="Unit of --radius: angstrom or voxel."),
+    pixel_size: float = typer.Option(
+        None, "--pixel-size", min=0.0, help="Voxel size in Angstrom, overriding the MRC headers."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Model file to write (the best epoch by validation MIoU)."),
+    classes: str = typer.Option(
+        None, "--classes", help="Comma-separated classes to train (others become background); default all."
+    ),
+    merge: list[str] = typer.Option(
+        [], "--merge", help="NEW=OLD1,OLD2: train the old classes as one class NEW; repeatable."
+    ),
+    exclude: str = typer.Option(
+        "vesicle", "--exclude", help="Comma-separated classes treated as background ('' for none)."
+    ),
+    width: int = typer.Option(2, "--width", min=1, help="MSDNet channels per layer."),
+    depth: int = typer.Option(None, "--depth", min=1, help="MSDNet layers (default 49 localizer, 100 classifier)."),
+    max_dilation: int = typer.Option(
+        None, "--max-dilation", min=1, help="Largest dilation; layers cycle 1..M (default 7 localizer, 5 classifier)."
+    ),
+    crop_size: int = typer.Option(64, "--crop-size", min=4, help="Edge of the cubic training crops in voxels."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Crops per step (per process under torchrun)."),
+    epochs: int = typer.Option(500, "--epochs", min=1, help="Epochs to train (paper: 500)."),
+    steps_per_epoch: int = typer.Option(100, "--steps-per-epoch", min=1, help="Optimizer steps per epoch."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Initial Adam learning rate (paper: 1e-3)."),
+    lr_step: int = typer.Option(80, "--lr-step", min=1, help="Epochs between learning-rate drops (paper: 80)."),
+    lr_factor: float = typer.Option(0.1, "--lr-factor", min=0.0, help="Learning-rate multiplier at each drop."),
+    gamma: float = typer.Option(
+        None, "--gamma", min=0.0, help="Focal-loss focusing parameter (default 0 localizer, 2 classifier)."
+    ),
+    alpha: str = typer.Option(
+        None, "--alpha",
+        help="Class weights: none, radius (smaller particles weigh more), frequency, or a comma list "
+        "(background first). Default none (localizer), radius (classifier).",
+    ),
+    particle_share: float = typer.Option(
+        None, "--particle-share", min=0.0, max=1.0,
+        help="Share of crops centred near a particle (default 0.5 localizer, 0.8 classifier).",
+    ),
+    val_crops: int = typer.Option(16, "--val-crops", min=0, help="Validation crops per epoch (fixed)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: same data, options and seed give the same model."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision on CUDA (bfloat16, or float16)."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Data-loader worker processes."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in MODEL.last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over even if this run's files exist."),
+    time_limit: float = typer.Option(
+        None, "--time-limit", min=0.0, help="Stop after this many minutes (finished epochs are kept; --resume later)."
+    ),
+) -> None:
+    """Train a localizer (particle vs background) or classifier (one class per particle type) MSDNet."""
+    if stage not in STAGES:
+        raise VPDetectError(f"stage must be localizer or classifier, got {stage!r}")
+    if not data and not tomogram:
+        raise VPDetectError("no training data: give --data DIR or --tomogram T.mrc --table T.star")
+    if radius_unit not in ("angstrom", "voxel"):
+        raise VPDetectError(f"--radius-unit must be angstrom or voxel, got {radius_unit!r}")
+    paths = side_paths(out)
+    if not out.parent.is_dir() and str(out.parent):
+        raise VPDetectError(f"output directory does not exist: {out.parent}")
+    if resume and not paths["last"].is_file():
+        raise VPDetectError(f"cannot resume: {paths['last']} not found")
+    if not resume and not overwrite:
+        existing = [p for p in (out, paths["last"]) if p.exists()]
+        if existing:
+            raise VPDetectError(
+                f"{existing[0]} exists: pass --resume to continue that run or --overwrite to start over"
+            )
+
+    import torch
+
+    from vpdetect import __version__
+    from vpdetect.nn.checkpoint import load_model, read_training_state, save_model
+    from vpdetect.nn.losses import parse_alpha
+    from vpdetect.train.data import (
+        CropDataset,
+        build_class_mapping,
+        class_voxel_counts,
+        merged_radii,
+        parse_merge,
+        prepare_volume,
+    )
+    from vpdetect.train.loop import (
+        TrainConfig,
+        Trainer,
+        fit,
+        hardware_description,
+        init_distributed,
+        resolve_device,
+    )
+
+    if threads:
+        torch.set_num_threads(threads)
+    dist_info = init_distributed(device)
+    torch_device = resolve_device(device, dist_info.local_rank)
+    main_process = dist_info.is_main
+    defaults = STAGE_DEFAULTS[stage]
+
+    def say(message: str) -> None:
+        if main_process:
+            console.print(message, highlight=False)
+
+    sources = _load_sources(data, tomogram, table, radius, radius_unit, pixel_size, "training")
+    val_sources = _load_sources(val, val_tomogram, val_table, radius, radius_unit, pixel_size, "validation")
+    names_seen = [n for av in sources + val_sources for n in list(av.id_names.values()) + av.centre_names]
+    select = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    excluded = [e.strip() for e in exclude.split(",") if e.strip()]
+    mapping = build_class_mapping(names_seen, stage, select, parse_merge(merge), excluded)
+    volumes = [prepare_volume(av, mapping) for av in sources]
+    val_volumes = [prepare_volume(av, mapping) for av in val_sources]
+
+    alpha_spec = alpha if alpha is not None else defaults["alpha"]
+    radii = merged_radii(sources, mapping)
+    if alpha is None and alpha_spec == "radius" and any(c not in radii for c in mapping.class_names[1:]):
+        alpha_spec = "frequency"
+        say("[yellow]warning:[/] effective radii unknown for some classes; class weights from voxel frequency")
+    counts = class_voxel_counts(volumes, len(mapping.class_names)) if alpha_spec.strip() == "frequency" else None
+    alpha_values = parse_alpha(alpha_spec, mapping.class_names, radii, counts)
+
+    config = TrainConfig(
+        stage=stage,
+        width=width,
+        depth=depth or defaults["depth"],
+        max_dilation=max_dilation or defaults["max_dilation"],
+        crop_size=crop_size,
+        batch_size=batch_size,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr=lr,
+        lr_step=lr_step,
+        lr_factor=lr_factor,
+        gamma=defaults["gamma"] if gamma is None else gamma,
+        alpha=alpha_values,
+        seed=seed,
+        particle_share=defaults["particle_share"] if particle_share is None else particle_share,
+        val_crops=val_crops,
+        workers=workers,
+        amp=amp,
+        class_names=mapping.class_names,
+    )
+    train_set = CropDataset(volumes, crop_size, seed, config.particle_share, augment=True, stream=0)
+    if val_volumes:
+        val_set = CropDataset(val_volumes, crop_size, seed, config.particle_share, augment=False, stream=1)
+    else:
+        # A separate stream of crops from the training tomograms: a sanity check, not a held-out score.
+        val_set = CropDataset(volumes, crop_size, seed, config.particle_share, augment=False, stream=1)
+        say("[yellow]warning:[/] no --val data: validation crops come from the training tomograms")
+
+    trainer = Trainer(config, train_set, val_set, torch_device, dist_info)
+    if resume:
+        model, _ = load_model(paths["last"], stage=stage)
+        state = read_training_state(paths["last"])
+        if not state:
+            raise VPDetectError(f"{paths['last']} holds no training state to resume from")
+        trainer.load_training_state(state, model.state_dict())
+        if trainer.epoch >= epochs:
+            raise VPDetectError(f"cannot resume: {trainer.epoch} of {epochs} epochs are already done")
+
+    voxel_sizes = [tv.voxel_size for tv in volumes if tv.voxel_size is not None]
+    if voxel_sizes and max(voxel_sizes) > 1.01 * min(voxel_sizes):
+        say(f"[yellow]warning:[/] training tomograms have different voxel sizes: {sorted(set(voxel_sizes))}")
+    hardware = hardware_description(torch_device, dist_info.world)
+    data_names = [str(p) for p in data] + [str(p) for p in tomogram]
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+
+    def card(metrics: dict) -> dict:
+        wall = sum(r.get("seconds", 0.0) for r in trainer.history)
+        return {
+            "stage": stage,
+            "class_names": mapping.class_names,
+            "normalisation": "zscore",
+            "voxel_size": voxel_sizes[0] if voxel_sizes else None,
+            "crop_size": crop_size,
+            "halo": trainer.model.halo,
+            "n_parameters": n_params,
+            "provenance": {
+                "data": data_names,
+                "validation": [str(p) for p in val] + [str(p) for p in val_tomogram],
+                "seed": seed,
+                "epochs": trainer.epoch,
+                "epochs_planned": epochs,
+                "steps_per_epoch": steps_per_epoch,
+                "batch_size": batch_size * dist_info.world,
+                "loss": f"focal gamma={config.gamma:g} alpha={alpha_spec}",
+                "alpha": alpha_values,
+                "vpdetect_version": __version__,
+                "wall_time_s": round(wall, 1),
+                "hardware": hardware,
+            },
+            "metrics": metrics,
+        }
+
+    say(
+        f"training {stage}: {len(volumes)} tomogram(s), classes {', '.join(mapping.class_names)}; "
+        f"MSDNet w={config.width} d={config.depth} M={config.max_dilation} ({n_params:,} parameters) "
+        f"on {hardware}"
+    )
+    if resume:
+        say(f"resuming after epoch {trainer.epoch} of {epochs}")
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not main_process,
+        transient=True,
+    )
+    task_holder: dict = {}
+
+    def on_epoch_start(epoch: int) -> None:
+        task_holder["task"] = progress.add_task(f"epoch {epoch}/{epochs}", total=steps_per_epoch, loss="-")
+
+    def on_step(step: int, mean_loss: float) -> None:
+        progress.update(task_holder["task"], completed=step, loss=f"{mean_loss:.4g}")
+
+    def on_epoch_end(record: dict, improved: bool) -> None:
+        progress.remove_task(task_holder["task"])
+        metrics = " ".join(
+            f"{k} {record[k]:.4f}" for k in ("val_loss", "VA", "MVA", "MIoU") if k in record
+        )
+        say(
+            f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4g}  {metrics}  "
+            f"{record['seconds']:.1f} s{'  [green]best[/]' if improved else ''}"
+        )
+        if not main_process:
+            return
+        if improved:
+            save_model(out, trainer.model, card(dict(record)))
+        save_model(paths["last"], trainer.model, card(dict(record)), trainer.training_state())
+        _write_log_and_curves(trainer.history, paths, f"{stage} {out.name}")
+
+    started = time.monotonic()
+    with progress:
+        status = fit(trainer, on_epoch_start, on_step, on_epoch_end, time_limit * 60 if time_limit else None)
+    if main_process:
+        elapsed = time.monotonic() - started
+        if trainer.best is None:
+            say(f"stopped by the time limit before the first epoch finished ({elapsed:.0f} s); nothing saved")
+        else:
+            best = trainer.best
+            best_text = f"MIoU {best['MIoU']:.4f}" if "MIoU" in best else f"loss {best['train_loss']:.4g}"
+            say(
+                f"{'finished' if status == 'done' else 'stopped (time limit)'} after epoch {trainer.epoch}; "
+                f"best epoch {best['epoch']} ({best_text}) -> {out}"
+            )
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _write_log_and_curves(history: list[dict], paths: dict[str, Path], title: str) -> None:
+    from vpdetect.io.atomic import atomic_path, write_text_atomic
+    from vpdetect.train.loop import curves_figure, history_csv
+
+    write_text_atomic(paths["csv"], history_csv(history))
+    fig = curves_figure(history, title)
+    with atomic_path(paths["png"]) as tmp:
+        fig.savefig(tmp, dpi=100)

@@ -1,0 +1,400 @@
+"""From a foreground probability map to particle centres (VP-Detector 2.1.1, steps 2-3).
+
+threshold -> morphological opening -> 26-connected components -> mean-shift
+clustering of the foreground voxels seeded inside the components -> drop small
+clusters.
+
+Speed (issue 8): mean-shift over every foreground voxel is what the paper
+describes, but almost every component holds exactly one particle. A component
+whose voxels all lie within one bandwidth of its centroid is a fixed point of
+flat-kernel mean-shift started at that centroid, so its centroid is taken
+directly. Only components too large for one particle are mean-shifted, seeded
+by the local maxima of their distance transform (particle centres are the
+points deepest inside touching blobs), with a k-d tree for the windows.
+
+Memory (issue 9): the map is read slab by slab along z (it may be a float16
+memmap); only the sparse foreground (coordinates, probabilities, labels) is
+kept. The opening is computed per slab with a margin of twice its radius, which
+gives exactly the whole-volume result; components are labelled per slab and
+joined across slab boundaries with a small union graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Voxels per slab while thresholding/labelling the map (~64 MB of float32).
+SLAB_VOXELS = 1 << 24
+# Mean-shift stops when every window centre moves less than this (voxels).
+SHIFT_TOLERANCE = 1e-2
+MAX_SHIFT_ITERATIONS = 50
+
+PARTICLE_COLUMNS = ["x", "y", "z", "cluster_size", "score"]
+
+
+@dataclass
+class Foreground:
+    """The sparse foreground of a map: voxel coordinates [z, y, x], probabilities, component labels."""
+
+    coords: np.ndarray  # (n, 3) int64, [z, y, x]
+    values: np.ndarray  # (n,) float32 probability
+    labels: np.ndarray  # (n,) int64 component label, 0..n_components-1
+    n_components: int
+
+
+def ball(radius: int) -> np.ndarray:
+    """Boolean ball of the given radius (voxels) as a structuring element."""
+    r = int(radius)
+    z, y, x = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1]
+    return (z * z + y * y + x * x) <= r * r + 1e-9
+
+
+def extract_foreground(
+    prob: np.ndarray,
+    threshold: float,
+    opening_radius: int = 1,
+    roi: np.ndarray | None = None,
+    z_range: tuple[int, int] | None = None,
+    slab_voxels: int = SLAB_VOXELS,
+) -> Foreground:
+    """Threshold, open and label a probability map [z, y, x] slab by slab.
+
+    `roi` (same shape, nonzero = search here) and `z_range` (first and last
+    slice, inclusive) restrict the foreground. Labels are 26-connected and equal
+    (up to numbering) to `scipy.ndimage.label` on the whole opened mask.
+    """
+    from scipy import ndimage
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from vpdetect.localize.tiling import release_pages
+
+    depth, height, width = prob.shape
+    if roi is not None and tuple(roi.shape) != tuple(prob.shape):
+        from vpdetect.errors import VPDetectError
+
+        raise VPDetectError(
+            f"mask shape {tuple(roi.shape)} differs from the tomogram's {tuple(prob.shape)} [z, y, x]"
+        )
+    z_lo, z_hi = (0, depth) if z_range is None else (max(0, z_range[0]), min(depth, z_range[1] + 1))
+    radius = max(0, int(opening_radius))
+    structure = ball(radius) if radius > 0 else None
+    margin = 2 * radius  # erosion then dilation each reach `radius` voxels
+    slab = max(1, int(slab_voxels) // max(1, height * width))
+    connectivity = np.ones((3, 3, 3), dtype=bool)
+
+    coords_parts, value_parts, label_parts = [], [], []
+    edges_a, edges_b = [], []
+    n_labels = 0
+    previous_plane = None  # global labels of the last plane of the previous slab
+    for core_lo in range(z_lo, z_hi, slab):
+        core_hi = min(core_lo + slab, z_hi)
+        read_lo, read_hi = max(z_lo, core_lo - margin), min(z_hi, core_hi + margin)
+        block = np.asarray(prob[read_lo:read_hi])
+        mask = threshold_mask(block, threshold)
+        if roi is not None:
+            mask &= np.asarray(roi[read_lo:read_hi]) != 0
+        if radius > 0 and mask.any():
+            mask = binary_opening(mask, radius, structure)
+        core = slice(core_lo - read_lo, core_hi - read_lo)
+        labels, count = ndimage.label(mask[core], structure=connectivity)
+        plane_offset = np.where(labels[[0, -1]] > 0, n_labels, 0)
+        if previous_plane is not None:
+            _link_planes(previous_plane, labels[0] + plane_offset[0], edges_a, edges_b)
+        previous_plane = labels[-1] + plane_offset[1]
+        flat = np.flatnonzero(labels)
+        if flat.size:
+            zyx = np.stack(np.unravel_index(flat, labels.shape), axis=1).astype(np.int64)
+            zyx[:, 0] += core_lo
+            coords_parts.append(zyx)
+            value_parts.append(block[core].reshape(-1)[flat].astype(np.float32))
+            label_parts.append(labels.reshape(-1)[flat].astype(np.int64) + (n_labels - 1))  # 0-based
+        n_labels += count
+        # A disk-backed map (or mask) need not stay resident once its slabs are done.
+        release_pages(prob, core_hi - margin)
+        if roi is not None:
+            release_pages(roi, core_hi - margin)
+
+    if not coords_parts:
+        return Foreground(
+            np.zeros((0, 3), np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64), 0
+        )
+    coords = np.concatenate(coords_parts)
+    values = np.concatenate(value_parts).astype(np.float32)
+    labels = np.concatenate(label_parts)
+    if edges_a:
+        a = np.concatenate(edges_a) - 1
+        b = np.concatenate(edges_b) - 1
+        graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n_labels, n_labels))
+        n_components, joined = connected_components(graph, directed=False)
+        labels = joined[labels].astype(np.int64)
+    else:
+        n_components = n_labels
+    return Foreground(coords, values, labels, int(n_components))
+
+
+def threshold_mask(block: np.ndarray, threshold: float) -> np.ndarray:
+    """block >= threshold; float16 maps are compared through their bit patterns (5x faster).
+
+    For non-negative half floats the unsigned bit patterns sort like the
+    values, so the comparison is exact against the smallest float16 >= threshold.
+    """
+    if block.dtype != np.float16 or threshold < 0:
+        return block >= threshold
+    limit = np.float16(threshold)
+    if float(limit) < threshold:
+        limit = np.nextafter(limit, np.float16(np.inf))
+    bits = block.view(np.uint16)
+    # Bit patterns from 0x8000 up are negative numbers (and NaN above 0x7c00 + sign).
+    return (bits >= limit.view(np.uint16)) & (bits <= np.float16(np.inf).view(np.uint16))
+
+
+def binary_opening(mask: np.ndarray, radius: int, structure: np.ndarray | None = None) -> np.ndarray:
+    """Morphological opening by a ball, outside the array counting as background.
+
+    Radius 1 (a 6-connected cross) is done with shifted boolean ANDs/ORs, about
+    5x faster than scipy's generic erosion; larger radii use scipy.
+    """
+    if radius != 1:
+        from scipy import ndimage
+
+        return ndimage.binary_opening(mask, structure=ball(radius) if structure is None else structure)
+    eroded = mask.copy()
+    for axis in range(3):
+        lower = [slice(None)] * 3
+        upper = [slice(None)] * 3
+        lower[axis], upper[axis] = slice(0, -1), slice(1, None)
+        eroded[tuple(lower)] &= mask[tuple(upper)]
+        eroded[tuple(upper)] &= mask[tuple(lower)]
+        edge = [slice(None)] * 3
+        edge[axis] = [0, -1]
+        eroded[tuple(edge)] = False
+    opened = eroded.copy()
+    for axis in range(3):
+        lower = [slice(None)] * 3
+        upper = [slice(None)] * 3
+        lower[axis], upper[axis] = slice(0, -1), slice(1, None)
+        opened[tuple(lower)] |= eroded[tuple(upper)]
+        opened[tuple(upper)] |= eroded[tuple(lower)]
+    return opened
+
+
+def _link_planes(lower: np.ndarray, upper: np.ndarray, edges_a: list, edges_b: list) -> None:
+    """Record label pairs that touch (26-connected) across two adjacent z planes."""
+    height, width = lower.shape
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            a = lower[max(0, -dy) : height - max(0, dy), max(0, -dx) : width - max(0, dx)]
+            b = upper[max(0, dy) : height - max(0, -dy), max(0, dx) : width - max(0, -dx)]
+            touching = (a > 0) & (b > 0)
+            if touching.any():
+                edges_a.append(a[touching])
+                edges_b.append(b[touching])
+
+
+def distance_transform_seeds(coords: np.ndarray, spacing: float) -> np.ndarray:
+    """Seeds for mean-shift inside one component: local maxima of its distance transform.
+
+    `coords` are the component's voxels [z, y, x]; maxima on plateaus are
+    thinned to one per cube of side `spacing` so that a ridge does not give
+    hundreds of seeds.
+    """
+    from scipy import ndimage
+
+    origin = coords.min(axis=0) - 1
+    shape = coords.max(axis=0) - origin + 2
+    crop = np.zeros(shape, dtype=bool)
+    local = coords - origin
+    crop[local[:, 0], local[:, 1], local[:, 2]] = True
+    distance = ndimage.distance_transform_edt(crop)
+    peaks = (distance == ndimage.maximum_filter(distance, size=3)) & crop
+    seeds = np.argwhere(peaks)
+    cells = np.floor(seeds / max(spacing, 1.0)).astype(np.int64)
+    _, first = np.unique(cells, axis=0, return_index=True)
+    return (seeds[np.sort(first)] + origin).astype(np.float64)
+
+
+def mean_shift(
+    points: np.ndarray,
+    seeds: np.ndarray,
+    bandwidth: float,
+    tolerance: float = SHIFT_TOLERANCE,
+    max_iterations: int = MAX_SHIFT_ITERATIONS,
+) -> np.ndarray:
+    """Flat-kernel mean-shift: move each seed to the mean of the points within `bandwidth` until it stops.
+
+    All seeds move at once: one k-d tree over the points, one sparse distance
+    matrix per iteration. A seed whose window is empty stays where it is.
+    """
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(points)
+    modes = np.array(seeds, dtype=np.float64)
+    active = np.arange(len(modes))
+    for _ in range(max_iterations):
+        if active.size == 0:
+            break
+        pairs = cKDTree(modes[active]).sparse_distance_matrix(
+            tree, bandwidth, output_type="ndarray"
+        )
+        seed_index, point_index = pairs["i"], pairs["j"]
+        counts = np.bincount(seed_index, minlength=active.size)
+        sums = np.stack(
+            [
+                np.bincount(seed_index, weights=points[point_index, axis], minlength=active.size)
+                for axis in range(3)
+            ],
+            axis=1,
+        )
+        has_points = counts > 0
+        new = modes[active].copy()
+        new[has_points] = sums[has_points] / counts[has_points, None]
+        shift = np.linalg.norm(new - modes[active], axis=1)
+        modes[active] = new
+        active = active[(shift >= tolerance) & has_points]
+    return modes
+
+
+def find_particles(
+    prob: np.ndarray,
+    threshold: float = 0.5,
+    opening_radius: int = 1,
+    bandwidth: float = 5.0,
+    min_size: int = 10,
+    roi: np.ndarray | None = None,
+    z_range: tuple[int, int] | None = None,
+    merge_radius: float | None = None,
+    slab_voxels: int = SLAB_VOXELS,
+):
+    """Particle centres from a foreground probability map [z, y, x].
+
+    Returns a DataFrame with columns x, y, z (sub-voxel, 0-based voxel
+    centres), cluster_size (voxels) and score (mean probability of the
+    cluster's voxels), sorted by z, y, x. Clusters with fewer than `min_size`
+    voxels are dropped; modes closer than `merge_radius` (default bandwidth/2)
+    are merged into their size-weighted mean.
+    """
+    import pandas as pd
+
+    if bandwidth <= 0:
+        from vpdetect.errors import VPDetectError
+
+        raise VPDetectError(f"bandwidth must be positive, got {bandwidth}")
+    foreground = extract_foreground(prob, threshold, opening_radius, roi, z_range, slab_voxels)
+    centres, sizes, prob_sums = cluster_foreground(foreground, bandwidth, merge_radius)
+    keep = sizes >= max(1, int(min_size))
+    centres, sizes, prob_sums = centres[keep], sizes[keep], prob_sums[keep]
+    order = np.lexsort((centres[:, 2], centres[:, 1], centres[:, 0]))
+    centres, sizes, prob_sums = centres[order], sizes[order], prob_sums[order]
+    return pd.DataFrame(
+        {
+            "x": centres[:, 2],
+            "y": centres[:, 1],
+            "z": centres[:, 0],
+            "cluster_size": sizes.astype(np.int64),
+            "score": (prob_sums / np.maximum(sizes, 1)).astype(np.float64),
+        },
+        columns=PARTICLE_COLUMNS,
+    )
+
+
+def cluster_foreground(
+    foreground: Foreground, bandwidth: float, merge_radius: float | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cluster centres [z, y, x], sizes and probability sums of a labelled foreground."""
+    from scipy.spatial import cKDTree
+
+    n = foreground.n_components
+    if n == 0:
+        return np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0)
+    coords = foreground.coords.astype(np.float64)
+    labels = foreground.labels
+    values = foreground.values.astype(np.float64)
+    counts = np.bincount(labels, minlength=n)
+    centroids = np.stack(
+        [np.bincount(labels, weights=coords[:, a], minlength=n) for a in range(3)], axis=1
+    ) / counts[:, None]
+    spread = np.zeros(n)
+    np.maximum.at(spread, labels, np.sum((coords - centroids[labels]) ** 2, axis=1))
+    # Every voxel within one bandwidth of the centroid: the centroid is the mean-shift mode.
+    compact = spread <= bandwidth * bandwidth
+
+    centres = [centroids[compact]]
+    sizes = [counts[compact]]
+    prob_sums = [np.bincount(labels, weights=values, minlength=n)[compact]]
+
+    large_ids = np.flatnonzero(~compact)
+    if large_ids.size:
+        in_large = ~compact[labels]
+        points, point_labels, point_values = coords[in_large], labels[in_large], values[in_large]
+        order = np.argsort(point_labels, kind="stable")
+        points, point_labels, point_values = points[order], point_labels[order], point_values[order]
+        starts = np.searchsorted(point_labels, large_ids)
+        ends = np.searchsorted(point_labels, large_ids, side="right")
+        voxels = foreground.coords[in_large][order]
+        seed_parts, seed_labels = [], []
+        for label, start, end in zip(large_ids, starts, ends, strict=True):
+            seeds = distance_transform_seeds(voxels[start:end], bandwidth / 2)
+            seed_parts.append(seeds)
+            seed_labels.append(np.full(len(seeds), label))
+        seeds = np.concatenate(seed_parts)
+        seed_labels = np.concatenate(seed_labels)
+        modes = mean_shift(points, seeds, bandwidth)
+        # Each voxel joins the nearest mode of its own component: a 4th coordinate
+        # far larger than any distance keeps components apart in the k-d tree.
+        separation = 4.0 * (np.abs(coords).max() + bandwidth + 1.0)
+        mode_tree = cKDTree(np.column_stack([modes, seed_labels * separation]))
+        _, nearest = mode_tree.query(np.column_stack([points, point_labels * separation]), k=1)
+        mode_sizes = np.bincount(nearest, minlength=len(modes))
+        used = mode_sizes > 0
+        centres.append(modes[used])
+        sizes.append(mode_sizes[used])
+        prob_sums.append(np.bincount(nearest, weights=point_values, minlength=len(modes))[used])
+
+    centres = np.concatenate(centres)
+    sizes = np.concatenate(sizes).astype(np.int64)
+    prob_sums = np.concatenate(prob_sums)
+    radius = bandwidth / 2 if merge_radius is None else merge_radius
+    return merge_close(centres, sizes, prob_sums, radius)
+
+
+def merge_close(
+    centres: np.ndarray, sizes: np.ndarray, prob_sums: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge clusters whose centres are closer than `radius`, largest first.
+
+    Each surviving cluster absorbs the unclaimed clusters within `radius` of it;
+    its centre becomes their size-weighted mean. Ties are broken by position so
+    the result does not depend on input order.
+    """
+    from scipy.spatial import cKDTree
+
+    if len(centres) < 2 or radius <= 0:
+        return centres, sizes, prob_sums
+    order = np.lexsort((centres[:, 2], centres[:, 1], centres[:, 0], -sizes))
+    centres, sizes, prob_sums = centres[order], sizes[order], prob_sums[order]
+    tree = cKDTree(centres)
+    pairs = tree.query_pairs(radius, output_type="ndarray")
+    if pairs.size == 0:
+        return centres, sizes, prob_sums
+    neighbours: dict[int, list[int]] = {}
+    for a, b in pairs:
+        neighbours.setdefault(int(a), []).append(int(b))
+        neighbours.setdefault(int(b), []).append(int(a))
+    owner = np.full(len(centres), -1)
+    for index in range(len(centres)):  # largest first
+        if owner[index] >= 0:
+            continue
+        owner[index] = index
+        for other in neighbours.get(index, ()):
+            if owner[other] < 0:
+                owner[other] = index
+    groups, group_of = np.unique(owner, return_inverse=True)
+    merged_sizes = np.bincount(group_of, weights=sizes).astype(np.int64)
+    merged_centres = np.stack(
+        [np.bincount(group_of, weights=centres[:, a] * sizes) for a in range(3)], axis=1
+    ) / merged_sizes[:, None]
+    merged_sums = np.bincount(group_of, weights=prob_sums)
+    return merged_centres, merged_sizes, merged_sums

@@ -1,0 +1,268 @@
+"""Tiled network inference with valid-region stitching (VP-Detector 2.1.1, steps 1-2).
+
+The tomogram is cut into cubic input tiles of edge `tile`. Each tile trusts
+only its core: the part at least `halo` voxels from any tile face that is not
+also a face of the tomogram. The cores partition the volume, so every output
+voxel comes from exactly one tile and no blending is needed; with
+`halo >= model.halo` the stitched map equals one whole-volume pass (the
+network's own zero padding still acts at the tomogram's faces, because tiles
+are shifted inside the volume instead of padded). A smaller halo trades a
+small difference near core faces for much less recomputation.
+
+Tiles are read from the (possibly memory-mapped) volume and normalised one at
+a time, so the volume is never copied whole as float32; the map may be a
+float16 array or a disk-backed memmap (`allocate_map`). Memory-mapped pages
+that are finished with are handed back to the kernel as the tiles sweep along
+z, so resident memory stays near one row of tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import mmap
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from vpdetect.errors import VPDetectError
+from vpdetect.preprocess import normalise
+
+# Defaults measured on the paper-sized localizer (see README, performance).
+DEFAULT_TILE = 128
+DEFAULT_HALO_CAP = 24
+# Maps larger than this many voxels live in a disk-backed memmap instead of memory.
+MAP_IN_MEMORY_VOXELS = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One input crop (`source`) and the part of it that is trusted (`core`, in volume coordinates)."""
+
+    source: tuple[slice, slice, slice]
+    core: tuple[slice, slice, slice]
+
+    @property
+    def core_in_tile(self) -> tuple[slice, slice, slice]:
+        return tuple(
+            slice(c.start - s.start, c.stop - s.start) for c, s in zip(self.core, self.source, strict=True)
+        )
+
+
+def axis_layout(length: int, tile: int, halo: int) -> list[tuple[int, int, int]]:
+    """(input start, core start, core stop) along one axis; cores partition [0, length).
+
+    Every input window has the same size min(tile, length). The first and last
+    cores reach the volume faces and may be `tile - halo` long; inner cores are
+    at most `tile - 2 * halo` long so that each keeps `halo` voxels of context.
+    """
+    if length <= tile:
+        return [(0, 0, length)]
+    inner = tile - 2 * halo
+    if inner <= 0:
+        raise VPDetectError(f"tile size {tile} must be larger than twice the halo ({halo})")
+    outer = tile - halo
+    middle = length - 2 * outer
+    if middle <= 0:
+        bounds = [0, (length + 1) // 2, length]
+    else:
+        pieces = math.ceil(middle / inner)
+        inner_bounds = np.round(np.linspace(outer, length - outer, pieces + 1)).astype(int)
+        bounds = [0, *inner_bounds.tolist(), length]
+    layout = []
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        source = min(max(start - halo, 0), length - tile)
+        layout.append((source, start, stop))
+    return layout
+
+
+def tile_layout(shape: tuple[int, int, int], tile: int, halo: int) -> list[Tile]:
+    """All tiles of a [z, y, x] volume, z-major, as `Tile`s."""
+    per_axis = []
+    for length in shape:
+        size = min(tile, length)
+        per_axis.append(
+            [(slice(s, s + size), slice(a, b)) for s, a, b in axis_layout(length, tile, halo)]
+        )
+    return [
+        Tile(source=(z[0], y[0], x[0]), core=(z[1], y[1], x[1]))
+        for z in per_axis[0]
+        for y in per_axis[1]
+        for x in per_axis[2]
+    ]
+
+
+def allocate_map(
+    shape: tuple[int, ...],
+    dtype=np.float16,
+    max_in_memory_voxels: int = MAP_IN_MEMORY_VOXELS,
+    directory: str | None = None,
+) -> np.ndarray:
+    """A zeroed map: in memory when small, else a memmap on an already-unlinked temporary file."""
+    voxels = int(np.prod(shape))
+    if voxels <= max_in_memory_voxels:
+        return np.zeros(shape, dtype=dtype)
+    handle = tempfile.TemporaryFile(dir=directory, prefix="vpdetect-map-")
+    return np.memmap(handle, dtype=dtype, mode="w+", shape=tuple(shape))
+
+
+def _mmap_of(array: np.ndarray) -> mmap.mmap | None:
+    """The shared memory map behind an array, if any (copy-on-write maps excluded:
+    dropping their pages would lose what was written)."""
+    base = array
+    while base is not None:
+        if isinstance(base, mmap.mmap):
+            return base
+        if isinstance(base, np.memmap) and base.mode in ("c", "copyonwrite"):
+            return None
+        base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+    return None
+
+
+def release_pages(array: np.ndarray, stop: int, start: int = 0) -> None:
+    """Tell the kernel rows `start:stop` (axis 0) of a memory-mapped array are done with for now.
+
+    Their pages leave this process's resident memory; the page cache keeps
+    them (a later read is a cheap minor fault) and written pages still reach
+    the file. No-op for in-memory arrays.
+    """
+    mapping = _mmap_of(array)
+    stop = min(stop, array.shape[0])
+    start = max(start, 0)
+    if mapping is None or stop <= start or not array.flags.c_contiguous:
+        return
+    start_address = np.frombuffer(mapping, dtype=np.uint8).__array_interface__["data"][0]
+    offset = array.__array_interface__["data"][0] - start_address
+    end = offset + stop * array.strides[0]
+    begin = offset + start * array.strides[0]
+    # Only whole pages inside the rows: a neighbour's page is never dropped.
+    begin = (begin + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > begin:
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        except (OSError, ValueError, AttributeError):  # not supported here: memory is just not returned
+            pass
+
+
+class PageReleasingVolume:
+    """A read-only view of a (memory-mapped) volume that releases slabs once read in z order.
+
+    Lets a streaming reader such as `vpdetect.preprocess.zscore_params` sweep a
+    large memmap without its pages piling up in resident memory.
+    """
+
+    def __init__(self, volume: np.ndarray) -> None:
+        self.volume = volume
+        self.shape = volume.shape
+        self.dtype = volume.dtype
+
+    def __getitem__(self, key):
+        block = np.array(self.volume[key])
+        if isinstance(key, slice) and key.start is not None:
+            release_pages(self.volume, key.start)
+        return block
+
+    def release(self) -> None:
+        release_pages(self.volume, self.shape[0])
+
+
+def _batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
+    for start in range(0, len(tiles), size):
+        yield tiles[start : start + size]
+
+
+def autocast_dtype(device: str, precision: str):
+    """The autocast dtype for a device and a precision name ("auto", "fp32", "bf16", "fp16"), or None."""
+    import torch
+
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise VPDetectError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
+    if not str(device).startswith("cuda") or precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "auto" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def predictor(model) -> Callable:
+    """The fastest `predict` for a model: vpdetect's inference engine for an MSDNet
+    (same probabilities as `MSDNet.predict`), else the module's own `predict`."""
+    from vpdetect.nn.msdnet import MSDNet
+
+    if isinstance(model, MSDNet):
+        from vpdetect.nn.engine import fast_predict
+
+        return functools.partial(fast_predict, model)
+    return model.predict
+
+
+def predict_map(
+    model,
+    volume: np.ndarray,
+    mean: float,
+    std: float,
+    tile: int = DEFAULT_TILE,
+    halo: int | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    out: np.ndarray | None = None,
+    precision: str = "auto",
+    timings: dict | None = None,
+) -> np.ndarray:
+    """Foreground probability map [z, y, x] of `volume` by tiled inference.
+
+    `model.predict(x)` must return class probabilities (N, C, D, H, W) with
+    class 0 the background; the foreground is the sum of the other classes.
+    An MSDNet runs through `vpdetect.nn.engine.fast_predict` (same result).
+    `halo=None` uses `model.halo` (exact). `out` may be a preallocated map
+    (float16, float32 or a memmap); by default a float32 array is returned.
+    `progress(done, total)` is called after each batch of tiles; `timings`
+    (if given) accumulates seconds under "network" and "stitch".
+    """
+    import torch
+
+    halo = int(model.halo if halo is None else halo)
+    if tile < 1 or batch_size < 1 or halo < 0:
+        raise VPDetectError("tile and batch size must be positive and the halo non-negative")
+    if out is None:
+        out = np.zeros(volume.shape, dtype=np.float32)
+    elif tuple(out.shape) != tuple(volume.shape):
+        raise ValueError(f"map shape {out.shape} differs from the volume's {volume.shape}")
+    tiles = tile_layout(tuple(volume.shape), tile, halo)
+    cast = autocast_dtype(device, precision)
+    timings = {} if timings is None else timings
+    timings.setdefault("network", 0.0)
+    timings.setdefault("stitch", 0.0)
+    model.eval()
+    predict = predictor(model)
+    done = 0
+    with torch.inference_mode():
+        for batch in _batches(tiles, batch_size):
+            start = time.perf_counter()
+            crops = np.stack([normalise(volume[t.source], mean, std) for t in batch])[:, None]
+            x = torch.from_numpy(crops).to(device)
+            with torch.autocast(device_type=torch.device(device).type, dtype=cast, enabled=cast is not None):
+                probs = predict(x)
+            foreground = probs[:, 1:].sum(dim=1).float().cpu().numpy()
+            middle = time.perf_counter()
+            for t, fg in zip(batch, foreground, strict=True):
+                out[t.core] = fg[t.core_in_tile]
+            # Memory-mapped input and map pages of this batch leave resident memory:
+            # neighbours re-read them from the page cache.
+            release_pages(volume, batch[-1].source[0].stop, batch[0].source[0].start)
+            release_pages(out, batch[-1].core[0].stop, batch[0].core[0].start)
+            timings["network"] += middle - start
+            timings["stitch"] += time.perf_counter() - middle
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(tiles))
+    if isinstance(out, np.memmap):
+        out.flush()
+    return out

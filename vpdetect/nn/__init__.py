@@ -1,0 +1,1 @@
+"""Networks and losses: the 3D MSDNet, the weighted focal loss, model files."""

@@ -1,0 +1,209 @@
+"""Self-describing model files: weights plus a card that says what they are.
+
+A file is a plain dict that `torch.load(..., weights_only=True)` reads safely:
+
+    {"format": "vpdetect-model", "format_version": 1,
+     "card": {...plain Python types...},
+     "state_dict": {name: tensor},
+     "training_state": {...} or absent}     # optimizer/scheduler/RNG, for --resume
+
+The card (see docs/ARCHITECTURE.md) carries stage, architecture, class names
+(index 0 = "background"), normalisation, voxel size, crop size, provenance and
+metrics, so loading needs no other file and a model for the wrong stage is
+refused by name.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from vpdetect.errors import VPDetectError
+from vpdetect.io.atomic import atomic_path
+
+FORMAT = "vpdetect-model"
+FORMAT_VERSION = 1
+STAGES = ("localizer", "classifier")
+ARCH_KEYS = ("in_channels", "n_classes", "width", "depth", "max_dilation")
+
+
+def _plain(value, where: str = "card"):
+    """Convert a card to plain Python types (numpy scalars included); refuse anything else."""
+    import numpy as np
+
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"{where} holds a {type(value).__name__}, which a model card cannot store")
+
+
+def _check_card(card: dict, source: str) -> None:
+    """Raise VPDetectError when a card lacks what loading and inference rely on."""
+    if not isinstance(card, dict):
+        raise VPDetectError(f"{source}: model card is missing or not a dictionary")
+    stage = card.get("stage")
+    if stage not in STAGES:
+        raise VPDetectError(f"{source}: model card has unknown stage {stage!r}")
+    arch = card.get("arch")
+    if not isinstance(arch, dict) or any(
+        not isinstance(arch.get(k), int) or arch.get(k) < 1 for k in ARCH_KEYS
+    ):
+        raise VPDetectError(f"{source}: model card has an incomplete architecture {arch!r}")
+    names = card.get("class_names")
+    if not isinstance(names, list) or len(names) != arch["n_classes"] or not names or names[0] != "background":
+        raise VPDetectError(
+            f"{source}: model card class names {names!r} do not match its "
+            f"{arch['n_classes']} output classes with index 0 'background'"
+        )
+
+
+def save_model(path, model, card: dict, training_state: dict | None = None) -> None:
+    """Write `model`'s weights and its card to `path` atomically.
+
+    The card's `format` and `arch` are filled in from the model; `stage` and
+    `class_names` must be given. `training_state` (optimizer, scheduler, RNG
+    states; tensors and plain types only) is kept for `--resume`.
+    """
+    import torch
+
+    full = _plain(dict(card))
+    full["format"] = FORMAT
+    full["arch"] = _plain(model.arch())
+    full.setdefault("normalisation", "zscore")
+    _check_card(full, str(path))
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "card": full,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+    if training_state is not None:
+        payload["training_state"] = training_state
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _read_payload(path, device="cpu") -> dict:
+    import pickle
+
+    import torch
+
+    source = Path(path)
+    if not source.exists():
+        raise VPDetectError(f"model file not found: {source}")
+    if source.is_dir():
+        raise VPDetectError(f"model path is a directory, not a model file: {source}")
+    try:
+        payload = torch.load(source, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError):
+        # torch's own message is long and talks about weights_only; say what matters.
+        raise VPDetectError(
+            f"{source} is not a vpdetect model file (corrupted, truncated, or not a "
+            "PyTorch file holding only tensors and plain values)"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise VPDetectError(f"{source} is not a vpdetect model file (no vpdetect model card)")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise VPDetectError(
+            f"{source} was written by a newer vpdetect (model format {payload['format_version']})"
+        )
+    _check_card(payload.get("card"), str(source))
+    if not isinstance(payload.get("state_dict"), dict):
+        raise VPDetectError(f"{source}: model file holds no weights")
+    return payload
+
+
+def _check_stage(card: dict, stage: str | None, source) -> None:
+    if stage is None:
+        return
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    if card["stage"] != stage:
+        raise VPDetectError(
+            f"{source} is a {card['stage']} model, but a {stage} model is needed here"
+        )
+
+
+def read_model_card(path) -> dict:
+    """The card of a model file (validated), without building the network."""
+    return _read_payload(path)["card"]
+
+
+def read_training_state(path) -> dict | None:
+    """The optimizer/scheduler/RNG state saved for resuming, or None."""
+    return _read_payload(path).get("training_state")
+
+
+def load_model(path, stage: str | None = None, device="cpu"):
+    """(model in eval mode on `device`, card); refuses non-vpdetect files and the wrong stage."""
+    from vpdetect.nn.msdnet import MSDNet
+
+    payload = _read_payload(path, device="cpu")
+    card = payload["card"]
+    _check_stage(card, stage, path)
+    model = MSDNet(**{k: card["arch"][k] for k in ARCH_KEYS})
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError:
+        raise VPDetectError(
+            f"{path}: weights do not match the architecture in its model card (corrupted file)"
+        ) from None
+    return model.to(device).eval(), card
+
+
+def _fmt_number(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_model_card(card: dict) -> str:
+    """A readable multi-line summary of a model card (for `vpdetect info MODEL.pt`)."""
+    arch = card.get("arch", {})
+    lines = [
+        f"vpdetect {card.get('stage', '?')} model",
+        "  architecture: MSDNet width {width}, depth {depth}, dilations 1..{max_dilation}, "
+        "{in_channels} input channel(s), {n_classes} classes".format(
+            **{k: arch.get(k, "?") for k in ARCH_KEYS}
+        ),
+    ]
+    if "n_parameters" in card:
+        lines.append(f"  parameters: {card['n_parameters']:,}")
+    names = card.get("class_names", [])
+    lines.append(f"  classes: {', '.join(f'{i}={n}' for i, n in enumerate(names))}")
+    lines.append(f"  normalisation: {card.get('normalisation', '?')}")
+    voxel = card.get("voxel_size")
+    lines.append(f"  voxel size: {'unknown' if voxel is None else f'{voxel:.3f} A'}")
+    if card.get("crop_size") is not None:
+        lines.append(f"  crop size: {card['crop_size']}")
+    if "halo" in card:
+        lines.append(f"  receptive-field halo: {card['halo']} voxels")
+    provenance = card.get("provenance") or {}
+    if provenance:
+        lines.append("  provenance:")
+        for key, value in provenance.items():
+            if value is None:
+                continue
+            if isinstance(value, list):
+                value = ", ".join(_fmt_number(v) for v in value) if value else "-"
+            lines.append(f"    {key}: {_fmt_number(value)}")
+    metrics = card.get("metrics") or {}
+    if metrics:
+        lines.append("  metrics:")
+        for key, value in metrics.items():
+            lines.append(f"    {key}: {_fmt_number(value)}")
+    return "\n".join(lines)

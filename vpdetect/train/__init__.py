@@ -1,0 +1,1 @@
+"""Training MSDNets: crops from annotated tomograms (`data`) and the loop, single process or DDP (`loop`)."""

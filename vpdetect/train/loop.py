@@ -1,0 +1,378 @@
+"""The training loop: Adam with a step schedule, weighted focal loss, validation, DDP.
+
+`Trainer` owns the network, optimizer, schedule and history; it reads crops
+from `CropDataset`s and never touches files: the caller saves checkpoints
+from `Trainer.training_state()` in `on_epoch_end`. Under torchrun each
+process trains on its own shard of every epoch's crop indices; gradients are
+averaged by DistributedDataParallel, validation sums are all-reduced, and
+only rank 0 is meant to report and save.
+
+Reproducibility: the network is initialised from the seed, crops are a pure
+function of (seed, index), and the optimizer/schedule state travels in the
+checkpoint, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vpdetect.errors import VPDetectError
+from vpdetect.nn.losses import IGNORE_INDEX, focal_loss
+from vpdetect.nn.msdnet import MSDNet
+from vpdetect.train.data import CropDataset, shard_indices
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run (stored in the checkpoint and checked on resume)."""
+
+    stage: str = "localizer"
+    width: int = 2
+    depth: int = 49
+    max_dilation: int = 7
+    crop_size: int = 64
+    batch_size: int = 4
+    epochs: int = 500
+    steps_per_epoch: int = 100
+    lr: float = 1e-3
+    lr_step: int = 80  # epochs between learning-rate drops (paper: x0.1 after 80)
+    lr_factor: float = 0.1
+    gamma: float = 0.0
+    alpha: list[float] | None = None
+    seed: int = 0
+    particle_share: float = 0.5
+    val_crops: int = 16
+    workers: int = 0
+    amp: bool = False
+    class_names: list[str] = field(default_factory=lambda: ["background", "particle"])
+
+    # Options that must match for --resume to continue the same schedule and data stream.
+    RESUME_KEYS = (
+        "stage", "width", "depth", "max_dilation", "crop_size", "batch_size", "steps_per_epoch",
+        "lr", "lr_step", "lr_factor", "gamma", "alpha", "seed", "particle_share", "class_names",
+    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_spec: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); a no-op alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_spec in ("auto", "cuda")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank=rank, world=world, local_rank=local_rank)
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """`auto` -> this process's GPU when CUDA is present, else the CPU."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise VPDetectError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VPDetectError("device cuda requested but no CUDA GPU is available")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def hardware_description(device: torch.device, world: int) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{world} x {name}" if world > 1 else name
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Network, optimizer and schedule for one run; `fit` drives it epoch by epoch."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_data: CropDataset,
+        val_data: CropDataset | None,
+        device: torch.device | str = "cpu",
+        dist_info: DistInfo | None = None,
+    ) -> None:
+        self.config = config
+        self.train_data = train_data
+        self.val_data = val_data
+        self.device = torch.device(device)
+        self.dist = dist_info or DistInfo()
+        torch.manual_seed(config.seed)
+        self.model = MSDNet(1, len(config.class_names), config.width, config.depth, config.max_dilation)
+        self.model.to(self.device)
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            self.net = self.model
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=config.lr_step, gamma=config.lr_factor
+        )
+        self.amp_dtype = None
+        if config.amp and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Loss scaling is only needed for float16; bfloat16 has float32's range.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.alpha = (
+            torch.tensor(config.alpha, dtype=torch.float32, device=self.device) if config.alpha else None
+        )
+        self.epoch = 0  # epochs completed
+        self.history: list[dict] = []
+        self.best: dict | None = None
+
+    # -- pieces
+
+    def _loader(self, data: CropDataset, indices: list[int]):
+        return torch.utils.data.DataLoader(
+            data,
+            batch_size=self.config.batch_size,
+            sampler=indices,
+            num_workers=self.config.workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+        )
+
+    def _autocast(self):
+        return torch.autocast(
+            device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        )
+
+    def _all_reduce(self, values: list[float] | np.ndarray) -> np.ndarray:
+        array = np.asarray(values, dtype=np.float64)
+        if self.dist.world <= 1:
+            return array
+        backend_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        tensor = torch.as_tensor(array, device=backend_device)
+        dist.all_reduce(tensor)
+        return tensor.cpu().numpy()
+
+    def crops_per_epoch(self) -> int:
+        return self.config.steps_per_epoch * self.config.batch_size * self.dist.world
+
+    def train_epoch(
+        self, on_step: Callable[[int, float], None] | None = None, deadline: float | None = None
+    ) -> float | None:
+        """One epoch; the mean training loss over all processes, or None if `deadline` cut it short.
+
+        A cut-short epoch is not counted: resuming repeats it from its start.
+        """
+        cfg = self.config
+        n = self.crops_per_epoch()
+        indices = shard_indices(self.epoch * n, n, self.dist.rank, self.dist.world)
+        self.net.train()
+        total, steps = 0.0, 0
+        for images, targets in self._loader(self.train_data, indices):
+            if deadline is not None:
+                over = self._all_reduce([float(time.monotonic() > deadline)])[0] > 0
+                if over:
+                    return None
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                logits = self.net(images)
+            loss = focal_loss(logits, targets, self.alpha, cfg.gamma)
+            if not torch.isfinite(loss):
+                raise VPDetectError(
+                    f"training diverged (loss {loss.item()}) in epoch {self.epoch + 1}; lower --lr"
+                )
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            steps += 1
+            total += float(loss.detach())
+            if on_step is not None:
+                on_step(steps, total / steps)
+        self.scheduler.step()
+        self.epoch += 1
+        summed = self._all_reduce([total, steps])
+        return float(summed[0] / max(summed[1], 1))
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Focal loss and VA / MVA / MIoU over the fixed validation crops (all processes)."""
+        from vpdetect.evaluate.segmentation import confusion_matrix, segmentation_metrics
+
+        if self.val_data is None or self.config.val_crops < 1:
+            return {}
+        n_classes = len(self.config.class_names)
+        indices = shard_indices(0, self.config.val_crops, self.dist.rank, self.dist.world)
+        self.model.eval()
+        cm = np.zeros((n_classes, n_classes), dtype=np.float64)
+        loss_sum = 0.0
+        count = 0.0
+        for images, targets in self._loader(self.val_data, indices):
+            images = images.to(self.device)
+            targets = targets.to(self.device)
+            with self._autocast():
+                logits = self.model(images)
+            loss_sum += float(focal_loss(logits, targets, self.alpha, self.config.gamma, reduction="sum"))
+            valid = targets != IGNORE_INDEX
+            count += float(valid.sum())
+            pred = logits.argmax(dim=1)
+            cm += confusion_matrix(pred[valid].cpu().numpy(), targets[valid].cpu().numpy(), n_classes)
+        summed = self._all_reduce(np.concatenate([[loss_sum, count], cm.ravel()]))
+        cm = summed[2:].reshape(n_classes, n_classes)
+        metrics = segmentation_metrics(cm)
+        return {"val_loss": float(summed[0] / max(summed[1], 1.0)), **metrics}
+
+    # -- state
+
+    def training_state(self) -> dict:
+        """Everything --resume needs besides the weights (tensors and plain types only)."""
+        return {
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "history": self.history,
+            "best": self.best,
+        }
+
+    def load_training_state(self, state: dict, state_dict: dict) -> None:
+        """Restore a run saved by `training_state` (plus the model's weights)."""
+        saved = state.get("config", {})
+        for key in TrainConfig.RESUME_KEYS:
+            if key in saved and saved[key] != getattr(self.config, key):
+                raise VPDetectError(
+                    f"cannot resume: {key.replace('_', ' ')} was {saved[key]!r}, now {getattr(self.config, key)!r}"
+                )
+        self.model.load_state_dict(state_dict)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state.get("history", []))
+        self.best = state.get("best")
+
+
+def is_better(metrics: dict, best: dict | None) -> bool:
+    """Higher validation MIoU wins; without validation, lower training loss."""
+    if best is None:
+        return True
+    if "MIoU" in metrics and "MIoU" in best:
+        return metrics["MIoU"] > best["MIoU"]
+    return metrics["train_loss"] < best["train_loss"]
+
+
+def fit(
+    trainer: Trainer,
+    on_epoch_start: Callable[[int], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    on_epoch_end: Callable[[dict, bool], None] | None = None,
+    time_limit_s: float | None = None,
+) -> str:
+    """Train until `config.epochs` epochs are done ("done") or the time limit ("time limit")."""
+    started = time.monotonic()
+    deadline = started + time_limit_s if time_limit_s else None
+    while trainer.epoch < trainer.config.epochs:
+        if on_epoch_start is not None:
+            on_epoch_start(trainer.epoch + 1)
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        t0 = time.monotonic()
+        loss = trainer.train_epoch(on_step=on_step, deadline=deadline)
+        if loss is None:
+            return "time limit"
+        record = {"epoch": trainer.epoch, "lr": lr, "train_loss": loss}
+        record.update(trainer.validate())
+        record["seconds"] = time.monotonic() - t0
+        improved = is_better(record, trainer.best)
+        if improved:
+            trainer.best = dict(record)
+        trainer.history.append(record)
+        if on_epoch_end is not None:
+            on_epoch_end(record, improved)
+        if deadline is not None and time.monotonic() > deadline:
+            return "time limit"
+    return "done"
+
+
+def history_csv(history: list[dict]) -> str:
+    """The per-epoch log as CSV text (a fixed column order, blank where a value is missing)."""
+    columns = ["epoch", "lr", "train_loss", "val_loss", "VA", "MVA", "MIoU", "seconds"]
+    lines = [",".join(columns)]
+    for row in history:
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                cells.append("")
+            elif c == "epoch":
+                cells.append(str(int(v)))
+            else:
+                cells.append(f"{float(v):.6g}")
+        lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def curves_figure(history: list[dict], title: str = ""):
+    """Loss (left) and validation metrics (right) against epoch, as a matplotlib Figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in history]
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
+    if any("val_loss" in r for r in history):
+        ax_loss.plot(epochs, [r.get("val_loss", np.nan) for r in history], label="validation")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("focal loss")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    for key in ("VA", "MVA", "MIoU"):
+        if any(key in r for r in history):
+            ax_metric.plot(epochs, [r.get(key, np.nan) for r in history], label=key)
+    ax_metric.set_xlabel("epoch")
+    ax_metric.set_ylabel("validation metric")
+    ax_metric.set_ylim(0, 1)
+    if ax_metric.lines:
+        ax_metric.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
