@@ -8,10 +8,11 @@ write) with the paper-sized nets (localizer w=2 d=49 M=7, classifier w=2
 d=100 M=5). The phases come from the pipeline's own timings.
 
 Models: the bundled ones when installed; otherwise paper-sized stand-ins with
-random dense layers whose final layer reads the input so that dark (dense)
-voxels become foreground at the simulated particles' volume fraction. The
-stand-ins' labels mean nothing, but they cost exactly what trained nets of
-that size cost, and give a realistic number of particles to cluster and classify.
+random weights, except that the localizer's first two layers smooth the
+(dark) particle density and its final layer thresholds that map at the
+simulated particles' volume fraction. The stand-ins' classes mean nothing, but
+they cost exactly what trained nets of that size cost and give a plausible
+number of particles to cluster and classify.
 
 Baseline, measured in this run: the network phases with `MSDNet.predict`
 instead of the engine, extrapolated from one tile / one box (running them
@@ -42,6 +43,7 @@ def _models(directory: Path, reconstruction, class_mask) -> tuple[Path, Path, st
     """(localizer path, classifier path, description): bundled models or stand-ins."""
     import numpy as np
     import torch
+    import torch.nn.functional as F
 
     from vpdetect.errors import VPDetectError
     from vpdetect.models import default_model_path
@@ -55,15 +57,28 @@ def _models(directory: Path, reconstruction, class_mask) -> tuple[Path, Path, st
         pass
     torch.manual_seed(SEED)
     localizer = MSDNet(1, 2, 2, 49, 7)
-    volume = np.asarray(reconstruction, dtype=np.float64)
-    normalised = (volume - volume.mean()) / volume.std()
+    volume = torch.from_numpy(np.asarray(reconstruction, dtype=np.float32))
+    volume = ((volume - volume.mean()) / volume.std())[None, None]
+    # Layer 0 channel 0 = -mean of 3^3 (dense particles are dark), layer 1 channel 0 =
+    # mean of that at its dilation: a smooth darkness map (buffer channel 3) for the
+    # final layer to threshold, marking as many voxels as the particles fill.
+    d0, d1 = localizer.dilations[0][0], localizer.dilations[1][0]
+    smooth = F.conv3d(F.leaky_relu(-F.conv3d(volume, torch.full((1, 1, 3, 3, 3), 1 / 27), padding=d0,
+                                             dilation=d0), 0.01),
+                      torch.full((1, 1, 3, 3, 3), 1 / 27), padding=d1, dilation=d1)
     fraction = float(np.mean(class_mask > 0))
-    cut = float(np.quantile(normalised, fraction))  # dark voxels, as many as there are particle voxels
+    cut = float(torch.quantile(smooth.flatten()[:: max(1, smooth.numel() // 2**24)], 1 - fraction))
+    scale = 20.0 / float(smooth.std())
     with torch.no_grad():
+        localizer.layer_weights[0][0].fill_(-1 / 27)
+        localizer.layer_biases[0][0] = 0.0
+        localizer.layer_weights[1][0].zero_()
+        localizer.layer_weights[1][0][1].fill_(1 / 27)
+        localizer.layer_biases[1][0] = 0.0
         localizer.final.weight.zero_()
         localizer.final.bias.zero_()
-        localizer.final.weight[1, 0] = -8.0  # foreground logit = -8 (x - cut)
-        localizer.final.bias[1] = 8.0 * cut
+        localizer.final.weight[1, 3] = scale
+        localizer.final.bias[1] = -scale * cut
     names = ["background"] + [c.name for c in protein_classes()]
     classifier = MSDNet(1, len(names), 2, 100, 5)
     loc_path, cls_path = directory / "localizer.pt", directory / "classifier.pt"
@@ -129,7 +144,8 @@ def run(sizes: tuple[int, ...] = SIZES) -> None:
                 for phase, seconds in timings.items():
                     print(f"  {phase:16s} {seconds:8.2f} s  {100 * seconds / total:5.1f} %")
                 print(f"  {'total (pick)':16s} {total:8.2f} s  "
-                      f"{total / size**3 * 1e6:.2f} us per tomogram voxel")
+                      f"{total / size**3 * 1e6:.2f} us per tomogram voxel, "
+                      f"{timings.get('classify', 0.0) / max(1, result['n_particles']):.2f} s per particle classified")
 
                 localizer, _ = load_model(loc_path, device="cpu")
                 classifier, card = load_model(cls_path, device="cpu")

@@ -70,6 +70,10 @@ wait "$LOC_PID"
 wait "$CLS_PID"
 tail -n 3 "$WORK/train_localizer.log" "$WORK/train_classifier.log"
 
+# Choose the localizer's post-processing (threshold, bandwidth, merge radius, minimum
+# size) on the validation tomogram; the card keeps them as localize's defaults.
+"$VPDETECT" tune "$WORK/localizer.pt" --data "$WORK/val/model_0"
+
 if [[ "$INSTALL" == 1 ]]; then
     cp "$WORK/localizer.pt" vpdetect/models/localizer.pt
     cp "$WORK/classifier.pt" vpdetect/models/classifier.pt

@@ -13,3 +13,11 @@ def _few_threads():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def _not_a_slurm_array_task(monkeypatch):
+    # Batch commands take their shard from these; a test suite run inside an array job
+    # must not see only part of its inputs.
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(name, raising=False)

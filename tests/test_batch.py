@@ -176,3 +176,128 @@ def test_logging_levels_and_log_file(tmp_path, capsys):
     with pytest.raises(VPDetectError, match="log file folder"):
         batch.setup_logging(LogSettings(log_file=str(tmp_path / "nope" / "x.log")))
     batch.setup_logging(LogSettings())
+
+
+# --------------------------------------------------------------------------- shards and resume, end to end
+
+
+class CountingTask:
+    """copy_task that records which inputs it ran on (in this process)."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def __call__(self, source: Path, output: Path, device: str) -> dict:
+        self.seen.append(source.name)
+        return copy_task(source, output, device)
+
+
+def run_copy(inputs, out: Path, task, **kwargs):
+    batch.run_command_batch(
+        "copy", inputs, task, output=None, output_dir=out, suffix=".txt", parameters={}, models={},
+        log_settings=LogSettings(quiet=True), **kwargs,
+    )
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 4])
+@pytest.mark.parametrize("n_inputs", range(10))
+def test_shards_of_a_glob_process_every_input_exactly_once(tmp_path, n_shards, n_inputs):
+    names = [f"TS_{i:02d}.mrc" for i in range(n_inputs)]
+    write_inputs(tmp_path / "in", names)
+    task = CountingTask()
+    pattern = str(tmp_path / "in" / "TS_*.mrc")
+    for index in range(n_shards):
+        if n_inputs:
+            run_copy([pattern], tmp_path / "out", task, shard=f"{index}/{n_shards}")
+        else:  # nothing matches: a clear error, no work
+            with pytest.raises(VPDetectError, match="no files match"):
+                run_copy([pattern], tmp_path / "out", task, shard=f"{index}/{n_shards}")
+    assert sorted(task.seen) == names  # once each, across all shards
+    if n_inputs:
+        assert sorted(p.name for p in (tmp_path / "out").glob("*.txt")) == [n.replace(".mrc", ".txt") for n in names]
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 4])
+def test_slurm_array_variables_pick_the_shard(tmp_path, monkeypatch, n_shards):
+    names = [f"TS_{i:02d}.mrc" for i in range(7)]
+    inputs = write_inputs(tmp_path / "in", names)
+    task = CountingTask()
+    for task_id in range(n_shards):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task_id))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", str(n_shards))
+        before = len(task.seen)
+        run_copy([str(p) for p in reversed(inputs)], tmp_path / "out", task)  # order given does not matter
+        # the task-th round-robin part of the sorted list
+        assert task.seen[before:] == names[task_id::n_shards]
+    assert sorted(task.seen) == names
+    # --shard wins over the environment
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    assert parse_shard("1/2") == (1, 2)
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
+    assert parse_shard(None) == (0, 1)
+
+
+def test_rerun_skips_complete_redoes_killed_and_overwrite_redoes_all(tmp_path):
+    inputs = write_inputs(tmp_path / "in", ["a.mrc", "b.mrc", "c.mrc", "d.mrc"])
+    out = tmp_path / "out"
+    first = CountingTask()
+    run_copy([str(p) for p in inputs], out, first)
+    assert first.seen == ["a.mrc", "b.mrc", "c.mrc", "d.mrc"]
+
+    # Simulate a job killed at three moments: b while writing its table (a hidden temporary
+    # file, no table), c after the table but before its sidecar, d before anything.
+    (out / "b.txt").unlink()
+    (out / "b.txt.json").unlink()
+    (out / ".b.k1ll3d_x.tmp.txt").write_text("half a tab")
+    (out / "c.txt.json").unlink()
+    (out / "d.txt").unlink()
+    (out / "d.txt.json").unlink()
+    (out / ".d.txt.zz9_abcd.tmp.json").write_text("{")
+    a_record = sidecar_path(out / "a.txt").read_text()
+
+    again = CountingTask()
+    run_copy([str(p) for p in inputs], out, again)
+    assert again.seen == ["b.mrc", "c.mrc", "d.mrc"]  # a is complete and skipped
+    assert sidecar_path(out / "a.txt").read_text() == a_record
+    assert all(is_complete(out / f"{n}.txt") for n in "abcd")
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # debris cleared
+
+    third = CountingTask()
+    run_copy([str(p) for p in inputs], out, third)
+    assert third.seen == []  # everything complete: nothing to do
+    forced = CountingTask()
+    run_copy([str(p) for p in inputs], out, forced, overwrite=True)
+    assert forced.seen == ["a.mrc", "b.mrc", "c.mrc", "d.mrc"]
+
+
+def test_a_failed_redo_keeps_the_earlier_result_and_a_failed_write_removes_it(tmp_path):
+    (source,) = write_inputs(tmp_path, ["a.mrc"])
+    output = tmp_path / "a.out"
+    assert run_batch([source], [output], copy_task)[0].status == "done"
+    record = sidecar_path(output).read_text()
+
+    def fails_before_writing(src, out, device):
+        raise VPDetectError("bad input")
+
+    def fails_after_writing(src, out, device):
+        copy_task(src, out, device)
+        raise VPDetectError("late failure")
+
+    assert run_batch([source], [output], fails_before_writing, overwrite=True)[0].status == "failed"
+    assert is_complete(output) and sidecar_path(output).read_text() == record
+    assert run_batch([source], [output], fails_after_writing, overwrite=True)[0].status == "failed"
+    assert not output.exists() and not sidecar_path(output).exists()
+
+
+def test_outputs_never_overwrite_inputs(tmp_path):
+    inputs = write_inputs(tmp_path, ["t.txt"])
+    with pytest.raises(VPDetectError, match="overwrite an input"):
+        plan_outputs(inputs, None, tmp_path, "", naming=lambda p: p.name)
+    with pytest.raises(VPDetectError, match="overwrite an input"):
+        plan_outputs(inputs, None, None, "", naming=lambda p: p.name, beside_inputs=True)
+    with pytest.raises(VPDetectError, match="overwrite an input"):
+        plan_outputs(inputs, inputs[0], None, ".txt")
+    named = plan_outputs(inputs, None, None, "", naming=lambda p: f"{p.stem}_classes{p.suffix}",
+                         beside_inputs=True)
+    assert named == [tmp_path / "t_classes.txt"]

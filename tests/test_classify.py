@@ -448,8 +448,11 @@ def test_classify_cli_several_tomograms_by_name(tmp_path, rng):
     assert "tomogram 'TS_01'" in missing.output and "--tomo-dir" in missing.output
     assert not (tmp_path / "x.star").exists()
     # one --tomogram for a table of two tomograms is refused
-    both = run_cli("classify", table_path, "--model", model, "-t", tomos / "TS_01.mrc")
+    both = run_cli("classify", table_path, "--model", model, "-t", tomos / "TS_01.mrc", "--overwrite")
     assert both.exit_code == 2 and "names 2 tomograms" in both.output
+    # a redo that fails before writing leaves the earlier, complete result as it was
+    assert read_particles(tmp_path / "coords_classes.star").data.equals(out.data)
+    assert (tmp_path / "coords_classes.star.json").is_file()
 
 
 def test_classify_cli_errors_leave_no_output(tmp_path, rng):

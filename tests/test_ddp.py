@@ -7,19 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_train import _one_thread  # noqa: F401  autouse: one torch thread per process here too
 
 from vpdetect.train.data import CropDataset, TrainingVolume
 from vpdetect.train.loop import DistInfo, TrainConfig, Trainer, init_distributed
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many small ops per step: on a shared machine, OpenMP threads waiting for each
-    # other cost far more than a second core gains (measured: 0.3 s vs 3-7 s per epoch).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _volume() -> TrainingVolume:

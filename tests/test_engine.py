@@ -137,7 +137,9 @@ def test_concat_reference_matches_model():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 5e-3), ("bf16", 5e-2), ("auto", 5e-2)])
+@pytest.mark.parametrize(
+    ("precision", "tolerance"), [(None, 5e-3), ("fp32", 5e-3), ("bf16", 5e-2), ("auto", 5e-2)]
+)
 def test_engine_cuda_close_to_cpu(precision, tolerance):
     torch.manual_seed(0)
     model = random_net(1, 2, 2, 8, 7)

@@ -100,7 +100,7 @@ def test_localize_one_tomogram_to_relion4_star_with_map_and_sidecar(data):
     assert prob[10, 12, 12] > 0.99 and prob[0, 0, 0] < 0.01
     record = json.loads((folder / "picks.star.json").read_text())
     assert record["command"] == "localize"
-    assert record["parameters"]["tile"] == 24 and record["parameters"]["threshold"] == 0.5
+    assert record["parameters"]["tile"] == 24 and record["result"]["postprocess"]["threshold"] == 0.5
     assert len(record["input"]["sha256"]) == 64 and len(record["models"]["localizer"]["sha256"]) == 64
     assert record["result"]["n_particles"] == 4
     # A timing line names every phase.
@@ -239,3 +239,17 @@ def test_missing_default_model_is_a_clear_error(tmp_path, rng, monkeypatch):
     assert result.exit_code == 2
     assert "no localizer model" in _error_line(result) and "--model" in result.output
     assert not (tmp_path / "o.star").exists()
+
+
+def test_tuned_postprocessing_in_the_card_sets_defaults_and_options_win():
+    from vpdetect.localize.pipeline import DEFAULT_MIN_SIZE, LocalizeOptions
+
+    card = {"postprocess": {"threshold": 0.6, "bandwidth": 9.0, "merge_radius": 11.25,
+                            "min_size": 20, "opening_radius": 1, "f1": 0.93}}
+    tuned = LocalizeOptions().with_model_defaults(card)
+    assert (tuned.threshold, tuned.bandwidth, tuned.merge_radius, tuned.min_size) == (0.6, 9.0, 11.25, 20)
+    given = LocalizeOptions(threshold=0.3, bandwidth=4.0).with_model_defaults(card)
+    # A bandwidth from the command line keeps the merge radius that goes with it (bandwidth/2).
+    assert (given.threshold, given.bandwidth, given.merge_radius, given.min_size) == (0.3, 4.0, None, 20)
+    plain = LocalizeOptions().with_model_defaults({})
+    assert plain.min_size == DEFAULT_MIN_SIZE and plain.bandwidth is None

@@ -249,3 +249,12 @@ def test_default_model_path_names_the_missing_bundled_model(monkeypatch, tmp_pat
     assert models.default_model_path("localizer") == tmp_path / "localizer.pt"
     with pytest.raises(VPDetectError, match="unknown stage"):
         models.default_model_path("segmenter")
+
+
+def test_axes_shorter_than_the_dilation_match_the_reference():
+    from vpdetect.nn.reference import concat_predict
+
+    torch.manual_seed(3)
+    model = MSDNet(1, 2, 2, 6, 6)
+    x = torch.randn(2, 1, 1, 3, 2)
+    torch.testing.assert_close(model.predict(x), concat_predict(model, x), atol=1e-5, rtol=1e-5)

@@ -162,3 +162,24 @@ def test_pick_wrong_models_and_empty_tomogram(scenes, rng):
     assert empty.exit_code == 0, empty.output
     data = read_particles(root / "empty.csv").data
     assert len(data) == 0 and {"class_name", "vote_fraction"} <= set(data.columns)
+
+
+def test_pick_normalises_each_tomogram_once_for_both_stages(scenes, monkeypatch):
+    import vpdetect.localize.pipeline
+    import vpdetect.preprocess
+
+    calls = []
+    original = vpdetect.preprocess.zscore_params
+
+    def counting(volume):
+        calls.append(volume.shape)
+        return original(volume)
+
+    monkeypatch.setattr(vpdetect.preprocess, "zscore_params", counting)
+    monkeypatch.setattr(vpdetect.localize.pipeline, "zscore_params", counting)
+    result = run_cli(
+        "pick", scenes["tomos"] / "TS_00.mrc", "--localizer", scenes["localizer"],
+        "--classifier", scenes["classifier"], "-o", scenes["root"] / "once.csv", *LOCALIZE_ARGS,
+    )
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1  # one pass over the tomogram serves localization and classification

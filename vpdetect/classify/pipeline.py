@@ -41,16 +41,9 @@ class ClassifyOptions:
 
 def classifier_classes(card: dict) -> list[str]:
     """Class names of a classifier card, index 0 being background; other cards are refused."""
-    from vpdetect.preprocess import NORMALISATION
+    from vpdetect.nn.checkpoint import check_inference_card
 
-    stage = card.get("stage")
-    if stage != "classifier":
-        raise VPDetectError(f"this is a {stage or 'unknown-stage'} model; classify needs a classifier model")
-    normalisation = card.get("normalisation", NORMALISATION)
-    if normalisation != NORMALISATION:
-        raise VPDetectError(
-            f"model expects {normalisation!r} input normalisation; vpdetect applies {NORMALISATION!r}"
-        )
+    check_inference_card(card, "classifier")
     names = list(card.get("class_names") or [])
     if len(names) < 2:
         raise VPDetectError("classifier model card lists no particle classes")

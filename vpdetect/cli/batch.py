@@ -9,25 +9,30 @@ provenance, e.g. particle counts), then hands everything else to
 - clusters: `--shard i/n` keeps the i-th of n round-robin parts of that list,
   defaulting from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (`parse_shard`);
 - outputs: `-o OUT` for one input, else `--output-dir/<tomogram name><suffix>`
-  (`plan_outputs`); an output is *complete* when it and its provenance sidecar
-  `<output>.json` exist (`is_complete`), and complete outputs are skipped unless
-  `--overwrite`, so a rerun after a kill resumes;
-- failures: one input failing is logged and the rest continue; a summary ends
-  the run and the exit code is non-zero if anything failed (`report`);
+  (`plan_outputs`; folders are checked before any work); an output is
+  *complete* when it and its provenance sidecar `<output>.json` exist
+  (`is_complete`), and complete outputs are skipped unless `--overwrite`, so a
+  rerun after a kill resumes (clearing the kill's temporary files);
+- failures: one input failing is logged and the rest continue; an output the
+  failed attempt wrote is removed; a summary ends a batch and the exit code is
+  non-zero if anything failed (`report`); warnings are logged per input;
 - GPUs: `--devices 0,1` runs one spawned worker process per GPU, each taking a
   round-robin share of the inputs (`run_batch`); the task must then be
   picklable (a module-level function or a functools.partial of one);
 - provenance: the sidecar holds the vpdetect version, the command, all
   parameters, model paths and sha256, the input's path and sha256 (streamed),
   the device and the task's extras (`provenance_record`);
-- logs: `--verbose/--quiet` and `--log-file` (`setup_logging`).
+- logs: `--verbose/--quiet` and `--log-file` (`setup_logging`, `start_run`).
 
 Typer option factories (`shard_option()`, ...) keep the options identical
-across commands.
+across commands; `start_run`, `format_name`, `resolve_model_path`,
+`load_stage_model` and `progress_bar` are the set-up the three commands share.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -36,6 +41,7 @@ import os
 import platform
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -45,8 +51,9 @@ import typer
 
 from vpdetect import __version__
 from vpdetect.cli.app import console
+from vpdetect.devices import resolve_device  # noqa: F401  re-exported for the commands
 from vpdetect.errors import VPDetectError
-from vpdetect.io.atomic import write_text_atomic
+from vpdetect.io.atomic import check_output_dir, stale_temp_files, write_text_atomic
 from vpdetect.io.mrc import tomogram_name
 
 log = logging.getLogger("vpdetect")
@@ -60,11 +67,10 @@ Task = Callable[[Path, Path, str], "dict | None"]
 # --------------------------------------------------------------------------- options
 
 
-def output_dir_option():
-    return typer.Option(
-        None, "--output-dir", "-d",
-        help="Folder for the outputs, one per input named after the tomogram (default: current folder).",
-    )
+def output_dir_option(
+    help: str = "Folder for the outputs, one per input named after the tomogram (default: current folder).",
+):
+    return typer.Option(None, "--output-dir", "-d", help=help)
 
 
 def overwrite_option():
@@ -156,6 +162,17 @@ def setup_logging(settings: LogSettings) -> None:
         logger.addHandler(to_file)
 
 
+def progress_bar(show: bool = True):
+    """A transient progress bar on the console; off when not asked for or when stderr is not a
+    terminal (batch logs and pipes get the log lines, not a bar's leftovers)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=not (show and console.is_terminal),
+    )
+
+
 # --------------------------------------------------------------------------- inputs and outputs
 
 
@@ -223,22 +240,45 @@ def is_complete(output: Path) -> bool:
 
 
 def plan_outputs(
-    inputs: Sequence[Path], output: Path | None, output_dir: Path | None, suffix: str
+    inputs: Sequence[Path],
+    output: Path | None,
+    output_dir: Path | None,
+    suffix: str,
+    *,
+    naming: Callable[[Path], str] | None = None,
+    beside_inputs: bool = False,
 ) -> list[Path]:
-    """One output path per input: `output` for a single input, else `output_dir/<name><suffix>`."""
+    """One output path per input: `output` for a single input, else `<folder>/<name>`.
+
+    The name is `naming(input)`, by default the tomogram's name plus `suffix`;
+    the folder is `output_dir`, else each input's own folder (`beside_inputs`)
+    or the current one. No output may overwrite an input or another output.
+    """
     if output is not None:
         if len(inputs) != 1:
             raise VPDetectError(f"-o/--output names one file but {len(inputs)} inputs were given; use --output-dir")
         if output_dir is not None:
             raise VPDetectError("give either -o/--output or --output-dir, not both")
-        return [output]
-    directory = Path(".") if output_dir is None else output_dir
-    if directory.exists() and not directory.is_dir():
-        raise VPDetectError(f"--output-dir is not a folder: {directory}")
-    directory.mkdir(parents=True, exist_ok=True)
-    outputs = [directory / f"{tomogram_name(path)}{suffix}" for path in inputs]
+        outputs = [Path(output)]
+    else:
+        if output_dir is not None:
+            try:
+                output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                check_output_dir(output_dir)  # says why in one line
+                raise
+        name_of = naming or (lambda path: f"{tomogram_name(path)}{suffix}")
+        outputs = [
+            (output_dir if output_dir is not None else path.parent if beside_inputs else Path(".")) / name_of(path)
+            for path in inputs
+        ]
+    for folder in dict.fromkeys(out.parent for out in outputs):
+        check_output_dir(folder)  # before any work, not after the first tomogram
     seen: dict[Path, Path] = {}
+    sources = {os.path.abspath(path) for path in inputs}
     for path, out in zip(inputs, outputs, strict=True):
+        if os.path.abspath(out) in sources:
+            raise VPDetectError(f"output {out} would overwrite an input; choose another output name or folder")
         if out in seen:
             raise VPDetectError(f"{seen[out]} and {path} would both write {out}; rename one tomogram")
         seen[out] = path
@@ -292,27 +332,6 @@ def write_sidecar(output: Path, record: dict) -> None:
 # --------------------------------------------------------------------------- devices
 
 
-def resolve_device(device: str) -> str:
-    """`auto` -> 'cuda' when a GPU is visible, else 'cpu'; checks that a CUDA request can be met."""
-    import torch
-
-    device = (device or "auto").strip().lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise VPDetectError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
-    if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VPDetectError(f"device {device} requested but CUDA is not available on this machine")
-        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
-            raise VPDetectError(f"device {device} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
-    elif chosen.type != "cpu":
-        raise VPDetectError(f"unsupported device {device!r}: use cpu, cuda, cuda:N or auto")
-    return str(chosen)
-
-
 def parse_devices(spec: str | None) -> list[str] | None:
     """'0,1' -> ['cuda:0', 'cuda:1']; None -> None. CPU-only machines get a clear error."""
     if spec is None:
@@ -337,6 +356,72 @@ def parse_devices(spec: str | None) -> list[str] | None:
     return [f"cuda:{i}" for i in indices]
 
 
+# --------------------------------------------------------------------------- command set-up
+
+
+def start_run(
+    *, verbose: bool, quiet: bool, log_file: Path | None, device: str, devices: str | None
+) -> tuple[LogSettings, str]:
+    """Set up logging and choose the device: `device` resolved, or 'cuda' when --devices
+    hands each worker its own GPU. A CPU-only machine given --devices says so here."""
+    settings = LogSettings(verbose=verbose, quiet=quiet, log_file=str(log_file) if log_file else None)
+    setup_logging(settings)
+    if parse_devices(devices) is not None:
+        return settings, "cuda"
+    return settings, resolve_device(device)
+
+
+def format_name(output_format: str | None) -> str | None:
+    """The --format value, checked and lower-cased (None stays None)."""
+    if output_format is None:
+        return None
+    fmt = output_format.lower()
+    if fmt not in FORMAT_SUFFIX:
+        raise VPDetectError(f"unknown format {output_format!r}; choose one of {', '.join(FORMAT_SUFFIX)}")
+    return fmt
+
+
+def resolve_model_path(model: Path | None, stage: str) -> Path:
+    """The model to use: the given file, else the bundled default for `stage`."""
+    if model is not None:
+        if not Path(model).is_file():
+            raise VPDetectError(f"model file not found: {model}")
+        return Path(model)
+    try:
+        from vpdetect.models import default_model_path
+
+        path = Path(default_model_path(stage))
+    except (ImportError, VPDetectError, FileNotFoundError) as exc:
+        raise VPDetectError(f"no {stage} model: the bundled default is missing ({exc}); pass --model") from None
+    if not path.is_file():
+        raise VPDetectError(f"no {stage} model: the bundled default {path.name} is missing; pass --model")
+    return path
+
+
+def load_stage_model(model_path: str | os.PathLike, stage: str, device: str):
+    """(model, card) of a localizer or classifier checked for its stage, loaded once per
+    process, device and file version (a model retrained in place is read again)."""
+    path = Path(model_path)
+    try:
+        stat = path.stat()
+    except OSError:
+        raise VPDetectError(f"model file not found: {path}") from None
+    return _load_stage_model(str(path.resolve()), stat.st_mtime_ns, stat.st_size, stage, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_stage_model(path: str, mtime_ns: int, size: int, stage: str, device: str):
+    from vpdetect.nn.checkpoint import check_inference_card, load_model
+
+    model, card = load_model(path, stage=stage, device=device)
+    check_inference_card(card, stage)
+    if stage == "classifier":
+        from vpdetect.classify.pipeline import classifier_classes
+
+        classifier_classes(card)  # refuses a card without particle classes
+    return model.eval(), card
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -352,33 +437,74 @@ class Outcome:
     user_error: bool = True  # False: an unexpected exception (a bug), not bad input
 
 
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    """What identifies one version of a file (inode, mtime, size); None when absent."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+def _discard_new_output(output: Path, before: tuple[int, int, int] | None) -> None:
+    """After a failure, remove an output this run wrote (and its now stale sidecar).
+
+    Outputs are written atomically, so what exists is whole; but a table whose
+    sidecar could not be written, or a previous result replaced before a later
+    step failed, must not pass for a finished one.
+    """
+    if _file_state(output) not in (None, before):
+        for path in (output, sidecar_path(output)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def _run_one(task: Task, source: Path, output: Path, device: str, base_record: dict) -> Outcome:
     start = time.perf_counter()
-    try:
-        if not source.is_file():
-            raise VPDetectError(f"file not found: {source}" if not source.exists() else f"not a file: {source}")
-        extras = task(source, output, device) or {}
-        record = dict(base_record)
-        record.update(
-            {
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "device": device,
-                "input": {"path": str(source.resolve()), "sha256": file_sha256(source),
-                          "bytes": source.stat().st_size},
-                "output": str(output.resolve()),
-                "result": extras,
-            }
-        )
-        write_sidecar(output, record)
+    # A job killed while writing leaves hidden temporary files; the redo clears them
+    # (shards never share an output, so no other process is writing these).
+    for debris in stale_temp_files(output) + stale_temp_files(sidecar_path(output)):
+        log.debug("removing %s, left by an interrupted run", debris)
+        debris.unlink(missing_ok=True)
+    before = _file_state(output)
+    log.debug("%s -> %s on %s", source, output, device)
+    # Warnings of one input (coordinates outside the volume, a voxel-size mismatch)
+    # go to the log with the input's name, so --quiet, --log-file and workers see them.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if not source.is_file():
+                raise VPDetectError(
+                    f"file not found: {source}" if not source.exists() else f"not a file: {source}"
+                )
+            extras = task(source, output, device) or {}
+            record = dict(base_record)
+            record.update(
+                {
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "device": device,
+                    "input": {"path": str(source.resolve()), "sha256": file_sha256(source),
+                              "bytes": source.stat().st_size},
+                    "output": str(output.resolve()),
+                    "result": extras,
+                }
+            )
+            write_sidecar(output, record)
+            message = None
+        except VPDetectError as exc:
+            message, user_error = str(exc), True
+        except OSError as exc:
+            message, user_error = f"I/O error: {exc.strerror or exc}: {exc.filename or output}", True
+        except Exception as exc:  # noqa: BLE001 - one bad input must not sink the batch
+            log.debug("traceback for %s:\n%s", source, traceback.format_exc())
+            message, user_error = f"internal error: {type(exc).__name__}: {exc}", False
+    for warning in caught:
+        log.warning("%s: %s", source.name, warning.message)
+    if message is None:
         return Outcome(str(source), str(output), "done", seconds=time.perf_counter() - start)
-    except VPDetectError as exc:
-        message, user_error = str(exc), True
-    except OSError as exc:
-        message, user_error = f"I/O error: {exc}", True
-    except Exception as exc:  # noqa: BLE001 - one bad input must not sink the batch
-        log.debug("traceback for %s:\n%s", source, traceback.format_exc())
-        message, user_error = f"internal error: {type(exc).__name__}: {exc}", False
-    log.error("%s: %s", source.name, message)
+    _discard_new_output(output, before)
+    # Name the input once: many messages already start with its path.
+    log.error("%s", message if str(source) in message else f"{source.name}: {message}")
     return Outcome(str(source), str(output), "failed", message, time.perf_counter() - start, user_error)
 
 
@@ -439,16 +565,19 @@ def run_batch(
     return [outcomes[str(source)] for source in inputs]
 
 
-def report(outcomes: Sequence[Outcome], command: str) -> int:
-    """Log a one-line summary; the exit code: 0, 2 if inputs failed, 1 if anything failed unexpectedly."""
+def report(outcomes: Sequence[Outcome], command: str, summary: bool | None = None) -> int:
+    """Log a one-line summary of a batch; the exit code: 0, 2 if inputs failed, 1 if anything failed
+    unexpectedly."""
     done = sum(o.status == "done" for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)
     failed = [o for o in outcomes if o.status == "failed"]
-    line = f"{command}: {done} done, {skipped} skipped, {len(failed)} failed of {len(outcomes)}"
-    if failed:
-        line += " (failed: " + ", ".join(Path(o.input).name for o in failed[:5])
-        line += ", ...)" if len(failed) > 5 else ")"
-    log.log(logging.WARNING if failed else logging.INFO, line)
+    # A batch ends with a summary; a lone input's own line already says what happened to it.
+    if summary if summary is not None else len(outcomes) > 1:
+        line = f"{command}: {done} done, {skipped} skipped, {len(failed)} failed of {len(outcomes)}"
+        if failed:
+            line += " (failed: " + ", ".join(Path(o.input).name for o in failed[:5])
+            line += ", ...)" if len(failed) > 5 else ")"
+        log.log(logging.WARNING if failed else logging.INFO, line)
     if not failed:
         return 0
     return 2 if all(o.user_error for o in failed) else 1
@@ -469,11 +598,13 @@ def run_command_batch(
     shard: str | None = None,
     overwrite: bool = False,
     log_settings: LogSettings | None = None,
+    naming: Callable[[Path], str] | None = None,
+    beside_inputs: bool = False,
 ) -> None:
     """The whole batch flow of a command; raises typer.Exit with a non-zero code if any input failed.
 
-    `device` must already be resolved (see `resolve_device`); `devices` is the
-    raw --devices text.
+    `device` must already be resolved (see `start_run`); `devices` is the
+    raw --devices text; `naming` and `beside_inputs` go to `plan_outputs`.
     """
     paths = expand_inputs(inputs)
     index, count = parse_shard(shard)
@@ -484,12 +615,13 @@ def run_command_batch(
         log.warning("shard %d/%d has no inputs (%d in all): nothing to do", index, count, len(paths))
         return
     gpus = parse_devices(devices)
-    outputs = plan_outputs(chosen, output, output_dir, suffix)
+    outputs = plan_outputs(chosen, output, output_dir, suffix, naming=naming, beside_inputs=beside_inputs)
     base = provenance_record(command, parameters, models)
+    log.debug("%s parameters: %s", command, json.dumps(base["parameters"], sort_keys=True))
     outcomes = run_batch(
         chosen, outputs, task, device=device, devices=gpus, overwrite=overwrite,
         base_record=base, log_settings=log_settings,
     )
-    code = report(outcomes, command)
+    code = report(outcomes, command, summary=len(paths) > 1)
     if code:
         raise typer.Exit(code)

@@ -1,16 +1,44 @@
-"""`vpdetect classify`: a class for every coordinate of a particle table (stage 2)."""
+"""`vpdetect classify`: a class for every coordinate of particle tables (stage 2).
+
+Each table (one or many, globs allowed) is one input of the shared batch
+flow (`vpdetect.cli.batch`): its output is `<table>_classes<suffix>` beside it
+or in --output-dir, with a provenance sidecar; reruns skip finished tables.
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import typer
 
-from vpdetect.cli.app import app, console, user_errors
-from vpdetect.cli.batch import FORMAT_SUFFIX, device_option, resolve_device
-from vpdetect.cli.localize import pixel_size_option, precision_option, resolve_model_path
+from vpdetect.cli.app import app, user_errors
+from vpdetect.cli.batch import (
+    FORMAT_SUFFIX,
+    device_option,
+    devices_option,
+    file_sha256,
+    format_name,
+    load_stage_model,
+    log_file_option,
+    output_dir_option,
+    overwrite_option,
+    progress_bar,
+    quiet_option,
+    resolve_model_path,
+    run_command_batch,
+    shard_option,
+    start_run,
+    verbose_option,
+)
+from vpdetect.cli.localize import pixel_size_option, precision_option
 from vpdetect.errors import VPDetectError
+
+log = logging.getLogger("vpdetect.classify")
 
 TOMOGRAM_SUFFIXES = (".mrc", ".rec", ".st", ".map", ".ali")
 # SHREC model folders hold the tomogram beside particle_locations.txt under this name.
@@ -65,16 +93,17 @@ def _find_by_name(name: str, directory: Path, looked: list[str]) -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=4)
-def load_classifier(model_path: str, device: str):
-    """(model, card) of a classifier, loaded once per process and device."""
-    from vpdetect.classify.pipeline import classifier_classes
-    from vpdetect.nn.checkpoint import load_model
+def search_radius_option():
+    return typer.Option(
+        3.0, "--search-radius", min=0.0,
+        help="Voxels from a box centre to look for the particle when the centre voxel is background.",
+    )
 
-    model, card = load_model(model_path, stage="classifier", device=device)
-    classifier_classes(card)  # refuses a card without particle classes
-    model.eval()
-    return model, card
+
+def drop_unknown_option():
+    return typer.Option(
+        False, "--drop-unknown", help="Drop particles with no central component instead of class 'unknown'."
+    )
 
 
 def class_summary(data) -> str:
@@ -85,125 +114,178 @@ def class_summary(data) -> str:
     return ", ".join(f"{name} {count}" for (_, name), count in counts.items())
 
 
-@app.command()
-@user_errors
-def classify(
-    table: Path = typer.Argument(
-        ..., help="Particle coordinates (.star, .csv or SHREC .txt), e.g. from `vpdetect localize`."
-    ),
-    tomogram: Path = typer.Option(
-        None, "--tomogram", "-t",
-        help="Tomogram to classify in (MRC/REC); default: the one the table names "
-        "(rlnTomoName, or the path localize recorded).",
-    ),
-    tomo_dir: Path = typer.Option(
-        None, "--tomo-dir", help="Folder holding the tomograms the table names (NAME.mrc / NAME.rec)."
-    ),
-    model: Path = typer.Option(
-        None, "--model", "-m", help="Classifier model file (.pt); default: the bundled classifier."
-    ),
-    output: Path = typer.Option(
-        None, "--output", "-o",
-        help="Output table; default: TABLE's name plus _classes, beside it. Format from the extension.",
-    ),
-    output_format: str = typer.Option(
-        None, "--format", help="Output format: relion4, relion5, csv or shrec; default: from the extension."
-    ),
-    input_format: str = typer.Option(
-        None, "--input-format", help="Format of TABLE (relion4, relion5, csv, shrec); default: detected."
-    ),
-    search_radius: float = typer.Option(
-        3.0, "--search-radius", min=0.0,
-        help="Voxels from the box centre to look for the particle when the centre voxel is background.",
-    ),
-    drop_unknown: bool = typer.Option(
-        False, "--drop-unknown", help="Drop particles with no central component instead of class 'unknown'."
-    ),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Subtomograms per network call."),
-    device: str = device_option(),
-    precision: str = precision_option(),
-    pixel_size: float = pixel_size_option(),
-) -> None:
-    """Classify each particle: segment a subtomogram around it, keep the central particle, vote."""
-    import warnings
+@dataclass(frozen=True)
+class ClassifyJob:
+    """Everything `classify_task` needs besides the input, output and device (picklable)."""
 
+    model_path: str
+    options: object  # ClassifyOptions
+    fmt: str | None
+    input_format: str | None = None
+    tomogram: str | None = None
+    tomo_dir: str | None = None
+    pixel_size: float | None = None
+    show_progress: bool = True
+
+
+def classify_task(source: Path, output: Path, device: str, job: ClassifyJob) -> dict:
+    """Classify the particles of one table in their tomogram(s) and write the result."""
     import pandas as pd
-    from rich.progress import Progress
 
-    from vpdetect.classify.pipeline import ClassifyOptions, classify_table, tomogram_groups
+    from vpdetect.classify.pipeline import classify_table, tomogram_groups
     from vpdetect.io.mrc import read_mrc_header, read_tomogram
     from vpdetect.io.particles import ParticleTable, read_particles, write_particles
-    from vpdetect.localize.tiling import autocast_dtype
 
-    if output_format is not None and output_format.lower() not in FORMAT_SUFFIX:
-        raise VPDetectError(
-            f"unknown output format {output_format!r}; choose one of {', '.join(FORMAT_SUFFIX)}"
-        )
-    if output is None:
-        suffix = FORMAT_SUFFIX[output_format.lower()] if output_format else table.suffix or ".star"
-        output = table.with_name(f"{table.stem}_classes{suffix}")
-    if not output.resolve().parent.is_dir():
-        raise VPDetectError(f"output directory does not exist: {output.parent}")
-
+    start = time.perf_counter()
+    tomogram = Path(job.tomogram) if job.tomogram is not None else None
     tomo_size = None
     if tomogram is not None:
         z, y, x = read_mrc_header(tomogram)["shape"]
         tomo_size = (x, y, z)
-    particles = read_particles(table, fmt=input_format, voxel_size=pixel_size, tomo_size=tomo_size)
+    particles = read_particles(source, fmt=job.input_format, voxel_size=job.pixel_size, tomo_size=tomo_size)
     if len(particles) == 0:
-        raise VPDetectError(f"{table} holds no particles: nothing to classify")
+        raise VPDetectError(f"{source} holds no particles: nothing to classify")
     groups = tomogram_groups(particles.data)
     if tomogram is not None and len(groups) > 1:
         raise VPDetectError(
-            f"{table.name} names {len(groups)} tomograms; --tomogram applies to one (use --tomo-dir)"
+            f"{source.name} names {len(groups)} tomograms; --tomogram applies to one (use --tomo-dir)"
         )
     # Find every tomogram before any work, so a missing one fails at once.
+    tomo_dir = Path(job.tomo_dir) if job.tomo_dir is not None else None
     paths = [
         tomogram if tomogram is not None else resolve_tomogram(
-            name, _recorded_path(particles.data, rows), table, tomo_dir
+            name, _recorded_path(particles.data, rows), source, tomo_dir
         )
         for name, rows in groups
     ]
-    resolved_device = resolve_device(device)
-    autocast_dtype(resolved_device, precision.lower())  # validates the name
-    net, card = load_classifier(str(resolve_model_path(model, "classifier")), resolved_device)
-    options = ClassifyOptions(
-        batch_size=batch_size, search_radius=search_radius, drop_unknown=drop_unknown,
-        precision=precision.lower(),
-    )
+    net, card = load_stage_model(job.model_path, "classifier", device)
 
     results = []
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("classifying", total=len(particles))
+    with progress_bar(job.show_progress) as progress:
+        bar = progress.add_task("classifying", total=len(particles))
         for (name, rows), path in zip(groups, paths, strict=True):
-            progress.update(task, description=f"classifying {name or path.stem}")
-            tomo = read_tomogram(path, voxel_size=pixel_size)
+            progress.update(bar, description=f"classifying {name or path.stem}")
+            tomo = read_tomogram(path, voxel_size=job.pixel_size)
             data = particles.data.iloc[rows].copy()
             data["_row"] = rows  # restores the input order after grouping
             part = ParticleTable(data=data, voxel_size=particles.voxel_size, tomo_size=particles.tomo_size)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = classify_table(
-                    tomo, part, net, card, options,
-                    progress=lambda n: progress.advance(task, n),
-                )
-            for warning in caught:  # e.g. rows outside the tomogram: said once, on one line
-                console.print(f"[yellow]warning:[/] {warning.message}", soft_wrap=True, highlight=False)
-            results.append(result)
+            results.append(
+                classify_table(tomo, part, net, card, job.options, progress=lambda n: progress.advance(bar, n))
+            )
 
     merged = pd.concat([r.data for r in results], ignore_index=True)
     merged = merged.sort_values("_row", kind="stable").drop(columns="_row").reset_index(drop=True)
     sizes = {r.tomo_size for r in results}
     out = ParticleTable(
         data=merged,
-        voxel_size=pixel_size or particles.voxel_size or results[0].voxel_size,
+        voxel_size=job.pixel_size or particles.voxel_size or results[0].voxel_size,
         tomo_size=sizes.pop() if len(sizes) == 1 else particles.tomo_size,
     )
-    written = write_particles(output, out, fmt=output_format)
-    n_tomos = len(groups)
-    console.print(
-        f"classified {len(merged)} particle(s) in {n_tomos} tomogram(s): {class_summary(merged)} "
-        f"-> {output} ({written})"
+    written = write_particles(output, out, fmt=job.fmt)
+    log.info(
+        "%s: classified %d particle(s) in %d tomogram(s): %s -> %s (%s)",
+        source.name, len(merged), len(groups), class_summary(merged), output, written,
+    )
+    counts = merged["class_name"].value_counts().to_dict()
+    return {
+        "n_particles": len(merged),
+        "n_skipped": len(particles) - len(merged),
+        "classes": {str(k): int(v) for k, v in counts.items()},
+        "format": written,
+        # The tomograms are inputs too: their checksums let a result be traced.
+        "tomograms": [{"path": str(p.resolve()), "sha256": file_sha256(p)} for p in paths],
+        "seconds": round(time.perf_counter() - start, 4),
+    }
+
+
+def classes_naming(fmt: str | None) -> Callable[[Path], str]:
+    """Output file name of a table: `<stem>_classes` plus the format's suffix, else the table's own."""
+
+    def name(table: Path) -> str:
+        suffix = FORMAT_SUFFIX[fmt] if fmt else table.suffix or ".star"
+        return f"{table.stem}_classes{suffix}"
+
+    return name
+
+
+@app.command()
+@user_errors
+def classify(
+    tables: list[str] = typer.Argument(
+        ..., help="Particle tables (.star, .csv or SHREC .txt) or globs, e.g. from `vpdetect localize`."
+    ),
+    tomogram: Path = typer.Option(
+        None, "--tomogram", "-t",
+        help="Tomogram to classify in (MRC/REC); default: the one each table names "
+        "(rlnTomoName, or the path localize recorded).",
+    ),
+    tomo_dir: Path = typer.Option(
+        None, "--tomo-dir", help="Folder holding the tomograms the tables name (NAME.mrc / NAME.rec)."
+    ),
+    model: Path = typer.Option(
+        None, "--model", "-m", help="Classifier model file (.pt); default: the bundled classifier."
+    ),
+    output: Path = typer.Option(
+        None, "--output", "-o",
+        help="Output table for a single input table; default: its name plus _classes, beside it "
+        "(or in --output-dir). Format from the extension.",
+    ),
+    output_dir: Path = output_dir_option(
+        "Folder for the outputs, <table>_classes<suffix> each (default: beside each table)."
+    ),
+    output_format: str = typer.Option(
+        None, "--format", help="Output format: relion4, relion5, csv or shrec; default: from the extension."
+    ),
+    input_format: str = typer.Option(
+        None, "--input-format", help="Format of the tables (relion4, relion5, csv, shrec); default: detected."
+    ),
+    search_radius: float = search_radius_option(),
+    drop_unknown: bool = drop_unknown_option(),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Subtomograms per network call."),
+    device: str = device_option(),
+    devices: str = devices_option(),
+    precision: str = precision_option(),
+    pixel_size: float = pixel_size_option(),
+    overwrite: bool = overwrite_option(),
+    shard: str = shard_option(),
+    verbose: bool = verbose_option(),
+    quiet: bool = quiet_option(),
+    log_file: Path = log_file_option(),
+) -> None:
+    """Classify each particle: segment a subtomogram around it, keep the central particle, vote."""
+    from vpdetect.classify.pipeline import ClassifyOptions
+    from vpdetect.io.particles import FORMATS
+    from vpdetect.localize.tiling import autocast_dtype
+
+    settings, resolved_device = start_run(
+        verbose=verbose, quiet=quiet, log_file=log_file, device=device, devices=devices
+    )
+    fmt = format_name(output_format)
+    if input_format is not None and input_format.lower() not in FORMATS:
+        raise VPDetectError(f"unknown input format {input_format!r}; choose one of {', '.join(FORMATS)}")
+    autocast_dtype(resolved_device, precision.lower())  # validates the name
+    model_path = resolve_model_path(model, "classifier")
+    # A wrong model fails once, before any input (checked on the CPU when workers take the GPUs).
+    load_stage_model(model_path, "classifier", "cpu" if devices else resolved_device)
+    options = ClassifyOptions(
+        batch_size=batch_size, search_radius=search_radius, drop_unknown=drop_unknown,
+        precision=precision.lower(),
+    )
+    job = ClassifyJob(
+        model_path=str(model_path), options=options, fmt=fmt, input_format=input_format,
+        tomogram=str(tomogram) if tomogram is not None else None,
+        tomo_dir=str(tomo_dir) if tomo_dir is not None else None,
+        pixel_size=pixel_size, show_progress=not quiet and devices is None,
+    )
+    parameters = asdict(options) | {
+        "format": fmt, "input_format": input_format, "tomogram": tomogram, "tomo_dir": tomo_dir,
+        "pixel_size": pixel_size, "model": model_path,
+    }
+    run_command_batch(
+        "classify", tables, functools.partial(classify_task, job=job),
+        output=output, output_dir=output_dir, suffix="", naming=classes_naming(fmt),
+        beside_inputs=True, parameters=parameters, models={"classifier": model_path},
+        device=resolved_device, devices=devices, shard=shard, overwrite=overwrite, log_settings=settings,
     )
 
 

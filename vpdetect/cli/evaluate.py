@@ -33,14 +33,14 @@ def evaluate(
 
     from vpdetect.evaluate.report import print_evaluation
     from vpdetect.evaluate.shrec import evaluate_picks, read_size_groups, read_truth
-    from vpdetect.io.atomic import atomic_path, write_text_atomic
+    from vpdetect.io.atomic import atomic_path, check_output_dir, write_text_atomic
     from vpdetect.io.particles import read_particles
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise VPDetectError(f"--plot writes PNG; name the file .png, got {plot.name}")
     for output in (json_path, plot):
-        if output is not None and not output.resolve().parent.is_dir():
-            raise VPDetectError(f"output directory does not exist: {output.parent}")
+        if output is not None:
+            check_output_dir(output.parent)
     occupancy, truth_table = read_truth(truth)
     groups = read_size_groups(truth)
     shape_xyz = tuple(int(v) for v in occupancy.shape[::-1])

@@ -14,20 +14,23 @@ from pathlib import Path
 
 import typer
 
-from vpdetect.cli.app import app, console, user_errors
+from vpdetect.cli.app import app, user_errors
 from vpdetect.cli.batch import (
     FORMAT_SUFFIX,
-    LogSettings,
     device_option,
     devices_option,
+    expand_inputs,
+    format_name,
+    load_stage_model,
     log_file_option,
     output_dir_option,
     overwrite_option,
+    progress_bar,
     quiet_option,
-    resolve_device,
+    resolve_model_path,
     run_command_batch,
-    setup_logging,
     shard_option,
+    start_run,
     verbose_option,
 )
 from vpdetect.errors import VPDetectError
@@ -38,6 +41,7 @@ log = logging.getLogger("vpdetect.localize")
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_OPENING_RADIUS = 1
 DEFAULT_MIN_SIZE = 10
+DEFAULT_BANDWIDTH = 5.0
 DEFAULT_TILE = 128
 DEFAULT_BATCH_SIZE = 1
 
@@ -53,22 +57,25 @@ def localizer_model_option():
 
 def threshold_option():
     return typer.Option(
-        DEFAULT_THRESHOLD, "--threshold", min=0.0, max=1.0,
-        help="Foreground probability above which a voxel belongs to a particle.",
+        None, "--threshold", min=0.0, max=1.0,
+        help="Foreground probability above which a voxel belongs to a particle "
+        f"(default: the model's tuned value, else {DEFAULT_THRESHOLD}).",
     )
 
 
 def opening_radius_option():
     return typer.Option(
-        DEFAULT_OPENING_RADIUS, "--opening-radius", min=0,
-        help="Radius (voxels) of the ball of the morphological opening that removes speckle; 0 = none.",
+        None, "--opening-radius", min=0,
+        help="Radius (voxels) of the ball of the morphological opening that removes speckle; 0 = none "
+        f"(default: the model's tuned value, else {DEFAULT_OPENING_RADIUS}).",
     )
 
 
 def bandwidth_option():
     return typer.Option(
         None, "--bandwidth", min=0.0,
-        help="Mean-shift bandwidth in voxels, about a particle's radius (default 5, or from --particle-diameter).",
+        help="Mean-shift bandwidth in voxels, about a particle's radius "
+        f"(default: from --particle-diameter, else the model's tuned value, else {DEFAULT_BANDWIDTH:g}).",
     )
 
 
@@ -81,7 +88,9 @@ def particle_diameter_option():
 
 def min_size_option():
     return typer.Option(
-        DEFAULT_MIN_SIZE, "--min-size", min=1, help="Drop clusters with fewer voxels than this (false positives)."
+        None, "--min-size", min=1,
+        help="Drop clusters with fewer voxels than this (false positives) "
+        f"(default: the model's tuned value, else {DEFAULT_MIN_SIZE}).",
     )
 
 
@@ -125,13 +134,25 @@ def z_range_option():
     )
 
 
+def table_output_option():
+    return typer.Option(
+        None, "--output", "-o", help="Output table for a single tomogram (default: <name>.star in --output-dir)."
+    )
+
+
+def table_format_option():
+    return typer.Option(
+        None, "--format", help="relion4 (default), relion5, csv or shrec; with -o, default from its extension."
+    )
+
+
 def build_localize_options(
     *,
-    threshold: float = DEFAULT_THRESHOLD,
-    opening_radius: int = DEFAULT_OPENING_RADIUS,
+    threshold: float | None = None,
+    opening_radius: int | None = None,
     bandwidth: float | None = None,
     particle_diameter: float | None = None,
-    min_size: int = DEFAULT_MIN_SIZE,
+    min_size: int | None = None,
     tile: int = DEFAULT_TILE,
     halo: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -165,44 +186,6 @@ def build_localize_options(
     )
 
 
-def resolve_model_path(model: Path | None, stage: str) -> Path:
-    """The model to use: the given file, else the bundled default for `stage`."""
-    if model is not None:
-        if not Path(model).is_file():
-            raise VPDetectError(f"model file not found: {model}")
-        return Path(model)
-    try:
-        from vpdetect.models import default_model_path
-
-        path = Path(default_model_path(stage))
-    except (ImportError, VPDetectError, FileNotFoundError) as exc:
-        raise VPDetectError(f"no {stage} model: the bundled default is missing ({exc}); pass --model") from None
-    if not path.is_file():
-        raise VPDetectError(f"no {stage} model: the bundled default {path.name} is missing; pass --model")
-    return path
-
-
-def load_localizer(model_path: str | Path, device: str):
-    """(model, card) of a localizer, loaded once per process, device and file version."""
-    path = Path(model_path)
-    try:
-        stat = path.stat()
-    except OSError:
-        raise VPDetectError(f"model file not found: {path}") from None
-    return _load_localizer(str(path.resolve()), stat.st_mtime_ns, stat.st_size, device)
-
-
-@functools.lru_cache(maxsize=4)
-def _load_localizer(path: str, mtime_ns: int, size: int, device: str):
-    from vpdetect.localize.pipeline import check_localizer
-    from vpdetect.nn.checkpoint import load_model
-
-    model, card = load_model(path, stage="localizer", device=device)
-    check_localizer(card)
-    model.eval()
-    return model, card
-
-
 # --------------------------------------------------------------------------- one tomogram
 
 
@@ -233,30 +216,19 @@ def map_path(job: LocalizeJob, source: Path) -> Path | None:
 def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> dict:
     """Localize one tomogram file and write its table (and map); returns provenance extras."""
     import numpy as np
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vpdetect.io.mrc import read_tomogram, write_mrc
+    from vpdetect.io.mrc import read_roi, read_tomogram, write_mrc
     from vpdetect.io.particles import write_particles
     from vpdetect.localize.pipeline import format_timings, particles_from_map, segment_volume
 
     start = time.perf_counter()
-    options = replace(job.options, device=device)
     tomo = read_tomogram(source, voxel_size=job.pixel_size)
-    model, card = load_localizer(job.model_path, device)
-    roi = None
-    if job.mask is not None:
-        roi = read_tomogram(job.mask, mmap=True).data
-        if tuple(roi.shape) != tuple(tomo.data.shape):
-            raise VPDetectError(
-                f"mask {Path(job.mask).name} is {roi.shape[::-1]} (x, y, z) but the tomogram is "
-                f"{tomo.data.shape[::-1]}"
-            )
+    model, card = load_stage_model(job.model_path, "localizer", device)
+    options = replace(job.options, device=device).with_model_defaults(card)
+    roi = read_roi(job.mask, tomo.data.shape) if job.mask is not None else None
     opened = time.perf_counter() - start
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True, disable=not job.show_progress,
-    ) as bar:
+    with progress_bar(job.show_progress) as bar:
         tiles = bar.add_task(f"{tomo.name}: network", total=None)
         prob, timings = segment_volume(
             tomo, model, card, options, progress=lambda done, total: bar.update(tiles, completed=done, total=total)
@@ -270,7 +242,12 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         saved_map.parent.mkdir(parents=True, exist_ok=True)
         small = prob.size <= 64 * 1024**2
         write_mrc(saved_map, np.asarray(prob, dtype=np.float32) if small else prob, voxel_size=tomo.voxel_size)
-    written = write_particles(output, table, fmt=job.fmt)
+    try:
+        written = write_particles(output, table, fmt=job.fmt)
+    except BaseException:
+        if saved_map is not None:  # a map without its table is not a result
+            saved_map.unlink(missing_ok=True)
+        raise
     timings["write"] = time.perf_counter() - start
     log.info("%s: %d particle(s) -> %s (%s)", tomo.name, len(table), output, written)
     log.info("%s timings: %s", tomo.name, format_timings(timings))
@@ -280,6 +257,11 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         "shape_xyz": list(tomo.shape_xyz),
         "voxel_size": tomo.voxel_size,
         "bandwidth_voxels": options.resolved_bandwidth(tomo.voxel_size),
+        # The post-processing actually used (command line, else model card, else built-in).
+        "postprocess": {
+            "threshold": options.threshold, "opening_radius": options.opening_radius,
+            "min_size": options.min_size, "merge_radius": options.merge_radius,
+        },
         "halo": options.resolved_halo(model),
         "map": str(saved_map) if saved_map is not None else None,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
@@ -294,13 +276,9 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
 def localize(
     tomograms: list[str] = typer.Argument(..., help="Tomograms (MRC/REC) or globs like 'data/*.mrc'."),
     model: Path = localizer_model_option(),
-    output: Path = typer.Option(
-        None, "--output", "-o", help="Output table for a single tomogram (default: <name>.star in --output-dir)."
-    ),
+    output: Path = table_output_option(),
     output_dir: Path = output_dir_option(),
-    output_format: str = typer.Option(
-        None, "--format", help="relion4 (default), relion5, csv or shrec; with -o, default from its extension."
-    ),
+    output_format: str = table_format_option(),
     save_map: Path = typer.Option(
         None, "--save-map",
         help="Write the probability map as MRC: a file for one tomogram, or a folder (<name>_map.mrc each).",
@@ -326,30 +304,18 @@ def localize(
     log_file: Path = log_file_option(),
 ) -> None:
     """Find particles: tiled MSDNet segmentation, opening, connected components, mean-shift."""
-    from vpdetect.cli.batch import expand_inputs
-
-    settings = LogSettings(verbose=verbose, quiet=quiet, log_file=str(log_file) if log_file else None)
-    setup_logging(settings)
-    if output_format is not None and output_format.lower() not in FORMAT_SUFFIX:
-        raise VPDetectError(f"unknown format {output_format!r}; choose relion4, relion5, csv or shrec")
-    fmt = output_format.lower() if output_format else (None if output is not None else "relion4")
-    suffix = FORMAT_SUFFIX[fmt or "relion4"]
-    from vpdetect.cli.batch import parse_devices
-
-    parse_devices(devices)  # a CPU-only machine says so before anything else
-    resolved_device = resolve_device(device) if devices is None else "cuda"
+    settings, resolved_device = start_run(
+        verbose=verbose, quiet=quiet, log_file=log_file, device=device, devices=devices
+    )
+    fmt = format_name(output_format) or (None if output is not None else "relion4")
     options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
     )
     model_path = resolve_model_path(model, "localizer")
-    if devices is None:
-        load_localizer(str(model_path), resolved_device)  # a wrong model fails once, before any input
-    else:
-        from vpdetect.nn.checkpoint import load_model
-
-        load_model(model_path, stage="localizer", device="cpu")
+    # A wrong model fails once, before any input (checked on the CPU when workers take the GPUs).
+    load_stage_model(model_path, "localizer", "cpu" if devices else resolved_device)
     save_map_is_dir = False
     if save_map is not None:
         n_inputs = len(expand_inputs(tomograms))
@@ -367,7 +333,7 @@ def localize(
     }
     run_command_batch(
         "localize", tomograms, functools.partial(localize_task, job=job),
-        output=output, output_dir=output_dir, suffix=suffix, parameters=parameters,
+        output=output, output_dir=output_dir, suffix=FORMAT_SUFFIX[fmt or "relion4"], parameters=parameters,
         models={"localizer": model_path}, device=resolved_device, devices=devices, shard=shard,
         overwrite=overwrite, log_settings=settings,
     )

@@ -10,42 +10,42 @@ from pathlib import Path
 
 import typer
 
-from vpdetect.cli.app import app, console, user_errors
+from vpdetect.cli.app import app, user_errors
 from vpdetect.cli.batch import (
     FORMAT_SUFFIX,
-    LogSettings,
     device_option,
     devices_option,
+    format_name,
+    load_stage_model,
     log_file_option,
     output_dir_option,
     overwrite_option,
-    parse_devices,
+    progress_bar,
     quiet_option,
-    resolve_device,
+    resolve_model_path,
     run_command_batch,
-    setup_logging,
     shard_option,
+    start_run,
     verbose_option,
 )
-from vpdetect.cli.classify import class_summary, load_classifier
+from vpdetect.cli.classify import class_summary, drop_unknown_option, search_radius_option
 from vpdetect.cli.localize import (
     bandwidth_option,
     batch_size_option,
     build_localize_options,
     halo_option,
-    load_localizer,
     mask_option,
     min_size_option,
     opening_radius_option,
     particle_diameter_option,
     pixel_size_option,
     precision_option,
-    resolve_model_path,
+    table_format_option,
+    table_output_option,
     threshold_option,
     tile_option,
     z_range_option,
 )
-from vpdetect.errors import VPDetectError
 
 log = logging.getLogger("vpdetect.pick")
 
@@ -66,19 +66,6 @@ class PickJob:
     show_progress: bool = True
 
 
-def _read_roi(mask: str | None, tomo):
-    from vpdetect.io.mrc import read_tomogram
-
-    if mask is None:
-        return None
-    roi = read_tomogram(mask, mmap=True).data
-    if tuple(roi.shape) != tuple(tomo.data.shape):
-        raise VPDetectError(
-            f"mask {Path(mask).name} is {roi.shape[::-1]} (x, y, z) but the tomogram is {tomo.data.shape[::-1]}"
-        )
-    return roi
-
-
 def _with_empty_classes(table):
     """A table with no particles still gets the class columns, so every output has one layout."""
     import pandas as pd
@@ -91,29 +78,31 @@ def _with_empty_classes(table):
 
 def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     """Localize and classify one tomogram file, write its table; returns provenance extras."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from vpdetect.classify.pipeline import classify_table
-    from vpdetect.io.mrc import read_tomogram
+    from vpdetect.io.mrc import read_roi, read_tomogram
     from vpdetect.io.particles import write_particles
-    from vpdetect.localize.pipeline import format_timings, particles_from_map, segment_volume
+    from vpdetect.localize.pipeline import (
+        format_timings,
+        particles_from_map,
+        segment_volume,
+        tomogram_stats,
+    )
 
     start = time.perf_counter()
     tomo = read_tomogram(source, voxel_size=job.pixel_size)
-    localizer, localizer_card = load_localizer(job.localizer_path, device)
-    classifier, classifier_card = load_classifier(job.classifier_path, device)
-    roi = _read_roi(job.mask, tomo)
+    localizer, localizer_card = load_stage_model(job.localizer_path, "localizer", device)
+    classifier, classifier_card = load_stage_model(job.classifier_path, "classifier", device)
+    roi = read_roi(job.mask, tomo.data.shape) if job.mask is not None else None
+    # One pass over the tomogram gives the normalisation both stages use.
+    stats = tomogram_stats(tomo.data)
     opened = time.perf_counter() - start
-    options = replace(job.localize_options, device=device)
+    options = replace(job.localize_options, device=device).with_model_defaults(localizer_card)
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True, disable=not job.show_progress,
-    ) as bar:
+    with progress_bar(job.show_progress) as bar:
         tiles = bar.add_task(f"{tomo.name}: localize", total=None)
         prob, timings = segment_volume(
             tomo, localizer, localizer_card, options,
-            progress=lambda done, total: bar.update(tiles, completed=done, total=total),
+            progress=lambda done, total: bar.update(tiles, completed=done, total=total), stats=stats,
         )
         timings["load"] += opened
         found = particles_from_map(prob, tomo, options, roi, timings)
@@ -121,7 +110,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
         if len(found):
             boxes = bar.add_task(f"{tomo.name}: classify", total=len(found))
             table = classify_table(
-                tomo, found, classifier, classifier_card, job.classify_options,
+                tomo, found, classifier, classifier_card, job.classify_options, stats=stats,
                 progress=lambda n: bar.advance(boxes, n), timings=timings,
             )
         else:
@@ -140,6 +129,11 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
         "shape_xyz": list(tomo.shape_xyz),
         "voxel_size": tomo.voxel_size,
         "bandwidth_voxels": options.resolved_bandwidth(tomo.voxel_size),
+        # The post-processing actually used (command line, else model card, else built-in).
+        "postprocess": {
+            "threshold": options.threshold, "opening_radius": options.opening_radius,
+            "min_size": options.min_size, "merge_radius": options.merge_radius,
+        },
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }
 
@@ -154,13 +148,9 @@ def pick(
     classifier: Path = typer.Option(
         None, "--classifier", help="Classifier model file (.pt); default: the bundled classifier."
     ),
-    output: Path = typer.Option(
-        None, "--output", "-o", help="Output table for a single tomogram (default: <name>.star in --output-dir)."
-    ),
+    output: Path = table_output_option(),
     output_dir: Path = output_dir_option(),
-    output_format: str = typer.Option(
-        None, "--format", help="relion4 (default), relion5, csv or shrec; with -o, default from its extension."
-    ),
+    output_format: str = table_format_option(),
     mask: Path = mask_option(),
     z_range: tuple[int, int] = z_range_option(),
     threshold: float = threshold_option(),
@@ -171,13 +161,8 @@ def pick(
     tile: int = tile_option(),
     halo: int = halo_option(),
     batch_size: int = batch_size_option(),
-    search_radius: float = typer.Option(
-        3.0, "--search-radius", min=0.0,
-        help="Voxels from a box centre to look for the particle when the centre voxel is background.",
-    ),
-    drop_unknown: bool = typer.Option(
-        False, "--drop-unknown", help="Drop particles with no central component instead of class 'unknown'."
-    ),
+    search_radius: float = search_radius_option(),
+    drop_unknown: bool = drop_unknown_option(),
     box_batch_size: int = typer.Option(8, "--box-batch-size", min=1, help="Subtomograms per classifier call."),
     device: str = device_option(),
     devices: str = devices_option(),
@@ -191,15 +176,11 @@ def pick(
 ) -> None:
     """Localize and classify: coordinates, scores and a class per particle, one table per tomogram."""
     from vpdetect.classify.pipeline import ClassifyOptions
-    from vpdetect.nn.checkpoint import load_model
 
-    settings = LogSettings(verbose=verbose, quiet=quiet, log_file=str(log_file) if log_file else None)
-    setup_logging(settings)
-    if output_format is not None and output_format.lower() not in FORMAT_SUFFIX:
-        raise VPDetectError(f"unknown format {output_format!r}; choose relion4, relion5, csv or shrec")
-    fmt = output_format.lower() if output_format else (None if output is not None else "relion4")
-    parse_devices(devices)  # a CPU-only machine says so before anything else
-    resolved_device = resolve_device(device) if devices is None else "cuda"
+    settings, resolved_device = start_run(
+        verbose=verbose, quiet=quiet, log_file=log_file, device=device, devices=devices
+    )
+    fmt = format_name(output_format) or (None if output is not None else "relion4")
     localize_options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
@@ -211,13 +192,9 @@ def pick(
     )
     localizer_path = resolve_model_path(localizer, "localizer")
     classifier_path = resolve_model_path(classifier, "classifier")
-    # A wrong model fails once, before any input.
-    if devices is None:
-        load_localizer(str(localizer_path), resolved_device)
-        load_classifier(str(classifier_path), resolved_device)
-    else:
-        load_model(localizer_path, stage="localizer", device="cpu")
-        load_model(classifier_path, stage="classifier", device="cpu")
+    # A wrong model fails once, before any input (checked on the CPU when workers take the GPUs).
+    load_stage_model(localizer_path, "localizer", "cpu" if devices else resolved_device)
+    load_stage_model(classifier_path, "classifier", "cpu" if devices else resolved_device)
     job = PickJob(
         localizer_path=str(localizer_path), classifier_path=str(classifier_path),
         localize_options=localize_options, classify_options=classify_options, fmt=fmt,

@@ -16,6 +16,7 @@ import typer
 
 from vpdetect.cli.app import app, console, user_errors
 from vpdetect.errors import VPDetectError
+from vpdetect.io.atomic import check_output_dir
 
 STAGES = ("localizer", "classifier")
 # Paper defaults per stage: localizer w=2, d=49, dilations 1..7; classifier d=100, 1..5.
@@ -130,8 +131,7 @@ def train(
     if radius_unit not in ("angstrom", "voxel"):
         raise VPDetectError(f"--radius-unit must be angstrom or voxel, got {radius_unit!r}")
     paths = side_paths(out)
-    if not out.parent.is_dir() and str(out.parent):
-        raise VPDetectError(f"output directory does not exist: {out.parent}")
+    check_output_dir(out.parent)
     if resume and not paths["last"].is_file():
         raise VPDetectError(f"cannot resume: {paths['last']} not found")
     if not resume and not overwrite:
@@ -144,6 +144,7 @@ def train(
     import torch
 
     from vpdetect import __version__
+    from vpdetect.devices import resolve_device
     from vpdetect.nn.checkpoint import load_model, read_training_state, save_model
     from vpdetect.nn.losses import parse_alpha
     from vpdetect.train.data import (
@@ -160,13 +161,12 @@ def train(
         fit,
         hardware_description,
         init_distributed,
-        resolve_device,
     )
 
     if threads:
         torch.set_num_threads(threads)
     dist_info = init_distributed(device)
-    torch_device = resolve_device(device, dist_info.local_rank)
+    torch_device = torch.device(resolve_device(device, dist_info.local_rank))
     main_process = dist_info.is_main
     defaults = STAGE_DEFAULTS[stage]
 

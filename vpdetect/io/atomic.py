@@ -7,11 +7,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from vpdetect.errors import VPDetectError
+
+
+def check_output_dir(directory: str | os.PathLike) -> None:
+    """Refuse, in one line, a folder that outputs cannot be written into."""
+    directory = Path(directory)
+    if directory.is_dir():
+        if not os.access(directory, os.W_OK):
+            raise VPDetectError(f"output directory is not writable: {directory}")
+        return
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise VPDetectError(f"output directory {directory} cannot exist: {existing} is a file")
+    raise VPDetectError(f"output directory does not exist: {directory}")
 
 
 @contextlib.contextmanager
@@ -22,11 +36,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     format by extension (matplotlib, starfile) still work.
     """
     target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise VPDetectError(f"output directory does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise VPDetectError(f"output directory is not writable: {directory}")
+    directory = target.parent
+    check_output_dir(directory)
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=directory
     )
@@ -39,6 +50,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _temp_name_pattern(target: Path) -> re.Pattern:
+    # mkstemp's random part is 8 characters of [a-z0-9_].
+    return re.compile(rf"\.{re.escape(target.stem)}\.[a-z0-9_]{{8}}\.tmp{re.escape(target.suffix)}")
+
+
+def stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Temporary files an interrupted `atomic_path(path)` left beside `path` (a killed job's debris)."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    pattern = _temp_name_pattern(target)
+    return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -69,12 +69,17 @@ def _open_mrc(path: Path, mmap: bool):
         return opener(path, mode="r")
     except ValueError as strict_error:
         try:
-            handle = opener(path, mode="r", permissive=True)
+            # mrcfile warns once per oddity in permissive mode; one line below says it all.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                handle = opener(path, mode="r", permissive=True)
         except Exception as exc:  # noqa: BLE001 - report the original problem
             raise VPDetectError(f"cannot read MRC file {path}: {strict_error}") from exc
         if handle.data is None:
             handle.close()
-            raise VPDetectError(f"cannot read MRC file {path}: {strict_error}")
+            if "bytes in data block" in str(strict_error):  # mrcfile's words for a short file
+                raise VPDetectError(f"MRC file {path} is truncated: {strict_error}") from None
+            raise VPDetectError(f"cannot read MRC file {path}: {strict_error}") from None
         warnings.warn(
             f"{path}: malformed MRC header ({strict_error}); read in permissive mode",
             stacklevel=3,
@@ -131,6 +136,17 @@ def read_tomogram(
     )
 
 
+def read_roi(path: str | os.PathLike, shape_zyx: tuple[int, int, int]) -> np.ndarray:
+    """A search mask (nonzero = search) that must match the tomogram's shape; memory-mapped."""
+    roi = read_tomogram(path, mmap=True).data
+    if tuple(roi.shape) != tuple(shape_zyx):
+        raise VPDetectError(
+            f"mask {Path(path).name} is {'x'.join(map(str, roi.shape[::-1]))} voxels (x, y, z) but the "
+            f"tomogram is {'x'.join(map(str, tuple(shape_zyx)[::-1]))}"
+        )
+    return roi
+
+
 def read_mrc_header(path: str | os.PathLike) -> dict:
     """Shape (z, y, x), mode and voxel size of an MRC file, read from the header only."""
     import mrcfile
@@ -138,16 +154,24 @@ def read_mrc_header(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
         raise VPDetectError(f"file not found: {path}")
+    if path.is_dir():
+        raise VPDetectError(f"expected an MRC file, got a directory: {path}")
     try:
-        with mrcfile.open(path, mode="r", header_only=True, permissive=True) as handle:
-            header = handle.header
-            return {
-                "shape": (int(header.nz), int(header.ny), int(header.nx)),
-                "mode": int(header.mode),
-                "voxel_size": header_voxel_size(handle.voxel_size),
-            }
+        # Permissive, as for reading data (odd machine stamps, extended headers), but
+        # silent: a file without the MRC map ID is refused below, one line.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as handle:
+                header = handle.header
+                shape = (int(header.nz), int(header.ny), int(header.nx))
+                info = {"shape": shape, "mode": int(header.mode),
+                        "voxel_size": header_voxel_size(handle.voxel_size)}
+                is_mrc = bytes(header.map) == b"MAP " and min(shape) > 0
     except (ValueError, OSError) as exc:
         raise VPDetectError(f"cannot read MRC header of {path}: {exc}") from exc
+    if not is_mrc:
+        raise VPDetectError(f"cannot read MRC header of {path}: not an MRC file, or the file is corrupt")
+    return info
 
 
 def write_mrc(

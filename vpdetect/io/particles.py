@@ -89,10 +89,6 @@ class ParticleTable:
         return self.data[["x", "y", "z"]].to_numpy(dtype=np.float64)
 
     @property
-    def has_classes(self) -> bool:
-        return "class_name" in self.data.columns or "class_number" in self.data.columns
-
-    @property
     def has_angles(self) -> bool:
         return all(c in self.data.columns for c in ANGLE_COLUMNS)
 
@@ -301,6 +297,15 @@ def read_particles(
     return table
 
 
+def _text(values: pd.Series) -> pd.Series:
+    """Values as Python strings, a missing value as "" (pandas 3's astype(str) keeps NaN)."""
+    def one(value) -> str:
+        missing = value is None or value is pd.NA or (isinstance(value, float | np.floating) and np.isnan(value))
+        return "" if missing else str(value)
+
+    return values.map(one)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)
@@ -364,6 +369,7 @@ def _read_csv(path: Path) -> ParticleTable:
         data = pd.read_csv(io.StringIO(text), comment="#", skipinitialspace=True)
     except Exception as exc:  # noqa: BLE001 - pandas raises many types; all mean "bad CSV"
         raise VPDetectError(f"cannot parse CSV file {path}: {_one_line(exc)}") from None
+    _check_csv_header(text, path)
     data.columns = [str(c).strip() for c in data.columns]
     lower = {c.lower(): c for c in data.columns}
     missing = [c for c in ("x", "y", "z") if c not in lower]
@@ -371,8 +377,6 @@ def _read_csv(path: Path) -> ParticleTable:
         raise VPDetectError(
             f"{path}: CSV header lacks coordinate column(s) {', '.join(missing)} (need x, y, z)"
         )
-    if len(set(c.lower() for c in data.columns)) != len(data.columns):
-        raise VPDetectError(f"{path}: CSV header repeats a column name")
     data = data.rename(columns={lower[c]: c for c in ("x", "y", "z")})
     for column in ("x", "y", "z", "score", "phi", "theta", "psi"):
         if column in data.columns:
@@ -388,8 +392,25 @@ def _read_csv(path: Path) -> ParticleTable:
         data["class_number"] = numeric.astype(np.int64)
     for column in ("class_name", "tomo_name", "tomo_path"):
         if column in data.columns:
-            data[column] = data[column].astype(str)
+            data[column] = _text(data[column])
     return ParticleTable(data=data)
+
+
+def _check_csv_header(text: str, path: Path) -> None:
+    """Refuse a header naming a column twice (pandas would silently rename the second `x.1`)."""
+    try:
+        header = pd.read_csv(
+            io.StringIO(text), comment="#", skipinitialspace=True, header=None, nrows=1, dtype=str,
+            keep_default_na=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - pandas raises many types; all mean "bad CSV"
+        raise VPDetectError(f"cannot parse CSV header of {path}: {_one_line(exc)}") from None
+    seen: set[str] = set()
+    for cell in header.iloc[0] if len(header) else []:
+        name = str(cell).strip().lower()
+        if name in seen:
+            raise VPDetectError(f"{path}: CSV header repeats column {name}")
+        seen.add(name)
 
 
 def _star_blocks(path: Path) -> dict[str, pd.DataFrame]:
@@ -420,8 +441,8 @@ def _lookup(meta: pd.DataFrame | None, key: str, label: str, keys: pd.Series, pa
     if meta is None or label not in meta.columns:
         return None
     if key in meta.columns:
-        mapping = dict(zip(meta[key].astype(str), meta[label], strict=False))
-        wanted = keys.astype(str)
+        mapping = dict(zip(_text(meta[key]), meta[label], strict=False))
+        wanted = _text(keys)
         unknown = sorted(set(wanted) - set(mapping))
         if unknown:
             if len(meta) == 1:
@@ -462,11 +483,11 @@ def _read_star(
         )
 
     tomo_names = (
-        particles["rlnTomoName"].astype(str) if "rlnTomoName" in particles.columns
+        _text(particles["rlnTomoName"]) if "rlnTomoName" in particles.columns
         else pd.Series([DEFAULT_TOMO_NAME] * n)
     )
     groups = (
-        particles["rlnOpticsGroup"].astype(str) if "rlnOpticsGroup" in particles.columns
+        _text(particles["rlnOpticsGroup"]) if "rlnOpticsGroup" in particles.columns
         else pd.Series(["1"] * n)
     )
     # Pixel size of the tilt series: optics block (per optics group), else the tomogram block.
@@ -526,9 +547,9 @@ def _read_star(
     if "rlnTomoName" in particles.columns:
         data["tomo_name"] = tomo_names.to_numpy()
     if STAR_TOMO_PATH in particles.columns:
-        data["tomo_path"] = particles[STAR_TOMO_PATH].astype(str).to_numpy()
+        data["tomo_path"] = _text(particles[STAR_TOMO_PATH]).to_numpy()
     if STAR_CLASS_NAME in particles.columns:
-        data["class_name"] = particles[STAR_CLASS_NAME].astype(str).to_numpy()
+        data["class_name"] = _text(particles[STAR_CLASS_NAME]).to_numpy()
     if STAR_CLASS_NUMBER in particles.columns:
         numbers = _numeric_column(particles, STAR_CLASS_NUMBER, path)
         if not np.all(numbers == np.round(numbers)):
@@ -584,10 +605,11 @@ def class_numbers(table: ParticleTable) -> np.ndarray | None:
     if "class_number" in table.data.columns:
         return table.data["class_number"].to_numpy(dtype=np.int64)
     if "class_name" in table.data.columns:
+        names = _text(table.data["class_name"]).tolist()
         order: dict[str, int] = {}
-        for name in table.data["class_name"].astype(str):
+        for name in names:
             order.setdefault(name, len(order) + 1)
-        return np.asarray([order[str(v)] for v in table.data["class_name"]], dtype=np.int64)
+        return np.asarray([order[name] for name in names], dtype=np.int64)
     return None
 
 
@@ -623,7 +645,7 @@ def _format_number(value: float) -> str:
 def _write_shrec(path: Path, table: ParticleTable) -> None:
     data = table.data
     if "class_name" in data.columns:
-        classes = data["class_name"].astype(str).tolist()
+        classes = _text(data["class_name"]).tolist()
     elif "class_number" in data.columns:
         classes = [str(int(v)) for v in data["class_number"]]
     else:
@@ -654,7 +676,7 @@ def _write_star(path: Path, table: ParticleTable, relion5: bool) -> None:
     data = table.data
     n = len(data)
     tomo_names = (
-        data["tomo_name"].astype(str).to_numpy() if "tomo_name" in data.columns
+        _text(data["tomo_name"]).to_numpy() if "tomo_name" in data.columns
         else np.asarray([DEFAULT_TOMO_NAME] * n)
     )
     _check_words(tomo_names, "tomogram name")
@@ -698,10 +720,10 @@ def _write_star(path: Path, table: ParticleTable, relion5: bool) -> None:
         particles[STAR_CLASS_NUMBER] = numbers
     if "class_name" in data.columns:
         _check_words(data["class_name"], "class name")
-        particles[STAR_CLASS_NAME] = data["class_name"].astype(str).to_numpy()
+        particles[STAR_CLASS_NAME] = _text(data["class_name"]).to_numpy()
     if "tomo_path" in data.columns:
         _check_words(data["tomo_path"], "tomogram path")
-        particles[STAR_TOMO_PATH] = data["tomo_path"].astype(str).to_numpy()
+        particles[STAR_TOMO_PATH] = _text(data["tomo_path"]).to_numpy()
     for column in _extra_columns(table):
         label = column if column.startswith("rln") else EXTRA_PREFIX + column
         values = data[column]

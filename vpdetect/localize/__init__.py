@@ -2,5 +2,6 @@
 
 - `tiling`: tiled MSDNet inference with valid-region stitching into one map.
 - `cluster`: threshold, opening, connected components, CC-seeded mean-shift.
-- `pipeline`: both on one tomogram (`localize_volume`), reused by `vpdetect pick`.
+- `pipeline`: both on one tomogram (`localize_volume`, or its halves `segment_volume` and
+  `particles_from_map`, which `vpdetect localize` and `vpdetect pick` use).
 """

@@ -1,8 +1,9 @@
 """Stage 1 end to end on one tomogram: normalise -> tiled MSDNet -> map -> particles.
 
-`localize_volume` is the whole stage (used by `vpdetect localize` and
-`vpdetect pick`); `segment_volume` and `particles_from_map` are its two halves
-for callers that also want the probability map. No file is read or written
+`localize_volume` is the whole stage for library callers; `segment_volume`
+and `particles_from_map` are its two halves, which `vpdetect localize` (that
+may save the map) and `vpdetect pick` (that hands the map's normalisation,
+`tomogram_stats`, on to stage 2) call themselves. No file is read or written
 here: the CLI opens the tomogram and writes the table.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -25,10 +26,13 @@ from vpdetect.localize.tiling import (
     allocate_map,
     predict_map,
 )
-from vpdetect.preprocess import NORMALISATION, zscore_params
+from vpdetect.nn.checkpoint import check_inference_card
+from vpdetect.preprocess import zscore_params
 
 log = logging.getLogger("vpdetect.localize")
 
+# Built-in post-processing defaults, used where neither the command line nor the
+# model card (`postprocess`, chosen by `vpdetect tune` on validation tomograms) sets a value.
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_OPENING_RADIUS = 1
 # SHREC particles are 2.5-6 nm in radius at 1 nm voxels: a 5-voxel flat kernel
@@ -49,11 +53,12 @@ class LocalizeOptions:
     precision: "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16".
     """
 
-    threshold: float = DEFAULT_THRESHOLD
-    opening_radius: int = DEFAULT_OPENING_RADIUS
+    threshold: float | None = None
+    opening_radius: int | None = None
     bandwidth: float | None = None
     particle_diameter: float | None = None
-    min_size: int = DEFAULT_MIN_SIZE
+    min_size: int | None = None
+    merge_radius: float | None = None
     tile: int = DEFAULT_TILE
     halo: int | None = None
     batch_size: int = 1
@@ -79,6 +84,25 @@ class LocalizeOptions:
             return self.particle_diameter / (2.0 * voxel_size)
         return DEFAULT_BANDWIDTH
 
+    def with_model_defaults(self, card: dict) -> LocalizeOptions:
+        """Unset (None) post-processing settings from the model card's tuned `postprocess`
+        values, else the built-in defaults. The tuned merge radius only comes with the
+        tuned bandwidth (they were chosen together)."""
+        tuned = card.get("postprocess") or {}
+        updates: dict = {}
+        for name, default in (
+            ("threshold", DEFAULT_THRESHOLD),
+            ("opening_radius", DEFAULT_OPENING_RADIUS),
+            ("min_size", DEFAULT_MIN_SIZE),
+        ):
+            if getattr(self, name) is None:
+                updates[name] = type(default)(tuned.get(name, default))
+        if self.bandwidth is None and self.particle_diameter is None and "bandwidth" in tuned:
+            updates["bandwidth"] = float(tuned["bandwidth"])
+            if self.merge_radius is None and tuned.get("merge_radius") is not None:
+                updates["merge_radius"] = float(tuned["merge_radius"])
+        return replace(self, **updates)
+
     def resolved_halo(self, model) -> int:
         return int(min(model.halo, DEFAULT_HALO_CAP) if self.halo is None else self.halo)
 
@@ -92,14 +116,7 @@ class LocalizeOptions:
 
 def check_localizer(card: dict) -> None:
     """Refuse a model that is not a localizer or expects another input normalisation."""
-    stage = card.get("stage")
-    if stage != "localizer":
-        raise VPDetectError(f"this is a {stage or 'unknown-stage'} model; localize needs a localizer model")
-    normalisation = card.get("normalisation", NORMALISATION)
-    if normalisation != NORMALISATION:
-        raise VPDetectError(
-            f"model expects {normalisation!r} input normalisation; vpdetect applies {NORMALISATION!r}"
-        )
+    check_inference_card(card, "localizer")
 
 
 def minimum_size(card: dict, model) -> int:
@@ -143,27 +160,41 @@ def _finer_rows(volume: np.ndarray) -> np.ndarray:
     return volume.reshape(z * 8, y // 8, x)
 
 
+def tomogram_stats(volume: np.ndarray) -> tuple[float, float]:
+    """The z-score (mean, std) of a whole tomogram, read slab by slab.
+
+    Pages of a memory-mapped file are released as the sweep passes, so a
+    tomogram larger than memory costs no more than a few slabs. `vpdetect pick`
+    computes these once and hands them to both stages.
+    """
+    streamed = PageReleasingVolume(_finer_rows(volume))
+    try:
+        return zscore_params(streamed)
+    finally:
+        streamed.release()
+
+
 def segment_volume(
     tomo,
     model,
     card: dict,
     options: LocalizeOptions,
     progress: Callable[[int, int], None] | None = None,
+    stats: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """The foreground probability map of a tomogram (float16; a disk-backed memmap when large).
 
     With a z range only the needed slices (plus one halo of context) go
-    through the network; the rest of the map is 0. Returns (map, timings) with
-    "load" (normalisation statistics), "network" and "stitch" seconds.
+    through the network; the rest of the map is 0. `stats` reuses (mean, std)
+    from `tomogram_stats`. Returns (map, timings) with "load" (normalisation
+    statistics), "network" and "stitch" seconds.
     """
     check_localizer(card)
     check_volume(tomo, model, card)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     volume = tomo.data
-    streamed = PageReleasingVolume(_finer_rows(volume))
-    mean, std = zscore_params(streamed)
-    streamed.release()
+    mean, std = stats if stats is not None else tomogram_stats(volume)
     timings["load"] = time.perf_counter() - start
 
     halo = options.resolved_halo(model)
@@ -208,6 +239,7 @@ def particles_from_map(
         min_size=options.min_size,
         roi=roi,
         z_range=options.z_range,
+        merge_radius=options.merge_radius,
     )
     found.insert(3, "tomo_name", tomo.name)
     found.insert(4, "tomo_path", str(tomo.path.resolve()) if tomo.path is not None else "")
@@ -239,6 +271,7 @@ def localize_volume(
     search) restricts the search. Timings hold seconds for "load", "network",
     "stitch" and "cluster".
     """
+    options = options.with_model_defaults(card)
     prob, timings = segment_volume(tomo, model, card, options, progress)
     table = particles_from_map(prob, tomo, options, roi, timings)
     return table, timings

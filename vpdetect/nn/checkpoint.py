@@ -136,6 +136,26 @@ def _check_stage(card: dict, stage: str | None, source) -> None:
         )
 
 
+# The command that runs each stage, for messages that say what to pass instead.
+STAGE_COMMANDS = {"localizer": "localize", "classifier": "classify"}
+
+
+def check_inference_card(card: dict, stage: str) -> None:
+    """Refuse a card of another stage, or one expecting an input normalisation vpdetect does not apply."""
+    from vpdetect.preprocess import NORMALISATION
+
+    found = card.get("stage")
+    if found != stage:
+        raise VPDetectError(
+            f"this is a {found or 'unknown-stage'} model; {STAGE_COMMANDS[stage]} needs a {stage} model"
+        )
+    normalisation = card.get("normalisation", NORMALISATION)
+    if normalisation != NORMALISATION:
+        raise VPDetectError(
+            f"model expects {normalisation!r} input normalisation; vpdetect applies {NORMALISATION!r}"
+        )
+
+
 def read_model_card(path) -> dict:
     """The card of a model file (validated), without building the network."""
     return _read_payload(path)["card"]
@@ -192,6 +212,12 @@ def format_model_card(card: dict) -> str:
         lines.append(f"  crop size: {card['crop_size']}")
     if "halo" in card:
         lines.append(f"  receptive-field halo: {card['halo']} voxels")
+    postprocess = card.get("postprocess")
+    if postprocess:
+        lines.append(
+            "  localize defaults (tuned): threshold {threshold}, bandwidth {bandwidth}, "
+            "merge radius {merge_radius}, min size {min_size} (F1 {f1:.3f})".format(**postprocess)
+        )
     provenance = card.get("provenance") or {}
     if provenance:
         lines.append("  provenance:")

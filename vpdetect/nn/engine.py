@@ -29,10 +29,11 @@ its own planes (torch releases the GIL inside ops), with a barrier per layer.
 That beats per-op OpenMP threading, whose barrier in every small op is slow
 when the cores are shared.
 
-CUDA path: cuDNN `conv3d` through `model.predict` with `cudnn.benchmark` on,
-under autocast with `precision` ("auto" = bfloat16 where supported, else
-float16; "bf16"; "fp16"; "fp32" = float32 with TF32), the names of the CLI's
-`--precision`. The CPU path is always float32 whatever `precision` says.
+CUDA path: cuDNN `conv3d` through `model.predict` with `cudnn.benchmark` on.
+`precision` None (default) keeps the caller's autocast (none = float32 with
+TF32); else it is one of the CLI's `--precision` names, applied with an
+autocast of its own: "auto" (bfloat16 where supported, else float16), "bf16",
+"fp16", "fp32". The CPU path is always float32 whatever `precision` says.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ SLAB_COLUMNS = 20_000
 # Work units per thread and layer (see `_CpuPlan`).
 CHUNKS_PER_THREAD = 2
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = (None, "auto", "fp32", "bf16", "fp16")
 
 
 class InferenceEngine:
@@ -63,14 +64,15 @@ class InferenceEngine:
     The engine snapshots the model's weights when built (or when `refresh()`
     is called); `fast_predict` refreshes automatically when they change.
     `threads` (CPU) defaults to `torch.get_num_threads()` at predict time;
-    `precision` ("auto", "fp32", "bf16", "fp16") applies on CUDA only.
+    `precision` (None = the caller's autocast, "auto", "fp32", "bf16", "fp16")
+    applies on CUDA only.
     """
 
     def __init__(
         self,
         model: MSDNet,
         threads: int | None = None,
-        precision: str = "auto",
+        precision: str | None = None,
         slab_columns: int = SLAB_COLUMNS,
     ) -> None:
         if threads is not None and threads < 1:
@@ -142,6 +144,8 @@ class InferenceEngine:
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = True
         x = x.to(self.device, non_blocking=True)
+        if self.precision is None:
+            return self.model.predict(x)  # under the caller's autocast, if any
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         if dtype is None:  # auto
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -154,7 +158,7 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ENGINES_LOCK = threading.Lock()
 
 
-def engine_for(model: MSDNet, precision: str = "auto") -> InferenceEngine:
+def engine_for(model: MSDNet, precision: str | None = None) -> InferenceEngine:
     """The cached engine of `model`, refreshed if its weights changed since it was built."""
     with _ENGINES_LOCK:
         engine = _ENGINES.get(model)
@@ -168,20 +172,20 @@ def engine_for(model: MSDNet, precision: str = "auto") -> InferenceEngine:
     return engine
 
 
-def fast_predict(model: MSDNet, x: torch.Tensor, precision: str = "auto") -> torch.Tensor:
+def fast_predict(model: MSDNet, x: torch.Tensor, precision: str | None = None) -> torch.Tensor:
     """Drop-in for `model.predict(x)`: softmax probabilities (N, n_classes, D, H, W), float32.
 
-    CPU: the matrix-multiply engine (float32). CUDA: cuDNN under autocast with
-    `precision` ("auto", "fp32", "bf16", "fp16"). The engine (repacked weights,
-    buffers for the last two input shapes) is kept per model and rebuilt when
-    the model's weights change.
+    CPU: the matrix-multiply engine (float32). CUDA: cuDNN under the caller's
+    autocast (precision None) or under `precision` ("auto", "fp32", "bf16",
+    "fp16"). The engine (repacked weights, buffers for the last two input
+    shapes) is kept per model and rebuilt when the model's weights change.
     """
     return engine_for(model, precision).predict(x)
 
 
-def _checked_precision(precision: str) -> str:
+def _checked_precision(precision: str | None) -> str | None:
     if precision not in PRECISIONS:
-        raise VPDetectError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+        raise VPDetectError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
     return precision
 
 

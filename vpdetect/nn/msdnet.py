@@ -62,7 +62,13 @@ def _taps(dilation: int, shape: tuple[int, int, int]):
         axis = []
         for k in range(3):
             o = (k - 1) * dilation
-            axis.append((slice(max(0, -o), min(n, n - o)), slice(max(0, o), min(n, n + o))))
+            # Clamped length: an axis shorter than the dilation has no in-bounds pairs
+            # (a negative slice stop would silently count from the end).
+            length = max(0, n - abs(o))
+            dst_start, src_start = max(0, -o), max(0, o)
+            axis.append(
+                (slice(dst_start, dst_start + length), slice(src_start, src_start + length))
+            )
         per_axis.append(axis)
     taps = []
     for az in per_axis[0]:

@@ -213,7 +213,10 @@ def prepare_volume(av: AnnotatedVolume, mapping: ClassMapping) -> TrainingVolume
     classes = np.array([mapping.index(n) for n in av.centre_names], dtype=np.int64)
     keep = classes > 0
     centres = np.rint(np.asarray(av.centres_zyx, dtype=np.float64).reshape(-1, 3)[keep]).astype(np.int64)
-    mean, std = zscore_params(av.volume)
+    try:
+        mean, std = zscore_params(av.volume)
+    except VPDetectError as exc:
+        raise VPDetectError(f"{av.name}: {exc}") from None
     return TrainingVolume(
         name=av.name,
         volume=av.volume,

@@ -94,22 +94,6 @@ def init_distributed(device_spec: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world=world, local_rank=local_rank)
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> this process's GPU when CUDA is present, else the CPU."""
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise VPDetectError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VPDetectError("device cuda requested but no CUDA GPU is available")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
 def hardware_description(device: torch.device, world: int) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
