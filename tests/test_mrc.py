@@ -66,10 +66,58 @@ def test_missing_truncated_and_2d_files_raise_clear_errors(tmp_path):
 
 def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(VPDetectError):
-        write_mrc(tmp_path / "x.mrc", np.full((2, 2, 2), 10**6, np.int64))
+        write_mrc(tmp_path / "x.mrc", np.full((2, 2, 2), 2**30, np.int64))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_tomogram_name_strips_mrc_suffixes():
     assert tomogram_name("/a/TS_01.mrc") == "TS_01"
     assert tomogram_name("b/x.rec") == "x"
+
+
+@pytest.mark.parametrize("top", [40_000, 70_000])
+def test_labels_beyond_int16_are_written_exactly(tmp_path, top):
+    # An occupancy mask of a simulation with more than 32767 particles (int32 ids).
+    labels = np.zeros((3, 3, 3), np.int32)
+    labels[1, 2, 0], labels[2, 0, 1] = 1, top
+    write_mrc(tmp_path / "occ.mrc", labels)
+    data = read_tomogram(tmp_path / "occ.mrc").data
+    np.testing.assert_array_equal(data, labels)
+
+
+def _track_mmap_handles(monkeypatch):
+    opened = []
+    real = mrcfile.mmap
+
+    def tracking(*args, **kwargs):
+        handle = real(*args, **kwargs)
+        opened.append(handle)
+        return handle
+
+    monkeypatch.setattr(mrcfile, "mmap", tracking)
+    return opened
+
+
+def test_mmap_read_of_converted_data_closes_the_file(tmp_path, monkeypatch):
+    # int16 and big-endian float32 are copied to native float32: the map must not stay open.
+    path16, path_be = tmp_path / "i16.mrc", tmp_path / "be.mrc"
+    write_mrc(path16, np.arange(24, dtype=np.int16).reshape(2, 3, 4))
+    with mrcfile.new(path_be) as handle:
+        handle.set_data(np.arange(24, dtype=">f4").reshape(2, 3, 4))
+    opened = _track_mmap_handles(monkeypatch)
+    for path in (path16, path_be):
+        tomo = read_tomogram(path, mmap=True)
+        assert tomo.data.dtype == np.float32
+        np.testing.assert_array_equal(tomo.data, np.arange(24).reshape(2, 3, 4))
+    assert len(opened) == 2 and all(h._iostream.closed for h in opened)
+
+
+def test_roi_mask_keeps_its_dtype_and_is_not_copied(tmp_path):
+    from vpdetect.io.mrc import read_roi
+
+    mask = np.zeros((4, 5, 6), np.int8)
+    mask[1:3, 2:4, 3:5] = 1
+    write_mrc(tmp_path / "roi.mrc", mask)
+    roi = read_roi(tmp_path / "roi.mrc", (4, 5, 6))
+    assert roi.dtype == np.int8  # not a float32 copy four times the mask's size
+    np.testing.assert_array_equal(roi != 0, mask != 0)

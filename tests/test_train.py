@@ -398,3 +398,21 @@ def test_cli_errors_are_one_line(args, message, shrec_dir, tmp_path):
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_relion5_table_without_tomogram_block_uses_the_tomogram_size(tmp_path):
+    # RELION 5's particles.star holds centred Angstrom coordinates but no tomogram
+    # sizes (those live in tomograms.star); the tomogram given beside it has them.
+    from vpdetect.train.data import load_coordinate_volume
+
+    write_mrc(tmp_path / "TS_01.mrc", np.zeros((20, 24, 30), np.float32), voxel_size=10.0)
+    (tmp_path / "particles.star").write_text(
+        "data_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnTomoTiltSeriesPixelSize #2\n1 10.0\n\n"
+        "data_particles\n\nloop_\n_rlnTomoName #1\n_rlnCenteredCoordinateXAngst #2\n"
+        "_rlnCenteredCoordinateYAngst #3\n_rlnCenteredCoordinateZAngst #4\n_rlnOpticsGroup #5\n"
+        "TS_01 -50.0 20.0 0.0 1\n"
+    )
+    av = load_coordinate_volume(tmp_path / "TS_01.mrc", tmp_path / "particles.star", 2.0, {}, "voxel")
+    # x = -50/10 + 30/2, y = 20/10 + 24/2, z = 0 + 20/2, stored [z, y, x].
+    np.testing.assert_allclose(av.centres_zyx, [[10.0, 14.0, 10.0]])
+    assert av.label_map[10, 14, 10] == 1

@@ -22,15 +22,14 @@ a ground-truth file scores perfectly against itself.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from vpdetect.errors import VPDetectError
 from vpdetect.io.particles import ParticleTable
+from vpdetect.io.shrec import read_truth  # noqa: F401  (re-exported: the evaluation's input)
 
 # SHREC'21 table 5: groups by molecular weight (small < 200 kDa, medium 200-600, large > 600).
 SHREC21_SIZE_GROUPS: dict[str, list[str]] = {
@@ -40,7 +39,6 @@ SHREC21_SIZE_GROUPS: dict[str, list[str]] = {
 }
 UNSCORED_CLASSES = frozenset({"vesicle"})
 BACKGROUND = "background"
-SIMULATION_FILE = "simulation.json"
 
 
 def _key(name: str) -> str:
@@ -263,39 +261,15 @@ def classification_metrics(
 # --------------------------------------------------------------------------- truth folders
 
 
-def read_truth(model_dir: str | os.PathLike) -> tuple[np.ndarray, ParticleTable]:
-    """The occupancy mask [z, y, x] (int32) and particle_locations.txt of a SHREC model folder."""
-    from vpdetect.io.mrc import read_tomogram
-    from vpdetect.io.particles import read_particles
-
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        raise VPDetectError(f"truth folder not found: {folder}")
-    mask_path = folder / "occupancy_mask.mrc"
-    list_path = folder / "particle_locations.txt"
-    for needed in (mask_path, list_path):
-        if not needed.is_file():
-            raise VPDetectError(f"truth folder {folder} has no {needed.name}")
-    tomo = read_tomogram(mask_path, mmap=False)
-    data = tomo.data
-    if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
-        raise VPDetectError(f"{mask_path}: occupancy mask holds non-integer values")
-    occupancy = data.astype(np.int32)
-    truth = read_particles(list_path, fmt="shrec")
-    truth.tomo_size = tomo.shape_xyz
-    truth.voxel_size = tomo.voxel_size
-    return occupancy, truth
-
-
 def size_groups_from_simulation(simulation: Mapping) -> dict[str, list[str]]:
     """Groups from a simulation.json record: `classes: [{name, size_group, ...}]`."""
     groups: dict[str, list[str]] = {}
     classes = simulation.get("classes", []) if isinstance(simulation, Mapping) else []
     if not isinstance(classes, list):
-        raise VPDetectError(f"{SIMULATION_FILE}: 'classes' must be a list")
+        raise VPDetectError("simulation.json: 'classes' must be a list")
     for entry in classes:
         if not isinstance(entry, Mapping) or "name" not in entry:
-            raise VPDetectError(f"{SIMULATION_FILE}: every class needs a 'name'")
+            raise VPDetectError("simulation.json: every class needs a 'name'")
         group = entry.get("size_group")
         if group:
             groups.setdefault(str(group), []).append(str(entry["name"]))
@@ -316,11 +290,9 @@ def merge_size_groups(
 
 def read_size_groups(model_dir: str | os.PathLike) -> dict[str, list[str]]:
     """SHREC'21 groups, extended by the class groups in `simulation.json` when the folder has one."""
-    path = Path(model_dir) / SIMULATION_FILE
-    if not path.is_file():
+    from vpdetect.io.shrec import read_simulation_record
+
+    simulation = read_simulation_record(model_dir)
+    if simulation is None:
         return {g: list(m) for g, m in SHREC21_SIZE_GROUPS.items()}
-    try:
-        simulation = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VPDetectError(f"cannot read {path}: {exc}") from None
     return merge_size_groups(SHREC21_SIZE_GROUPS, size_groups_from_simulation(simulation))

@@ -94,12 +94,14 @@ def read_tomogram(
     voxel_size: float | None = None,
     mmap: bool | None = None,
     allow_2d: bool = False,
+    keep_dtype: bool = False,
 ) -> Tomogram:
     """Read an MRC/REC volume as float32 [z, y, x].
 
     `voxel_size` (Angstrom) overrides the header. `mmap=None` memory-maps files
     larger than MMAP_THRESHOLD_BYTES; a memory-mapped float32 file is returned
-    as a read-only view without copying.
+    as a read-only view without copying. `keep_dtype=True` keeps the file's own
+    data type instead of float32 (a memory-mapped file is then never copied).
     """
     path = Path(path)
     if not path.exists():
@@ -119,17 +121,17 @@ def read_tomogram(
         if data.ndim != 3 and not (allow_2d and data.ndim == 2):
             raise VPDetectError(f"{path}: expected a 3D volume, got {data.ndim}D data of shape {data.shape}")
         header_size = header_voxel_size(handle.voxel_size)
-        if data.dtype == np.float32 and mmap:
+        if mmap and (keep_dtype or data.dtype == np.float32):
             array = data  # zero-copy view of the memory map
         else:
-            array = np.asarray(data, dtype=np.float32).copy()
+            array = np.array(data, dtype=None if keep_dtype else np.float32)
     except VPDetectError:
         handle.close()
         raise
     except ValueError as exc:  # truncated files surface here on mmap/read
         handle.close()
         raise VPDetectError(f"cannot read MRC file {path}: {exc}") from exc
-    if not mmap:
+    if array is not data:  # copied: the file (and its memory map) is no longer needed
         handle.close()
     return Tomogram(
         data=array, voxel_size=voxel_size if voxel_size is not None else header_size, path=path
@@ -137,8 +139,12 @@ def read_tomogram(
 
 
 def read_roi(path: str | os.PathLike, shape_zyx: tuple[int, int, int]) -> np.ndarray:
-    """A search mask (nonzero = search) that must match the tomogram's shape; memory-mapped."""
-    roi = read_tomogram(path, mmap=True).data
+    """A search mask (nonzero = search) that must match the tomogram's shape; memory-mapped.
+
+    The mask keeps its own data type: a float32 copy of an int8 mask would cost
+    four times the mask's size in memory.
+    """
+    roi = read_tomogram(path, mmap=True, keep_dtype=True).data
     if tuple(roi.shape) != tuple(shape_zyx):
         raise VPDetectError(
             f"mask {Path(path).name} is {'x'.join(map(str, roi.shape[::-1]))} voxels (x, y, z) but the "
@@ -179,7 +185,9 @@ def write_mrc(
 ) -> None:
     """Write a volume atomically. float64 is stored as float32, bool as int8.
 
-    Integer masks keep an integer mode (int8 or int16) so label values survive.
+    Integer masks keep an integer mode (int8, int16 or uint16) so label values
+    survive; labels beyond uint16 (an occupancy mask of > 65535 particles) are
+    stored as float32, which holds integers up to 2**24 exactly.
     """
     import mrcfile
 
@@ -189,9 +197,15 @@ def write_mrc(
     elif array.dtype == bool:
         array = array.astype(np.int8)
     elif array.dtype.kind in "iu" and array.dtype not in (np.int8, np.int16, np.uint16):
-        if array.size and (array.min() < -32768 or array.max() > 32767):
-            raise VPDetectError(f"labels out of int16 range cannot be written to {path}")
-        array = array.astype(np.int16)
+        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if -32768 <= low and high <= 32767:
+            array = array.astype(np.int16)
+        elif 0 <= low and high <= 65535:
+            array = array.astype(np.uint16)
+        elif -(2**24) <= low and high <= 2**24:
+            array = array.astype(np.float32)
+        else:
+            raise VPDetectError(f"labels out of the range MRC stores exactly (+-2**24) cannot be written to {path}")
     with atomic_path(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as handle:
             handle.set_data(np.ascontiguousarray(array))

@@ -17,7 +17,6 @@ shards) and resumed runs all see exactly the same crops.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from vpdetect.preprocess import normalise, zscore_params
 BACKGROUND = "background"
 # Not particles to pick: vesicles are membranes, excluded from targets unless asked for.
 DEFAULT_EXCLUDE = ("vesicle",)
-SIMULATION_FILE = "simulation.json"
 
 
 # --------------------------------------------------------------------------- sources
@@ -352,32 +350,13 @@ def shard_indices(first: int, count: int, rank: int, world: int) -> list[int]:
 # --------------------------------------------------------------------------- loading
 
 
-def _read_simulation_classes(folder: Path) -> list[dict] | None:
-    path = folder / SIMULATION_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VPDetectError(f"cannot read {path}: {exc}") from None
-    classes = record.get("classes") if isinstance(record, dict) else None
-    if not isinstance(classes, list) or not all(isinstance(c, dict) and "name" in c for c in classes):
-        raise VPDetectError(f"{path}: 'classes' must be a list of {{name, label, ...}} records")
-    return classes
-
-
-def _as_int_labels(data: np.ndarray, path: Path) -> np.ndarray:
-    if not np.all(np.isfinite(data)) or np.any(data != np.round(data)) or np.any(data < 0):
-        raise VPDetectError(f"{path}: label mask must hold non-negative integers")
-    return np.asarray(data).astype(np.int32)
-
-
 def load_shrec_folder(folder, voxel_size: float | None = None) -> AnnotatedVolume:
     """A SHREC-layout folder: reconstruction.mrc plus occupancy_mask.mrc + particle_locations.txt
     (preferred: works for real SHREC data and vpdetect's simulations) or class_mask.mrc with the
     class table of simulation.json."""
     from vpdetect.io.mrc import read_tomogram
     from vpdetect.io.particles import read_particles
+    from vpdetect.io.shrec import SIMULATION_FILE, read_label_mask, read_simulation_record
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -388,10 +367,11 @@ def load_shrec_folder(folder, voxel_size: float | None = None) -> AnnotatedVolum
     tomo = read_tomogram(recon, voxel_size=voxel_size)
     occupancy_path = folder / "occupancy_mask.mrc"
     locations_path = folder / "particle_locations.txt"
-    sim_classes = _read_simulation_classes(folder)
+    simulation = read_simulation_record(folder)
+    sim_classes = simulation["classes"] if simulation and "classes" in simulation else None
     radii: dict[str, float] = {}
     if occupancy_path.is_file() and locations_path.is_file():
-        occupancy = _as_int_labels(read_tomogram(occupancy_path, mmap=False).data, occupancy_path)
+        occupancy = read_label_mask(occupancy_path)
         table = read_particles(locations_path, fmt="shrec")
         names = [str(n) for n in table.data["class_name"]]
         id_names = {k: name for k, name in enumerate(names, start=1)}
@@ -415,7 +395,7 @@ def load_shrec_folder(folder, voxel_size: float | None = None) -> AnnotatedVolum
                 f"{class_path}: class labels need names; add particle_locations.txt + occupancy_mask.mrc "
                 f"or {SIMULATION_FILE}"
             )
-        label_map = _as_int_labels(read_tomogram(class_path, mmap=False).data, class_path)
+        label_map = read_label_mask(class_path)
         id_names = {int(c["label"]): str(c["name"]) for c in sim_classes if "label" in c}
         names, centres = [], np.empty((0, 3))
         if locations_path.is_file():
@@ -524,7 +504,8 @@ def load_coordinate_volume(
     from vpdetect.io.particles import read_particles
 
     tomo = read_tomogram(tomogram_path, voxel_size=voxel_size)
-    table = read_particles(table_path, voxel_size=voxel_size)
+    # The tomogram's size centres RELION 5 coordinates when the table has no tomogram block.
+    table = read_particles(table_path, voxel_size=voxel_size, tomo_size=tomo.shape_xyz)
     frame = table.data
     name = tomogram_name(tomogram_path)
     if "tomo_name" in frame.columns and frame["tomo_name"].nunique() > 1:
