@@ -121,3 +121,12 @@ def test_roi_mask_keeps_its_dtype_and_is_not_copied(tmp_path):
     roi = read_roi(tmp_path / "roi.mrc", (4, 5, 6))
     assert roi.dtype == np.int8  # not a float32 copy four times the mask's size
     np.testing.assert_array_equal(roi != 0, mask != 0)
+
+
+def test_anisotropic_voxel_size_warns_and_uses_x(tmp_path):
+    path = tmp_path / "a.mrc"
+    write_mrc(path, np.zeros((2, 2, 2), np.float32), voxel_size=10.0)
+    with mrcfile.open(path, mode="r+") as handle:
+        handle.voxel_size = (10.0, 10.0, 14.0)
+    with pytest.warns(UserWarning, match="anisotropic"):
+        assert read_tomogram(path).voxel_size == pytest.approx(10.0)

@@ -258,3 +258,15 @@ def test_axes_shorter_than_the_dilation_match_the_reference():
     model = MSDNet(1, 2, 2, 6, 6)
     x = torch.randn(2, 1, 1, 3, 2)
     torch.testing.assert_close(model.predict(x), concat_predict(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_bundled_default_models_load_for_their_stage():
+    from vpdetect import models
+
+    localizer, card = load_model(models.default_model_path("localizer"), stage="localizer")
+    assert card["stage"] == "localizer" and card["class_names"] == ["background", "particle"]
+    assert 0.0 < card["postprocess"]["threshold"] < 1.0  # tuned by the recipe's `vpdetect tune`
+    classifier, card = load_model(models.default_model_path("classifier"), stage="classifier")
+    assert len(card["class_names"]) == classifier.n_classes > 2
+    with pytest.raises(VPDetectError, match="localizer"):
+        load_model(models.default_model_path("localizer"), stage="classifier")

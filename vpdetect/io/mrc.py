@@ -121,6 +121,13 @@ def read_tomogram(
         if data.ndim != 3 and not (allow_2d and data.ndim == 2):
             raise VPDetectError(f"{path}: expected a 3D volume, got {data.ndim}D data of shape {data.shape}")
         header_size = header_voxel_size(handle.voxel_size)
+        sizes = [float(handle.voxel_size[a]) for a in ("x", "y", "z")]
+        if header_size is not None and voxel_size is None and max(sizes) > 1.01 * min(sizes):
+            warnings.warn(
+                f"{path}: anisotropic voxel size {sizes[0]:g} x {sizes[1]:g} x {sizes[2]:g} A; "
+                f"vpdetect uses x ({sizes[0]:g} A) for all axes",
+                stacklevel=2,
+            )
         if mmap and (keep_dtype or data.dtype == np.float32):
             array = data  # zero-copy view of the memory map
         else:
