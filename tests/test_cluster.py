@@ -171,3 +171,20 @@ def test_merge_close_takes_size_weighted_mean_and_is_order_free():
 def test_nonpositive_bandwidth_is_refused():
     with pytest.raises(VPDetectError, match="bandwidth"):
         find_particles(np.zeros((5, 5, 5)), bandwidth=0)
+
+
+def test_hollow_shells_are_dropped_and_solid_particles_kept():
+    """A vesicle-like shell (centroid in its lumen) is a membrane, not particles; a solid ball
+    next to it is one particle. A gap of 0 keeps everything."""
+    from vpdetect.localize.cluster import find_particles
+
+    shape = (60, 60, 90)
+    z, y, x = np.indices(shape)
+    r_shell = np.sqrt((z - 30) ** 2 + (y - 30) ** 2 + (x - 30) ** 2)
+    prob = ((r_shell >= 18) & (r_shell <= 21)).astype(np.float32)
+    prob[(z - 30) ** 2 + (y - 30) ** 2 + (x - 72) ** 2 <= 16] = 1.0  # a ball of radius 4
+    found = find_particles(prob, threshold=0.5, opening_radius=0, bandwidth=6.0, min_size=10)
+    assert len(found) == 1
+    assert found[["x", "y", "z"]].to_numpy()[0] == pytest.approx([72, 30, 30], abs=0.5)
+    kept = find_particles(prob, 0.5, 0, 6.0, 10, max_centre_gap=0)
+    assert len(kept) > 2  # mean-shift scatters modes along the shell

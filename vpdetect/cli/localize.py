@@ -94,6 +94,14 @@ def min_size_option():
     )
 
 
+def max_centre_gap_option():
+    return typer.Option(
+        None, "--max-centre-gap", min=0.0,
+        help="Drop connected components whose centroid lies more than this many voxels outside "
+        "them: hollow shells such as vesicle membranes (default: the bandwidth; 0 = keep all).",
+    )
+
+
 def tile_option():
     return typer.Option(
         DEFAULT_TILE, "--tile", min=8, help="Edge (voxels) of the cubic tiles fed to the network."
@@ -153,6 +161,7 @@ def build_localize_options(
     bandwidth: float | None = None,
     particle_diameter: float | None = None,
     min_size: int | None = None,
+    max_centre_gap: float | None = None,
     tile: int = DEFAULT_TILE,
     halo: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -177,6 +186,7 @@ def build_localize_options(
         bandwidth=bandwidth,
         particle_diameter=particle_diameter,
         min_size=min_size,
+        max_centre_gap=max_centre_gap,
         tile=tile,
         halo=halo,
         batch_size=batch_size,
@@ -261,6 +271,7 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         "postprocess": {
             "threshold": options.threshold, "opening_radius": options.opening_radius,
             "min_size": options.min_size, "merge_radius": options.merge_radius,
+            "max_centre_gap": options.max_centre_gap,
         },
         "halo": options.resolved_halo(model),
         "map": str(saved_map) if saved_map is not None else None,
@@ -290,6 +301,7 @@ def localize(
     bandwidth: float = bandwidth_option(),
     particle_diameter: float = particle_diameter_option(),
     min_size: int = min_size_option(),
+    max_centre_gap: float = max_centre_gap_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
     batch_size: int = batch_size_option(),
@@ -311,6 +323,7 @@ def localize(
     options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
+        max_centre_gap=max_centre_gap,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
     )
     model_path = resolve_model_path(model, "localizer")

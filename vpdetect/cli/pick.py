@@ -35,6 +35,7 @@ from vpdetect.cli.localize import (
     build_localize_options,
     halo_option,
     mask_option,
+    max_centre_gap_option,
     min_size_option,
     opening_radius_option,
     particle_diameter_option,
@@ -133,6 +134,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
         "postprocess": {
             "threshold": options.threshold, "opening_radius": options.opening_radius,
             "min_size": options.min_size, "merge_radius": options.merge_radius,
+            "max_centre_gap": options.max_centre_gap,
         },
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }
@@ -158,6 +160,7 @@ def pick(
     bandwidth: float = bandwidth_option(),
     particle_diameter: float = particle_diameter_option(),
     min_size: int = min_size_option(),
+    max_centre_gap: float = max_centre_gap_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
     batch_size: int = batch_size_option(),
@@ -184,6 +187,7 @@ def pick(
     localize_options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
+        max_centre_gap=max_centre_gap,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
     )
     classify_options = ClassifyOptions(

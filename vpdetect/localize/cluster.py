@@ -267,6 +267,7 @@ def find_particles(
     z_range: tuple[int, int] | None = None,
     merge_radius: float | None = None,
     slab_voxels: int = SLAB_VOXELS,
+    max_centre_gap: float | None = None,
 ):
     """Particle centres from a foreground probability map [z, y, x].
 
@@ -274,7 +275,9 @@ def find_particles(
     centres), cluster_size (voxels) and score (mean probability of the
     cluster's voxels), sorted by z, y, x. Clusters with fewer than `min_size`
     voxels are dropped; modes closer than `merge_radius` (default bandwidth/2)
-    are merged into their size-weighted mean.
+    are merged into their size-weighted mean. Components whose centroid lies more than
+    `max_centre_gap` voxels (default: the bandwidth; 0 = keep all) outside them are
+    hollow shells (membranes), not particles, and are dropped.
     """
     import pandas as pd
 
@@ -283,6 +286,8 @@ def find_particles(
 
         raise VPDetectError(f"bandwidth must be positive, got {bandwidth}")
     foreground = extract_foreground(prob, threshold, opening_radius, roi, z_range, slab_voxels)
+    gap = bandwidth if max_centre_gap is None else max_centre_gap
+    foreground = drop_hollow_components(foreground, gap)
     centres, sizes, prob_sums = cluster_foreground(foreground, bandwidth, merge_radius)
     keep = sizes >= max(1, int(min_size))
     centres, sizes, prob_sums = centres[keep], sizes[keep], prob_sums[keep]
@@ -297,6 +302,43 @@ def find_particles(
             "score": (prob_sums / np.maximum(sizes, 1)).astype(np.float64),
         },
         columns=PARTICLE_COLUMNS,
+    )
+
+
+def drop_hollow_components(foreground: Foreground, max_gap: float) -> Foreground:
+    """Remove components whose centroid lies more than `max_gap` voxels from every voxel of
+    the component: hollow shells such as vesicle membranes, whose centroid sits in the lumen.
+
+    A particle, or a clump of touching particles, contains (or nearly contains) its own
+    centroid; a membrane segmented as foreground does not, and mean-shift would otherwise
+    scatter false particles along it.
+    """
+    from scipy.spatial import cKDTree
+
+    n = foreground.n_components
+    if n == 0 or max_gap <= 0:
+        return foreground
+    coords = foreground.coords.astype(np.float64)
+    labels = foreground.labels
+    counts = np.bincount(labels, minlength=n)
+    centroids = np.stack(
+        [np.bincount(labels, weights=coords[:, a], minlength=n) for a in range(3)], axis=1
+    ) / np.maximum(counts, 1)[:, None]
+    # A 4th coordinate far larger than any distance keeps components apart in one tree.
+    separation = 4.0 * (np.abs(coords).max() + max_gap + 1.0)
+    tree = cKDTree(np.column_stack([coords, labels * separation]))
+    gap, _ = tree.query(np.column_stack([centroids, np.arange(n) * separation]), k=1)
+    hollow = gap > max_gap
+    if not hollow.any():
+        return foreground
+    keep_voxel = ~hollow[labels]
+    # Renumber the surviving components 0..m-1.
+    new_id = np.cumsum(~hollow) - 1
+    return Foreground(
+        foreground.coords[keep_voxel],
+        foreground.values[keep_voxel],
+        new_id[labels[keep_voxel]].astype(np.int64),
+        int((~hollow).sum()),
     )
 
 

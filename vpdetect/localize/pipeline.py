@@ -59,6 +59,8 @@ class LocalizeOptions:
     particle_diameter: float | None = None
     min_size: int | None = None
     merge_radius: float | None = None
+    # Drop hollow components (membranes) whose centroid is this far outside them; None = bandwidth.
+    max_centre_gap: float | None = None
     tile: int = DEFAULT_TILE
     halo: int | None = None
     batch_size: int = 1
@@ -240,6 +242,7 @@ def particles_from_map(
         roi=roi,
         z_range=options.z_range,
         merge_radius=options.merge_radius,
+        max_centre_gap=options.max_centre_gap,
     )
     found.insert(3, "tomo_name", tomo.name)
     found.insert(4, "tomo_path", str(tomo.path.resolve()) if tomo.path is not None else "")

@@ -48,13 +48,21 @@ def tune_postprocessing(
     """
     from vpdetect.evaluate.shrec import evaluate_picks
     from vpdetect.io.particles import ParticleTable
-    from vpdetect.localize.cluster import cluster_foreground, extract_foreground
+    from vpdetect.localize.cluster import (
+        cluster_foreground,
+        drop_hollow_components,
+        extract_foreground,
+    )
 
     rows: list[dict] = []
     for threshold in thresholds:
         foregrounds = [extract_foreground(m.prob, threshold, opening_radius) for m in maps]
         for bandwidth, factor in itertools.product(bandwidths, merge_factors):
-            clustered = [cluster_foreground(fg, bandwidth, bandwidth * factor) for fg in foregrounds]
+            # As `find_particles` does by default: hollow components (membranes) are dropped.
+            clustered = [
+                cluster_foreground(drop_hollow_components(fg, bandwidth), bandwidth, bandwidth * factor)
+                for fg in foregrounds
+            ]
             for min_size in min_sizes:
                 f1s = []
                 for m, (centres, sizes, _) in zip(maps, clustered, strict=True):
