@@ -373,12 +373,9 @@ def start_run(
 
 def format_name(output_format: str | None) -> str | None:
     """The --format value, checked and lower-cased (None stays None)."""
-    if output_format is None:
-        return None
-    fmt = output_format.lower()
-    if fmt not in FORMAT_SUFFIX:
-        raise VPDetectError(f"unknown format {output_format!r}; choose one of {', '.join(FORMAT_SUFFIX)}")
-    return fmt
+    from vpdetect.io.particles import check_format
+
+    return check_format(output_format)
 
 
 def resolve_model_path(model: Path | None, stage: str) -> Path:

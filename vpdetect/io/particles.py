@@ -245,7 +245,8 @@ def detect_format(path: str | os.PathLike, for_writing: bool = False) -> str:
     return _sniff_text(path)
 
 
-def _check_format(fmt: str | None) -> str | None:
+def check_format(fmt: str | None) -> str | None:
+    """A format name, checked and lower-cased (None stays None)."""
     if fmt is None:
         return None
     fmt = fmt.lower()
@@ -270,7 +271,7 @@ def read_particles(
     file does not carry one; a file whose size differs from it is refused.
     """
     path = Path(path)
-    fmt = _check_format(fmt)
+    fmt = check_format(fmt)
     if not path.exists():
         raise VPDetectError(f"file not found: {path}")
     if path.is_dir():
@@ -627,7 +628,7 @@ def _extra_columns(table: ParticleTable) -> list[str]:
 def write_particles(path: str | os.PathLike, table: ParticleTable, fmt: str | None = None) -> str:
     """Write `table` atomically; `fmt` None = from the extension. Returns the format written."""
     path = Path(path)
-    fmt = _check_format(fmt) or detect_format(path, for_writing=True)
+    fmt = check_format(fmt) or detect_format(path, for_writing=True)
     if fmt == "csv":
         _write_csv(path, table)
     elif fmt == "shrec":
