@@ -301,3 +301,37 @@ def test_outputs_never_overwrite_inputs(tmp_path):
     named = plan_outputs(inputs, None, None, "", naming=lambda p: f"{p.stem}_classes{p.suffix}",
                          beside_inputs=True)
     assert named == [tmp_path / "t_classes.txt"]
+
+
+def test_a_long_log_line_stays_one_line(capsys):
+    batch.setup_logging(LogSettings())
+    long_path = "/data/" + "x" * 300 + "/[tomo].mrc"
+    logging.getLogger("vpdetect.test").error("%s: broken", long_path)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert lines == [f"error: {long_path}: broken"]  # no fold at the console width, no markup
+
+
+def test_worker_makes_its_gpu_the_current_device(tmp_path, monkeypatch):
+    # A --devices worker binds its own GPU before running anything (else its CUDA context,
+    # cuDNN workspace and plain-'cuda' allocations land on GPU 0).
+    from vpdetect.cli import pool
+
+    bound = []
+    monkeypatch.setattr(pool, "bind_device", bound.append)
+    inputs = write_inputs(tmp_path / "in", ["a.mrc"])
+    outputs = plan_outputs(inputs, None, tmp_path / "out", ".txt")
+    results = pool._worker(copy_task, [(str(inputs[0]), str(outputs[0]))], "cuda:1", {},
+                           LogSettings(quiet=True))
+    assert bound == ["cuda:1"] and results[0]["status"] == "done"
+
+
+def test_bind_device_sets_only_an_indexed_cuda_device(monkeypatch):
+    import torch
+
+    from vpdetect.devices import bind_device
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    for device in ("cpu", "cuda:3", "cpu:0"):
+        bind_device(device)
+    assert calls == [torch.device("cuda:3")]

@@ -417,12 +417,12 @@ def _mrc_new_failing_half_way(new):
 
 
 def test_a_failed_sidecar_removes_its_output(kit, monkeypatch):
-    from vpdetect.cli import batch
+    from vpdetect.cli import outputs, pool
 
     def no_space(output, record):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(batch.sidecar_path(output)))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(outputs.sidecar_path(output)))
 
-    monkeypatch.setattr(batch, "write_sidecar", no_space)
+    monkeypatch.setattr(pool, "write_sidecar", no_space)
     result = run("localize", kit["tomo"], "-m", kit["localizer"], "-o", kit["out"] / "t.star")
     # the table was whole, but without its record it is not a finished result
     assert_clean_failure(result, "No space left on device", kit["out"])

@@ -33,3 +33,38 @@ def resolve_device(spec: str | None, local_rank: int | None = None) -> str:
     if chosen.index is not None and chosen.index >= torch.cuda.device_count():
         raise VPDetectError(f"device {chosen} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
     return str(chosen)
+
+
+def parse_devices(spec: str | None) -> list[str] | None:
+    """'0,1' (the --devices option) -> ['cuda:0', 'cuda:1']; None -> None.
+    CPU-only machines get a clear error."""
+    if spec is None:
+        return None
+    import torch
+
+    try:
+        indices = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise VPDetectError(f"--devices takes GPU numbers like 0,1; got {spec!r}") from None
+    if not indices or len(set(indices)) != len(indices) or min(indices) < 0:
+        raise VPDetectError(f"--devices takes distinct GPU numbers like 0,1; got {spec!r}")
+    if not torch.cuda.is_available():
+        raise VPDetectError(
+            f"--devices {spec} asks for GPUs, but no CUDA device is available on this machine "
+            "(CPU-only); drop --devices to run on the CPU"
+        )
+    available = torch.cuda.device_count()
+    missing = [i for i in indices if i >= available]
+    if missing:
+        raise VPDetectError(f"--devices {spec}: GPU {missing[0]} does not exist ({available} visible)")
+    return [f"cuda:{i}" for i in indices]
+
+
+def bind_device(device: str) -> None:
+    """Make a CUDA `device` this process's current one, so that code allocating on plain
+    'cuda' (cuDNN workspaces, the caching allocator, NCCL) lands on it and not on GPU 0."""
+    import torch
+
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and chosen.index is not None:
+        torch.cuda.set_device(chosen)
