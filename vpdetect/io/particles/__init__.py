@@ -1,0 +1,42 @@
+"""Particle tables: one in-memory form (`ParticleTable`), read from and written to the
+formats of the subtomogram-averaging tools, one module per format.
+
+Canonical columns of `ParticleTable.data`: `x, y, z` (voxels of the tomogram,
+0-based, voxel centres at integers), optional `tomo_name`, `tomo_path`, `class_name`,
+`class_number` (0 = background/unknown), `score`, `phi, theta, psi` (ZXZ Euler angles
+in degrees, see `euler`); other columns are carried through.
+
+Modules: `table` (the table), `euler` (angle conventions), `relion` (STAR, RELION 4
+and 5), `csv_table`, `shrec_list` (SHREC particle_locations.txt) and `formats`
+(format choice, `read_particles`, `write_particles`).
+"""
+
+from vpdetect.io.particles.euler import (
+    matrix_to_zxz,
+    relion_matrix,
+    relion_to_zxz,
+    zxz_matrix,
+    zxz_to_relion,
+)
+from vpdetect.io.particles.formats import (
+    FORMATS,
+    check_format,
+    detect_format,
+    read_particles,
+    write_particles,
+)
+from vpdetect.io.particles.table import (
+    ANGLE_COLUMNS,
+    CANONICAL_ORDER,
+    DEFAULT_TOMO_NAME,
+    ParticleTable,
+    TomogramGeometry,
+    class_numbers,
+)
+
+__all__ = [
+    "ANGLE_COLUMNS", "CANONICAL_ORDER", "DEFAULT_TOMO_NAME", "FORMATS", "ParticleTable",
+    "TomogramGeometry", "check_format", "class_numbers", "detect_format", "matrix_to_zxz",
+    "read_particles", "relion_matrix", "relion_to_zxz", "write_particles", "zxz_matrix",
+    "zxz_to_relion",
+]
