@@ -12,6 +12,7 @@ from vpdetect.errors import VPDetectError
 from vpdetect.evaluate.segmentation import confusion_matrix, segmentation_metrics
 from vpdetect.evaluate.shrec import (
     SHREC21_SIZE_GROUPS,
+    combine_results,
     dilate_occupancy,
     evaluate_picks,
     merge_size_groups,
@@ -36,16 +37,16 @@ TRUTH_CLASSES = ["1s3x", "5mrc", "5mrc", "3qm1", "4CR2", "vesicle", "3qm1"]
 TRUTH_XYZ = [(2, 2, 1), (6, 6, 6), (9, 6, 6), (10, 2, 2), (11, 2, 2), (2, 9, 7), (12, 10, 8)]
 
 # Predictions in file order -> rounded/clipped voxel -> lookup:
-#   a (2.4, 2, 1)     1s3x  -> (2,2,1)   particle 1 (first hit of 1)
+#   a (2.4, 2, 1)     1s3x  -> (2,2,1)   particle 1 (first hit of 1; AD from the voxel: 0)
 #   b (3, 2, 1)       5mrc  -> (3,2,1)   particle 1 (dilated neighbour; second hit)
-#   c (6.5, 6.5, 6.5) 5mrc  -> (7,7,7)   particle 2 (halves round up)
+#   c (6.5, 7.5, 6.5) 5mrc  -> (6,8,6)   particle 2 (halves to even; a dilated neighbour)
 #   d (8, 6, 6)       1s3x  -> (8,6,6)   particle 3 (gap voxel; misclassified)
 #   e (10, 2, 2)      4cr2  -> (10,2,2)  particle 5 (touching, higher id wins)
 #   f (2, 9, 7)       1s3x  -> 0          false positive (the vesicle is background)
 #   g (5, 10, 1)      1s3x  -> 0          false positive
 #   h (2, 2, -0.6)    5mrc  -> z -1 clipped to 0: (2,2,0) particle 1 (third hit), RO
 #   i (20, 6, 6)      5mrc  -> x clipped to 13: background, RO
-PRED_XYZ = [(2.4, 2, 1), (3, 2, 1), (6.5, 6.5, 6.5), (8, 6, 6), (10, 2, 2), (2, 9, 7), (5, 10, 1),
+PRED_XYZ = [(2.4, 2, 1), (3, 2, 1), (6.5, 7.5, 6.5), (8, 6, 6), (10, 2, 2), (2, 9, 7), (5, 10, 1),
             (2, 2, -0.6), (20, 6, 6)]
 PRED_CLASSES = ["1s3x", "5mrc", "5mrc", "1s3x", "4cr2", "1s3x", "1s3x", "5mrc", "5mrc"]
 
@@ -74,10 +75,14 @@ def test_dilation_is_a_cross_shaped_grey_maximum():
     assert dilated[2, 2, 9] == 4
 
 
-def test_round_and_clip_rounds_halves_up_and_counts_clipping():
-    voxels, clipped = round_and_clip(np.array([[0.5, 1.49, -0.5], [-0.51, 2.5, 9.6]]), (10, 5, 8))
-    np.testing.assert_array_equal(voxels, [[1, 1, 0], [0, 3, 9]])
-    np.testing.assert_array_equal(clipped, [False, True])
+def test_round_and_clip_rounds_halves_to_even_and_counts_clipping():
+    coords = np.array([[0.5, 1.49, -0.5], [-0.51, 2.5, 9.6], [1.5, 3.5, 4.5], [-1.5, 0.49, 7.5]])
+    voxels, clipped = round_and_clip(coords, (10, 5, 8))
+    np.testing.assert_array_equal(voxels, [[0, 1, 0], [0, 2, 9], [2, 4, 4], [0, 0, 8]])
+    np.testing.assert_array_equal(clipped, [False, True, False, True])
+    # The same as Python's round, which the official SHREC'21 script uses.
+    expected = [[min(max(round(v), 0), hi) for v, hi in zip(row, (7, 4, 9), strict=True)] for row in coords]
+    np.testing.assert_array_equal(voxels, expected)
 
 
 def test_every_localization_metric_on_the_hand_example():
@@ -89,8 +94,95 @@ def test_every_localization_metric_on_the_hand_example():
     assert loc["recall"] == pytest.approx(2 / 3)
     assert loc["miss_rate"] == pytest.approx(1 / 3)
     assert loc["f1"] == pytest.approx(8 / 15)
-    # First hits: a->1 (0.4), c->2 (sqrt(3)/2), d->3 (1), e->5 (1); b and h are later hits on 1.
-    assert loc["AD"] == pytest.approx((0.4 + math.sqrt(3) / 2 + 1 + 1) / 4)
+    # First hits, from their rounded voxel: a (2,2,1)->1 (0), c (6,8,6)->2 (2), d->3 (1),
+    # e->5 (1); b and h are later hits on 1.
+    assert loc["AD"] == pytest.approx((0 + 2 + 1 + 1) / 4)
+
+
+def test_half_voxel_positions_follow_the_official_rules():
+    # Two single-voxel particles at x 2 and x 8 (y 2, z 2); the dilation covers x 1..3 and 7..9.
+    occupancy = np.zeros((5, 5, 12), dtype=np.int32)
+    occupancy[2, 2, 2], occupancy[2, 2, 8] = 1, 2
+    truth = ParticleTable.from_arrays([(2, 2, 2), (8, 2, 2)], class_name=["a", "b"])
+    # Halves to even: 0.5 -> 0 (miss), 2.5 -> 2 (hit 1 at distance 0), 6.5 -> 6 (miss),
+    # (7.5, 2, 2.5) -> (8, 2, 2) (hit 2 at distance 0). Rounding halves up would hit all four.
+    pred = ParticleTable.from_arrays([(0.5, 2, 2), (2.5, 2, 2), (6.5, 2, 2), (7.5, 2, 2.5)])
+    loc = evaluate_picks(pred, occupancy, truth)["localization"]
+    assert (loc["RR"], loc["TP"], loc["FP"], loc["FN"], loc["MH"], loc["RO"]) == (4, 2, 2, 0, 0, 0)
+    assert loc["AD"] == 0.0  # measured from the rounded voxel, not the reported position
+
+
+def official_rules(pred_xyz, pred_classes, occupancy, truth_xyz):
+    """The SHREC'21 rules as the official script states them, one prediction at a time:
+    Python's round, clip, skimage's dilation, first hit in file order, AD from the voxel."""
+    from skimage.morphology import dilation
+
+    lookup = dilation(occupancy)
+    upper = [s - 1 for s in occupancy.shape[::-1]]
+    hits: dict[int, list] = {k: [] for k in range(len(truth_xyz) + 1)}
+    clipped = 0
+    for (x, y, z), name in zip(pred_xyz, pred_classes, strict=True):
+        voxel = [int(round(float(v))) for v in (x, y, z)]
+        kept = [min(max(v, 0), hi) for v, hi in zip(voxel, upper, strict=True)]
+        clipped += kept != voxel
+        k = int(lookup[kept[2], kept[1], kept[0]])
+        centre = truth_xyz[k - 1] if k else kept
+        hits[k].append((name, math.dist(kept, centre)))
+    found = [hits[k] for k in range(1, len(truth_xyz) + 1)]
+    tp = sum(1 for h in found if h)
+    return {
+        "TP": tp, "FP": len(hits[0]), "FN": sum(1 for h in found if not h),
+        "MH": sum(1 for h in found if len(h) > 1), "RO": clipped,
+        "AD": sum(h[0][1] for h in found if h) / tp, "assigned": [h[0][0] if h else None for h in found],
+    }
+
+
+def test_matches_the_official_rules_on_random_half_voxel_picks():
+    rng = np.random.default_rng(5)
+    shape = (12, 20, 24)  # z, y, x
+    occupancy = np.zeros(shape, dtype=np.int32)
+    # Non-overlapping 2x2x2 particles on a grid, some touching their neighbour.
+    truth_xyz = []
+    for z in range(1, 11, 4):
+        for y in range(1, 19, 3):
+            for x in range(1, 23, 5):
+                truth_xyz.append((x, y, z))
+                occupancy[z : z + 2, y : y + 2, x : x + 2] = len(truth_xyz)
+    names = [f"c{k % 3}" for k in range(len(truth_xyz))]
+    truth = ParticleTable.from_arrays(truth_xyz, class_name=names)
+    # Predictions on the half-voxel grid (exact .5 ties everywhere), a few outside the volume.
+    pred_xyz = rng.integers(-4, 2 * np.array(shape[::-1]) + 4, size=(400, 3)) / 2.0
+    pred_classes = [f"c{k}" for k in rng.integers(0, 3, size=len(pred_xyz))]
+    result = evaluate_picks(ParticleTable.from_arrays(pred_xyz, class_name=pred_classes), occupancy, truth)
+    expected = official_rules(pred_xyz, pred_classes, occupancy, truth_xyz)
+    loc = result["localization"]
+    assert {k: loc[k] for k in ("TP", "FP", "FN", "MH", "RO")} == {
+        k: expected[k] for k in ("TP", "FP", "FN", "MH", "RO")}
+    assert loc["TP"] > 50 and loc["RO"] > 0 and loc["MH"] > 0
+    assert loc["AD"] == pytest.approx(expected["AD"], rel=1e-12)
+    confusion = result["classification"]["confusion"]
+    diagonal = sum(confusion["matrix"][i][i] for i in range(len(confusion["labels"]) - 1))
+    assert diagonal == sum(a == t for a, t in zip(expected["assigned"], names, strict=True))
+
+
+def test_totals_over_tomograms_sum_the_counts():
+    occupancy, truth = hand_truth()
+    one = evaluate_picks(hand_predictions(), occupancy, truth)
+    empty = evaluate_picks(ParticleTable.from_arrays(np.zeros((0, 3)), class_name=[]), occupancy, truth)
+    total = combine_results([one, empty])
+    loc = total["localization"]
+    assert (loc["RR"], loc["TP"], loc["FP"], loc["FN"], loc["MH"], loc["RO"]) == (9, 4, 3, 8, 1, 2)
+    assert loc["n_particles"] == 12 and loc["recall"] == pytest.approx(4 / 12)
+    assert loc["AD"] == pytest.approx(one["localization"]["AD"])
+    twice = combine_results([one, one])
+    assert twice["localization"]["AD"] == pytest.approx(one["localization"]["AD"])
+    assert twice["classification"]["confusion"]["matrix"] == [
+        [2 * v for v in row] for row in one["classification"]["confusion"]["matrix"]]
+    assert twice["classification"]["per_class"] == one["classification"]["per_class"] | {
+        name: {**v, "n_true": 2 * v["n_true"]} for name, v in one["classification"]["per_class"].items()}
+    assert combine_results([one]) == one
+    assert combine_results([one, evaluate_picks(ParticleTable.from_arrays(PRED_XYZ), occupancy, truth)])[
+        "classification"] is None
 
 
 def test_predictions_labelled_vesicle_are_not_scored():
@@ -109,7 +201,7 @@ def test_first_hit_rule_uses_file_order():
     swapped = pred.data.iloc[[1, 0] + list(range(2, len(pred)))].reset_index(drop=True)
     result = evaluate_picks(ParticleTable(swapped), occupancy, truth)
     # Now b (3, 2, 1), class 5mrc, is particle 1's first hit: distance 1, and 1s3x is lost.
-    assert result["localization"]["AD"] == pytest.approx((1 + math.sqrt(3) / 2 + 1 + 1) / 4)
+    assert result["localization"]["AD"] == pytest.approx((1 + 2 + 1 + 1) / 4)
     assert result["classification"]["per_class"]["1s3x"]["recall"] == 0.0
 
 

@@ -1,14 +1,15 @@
 """The SHREC'20/'21 evaluation protocol (SHREC'21 paper section 2.2, tables 3-6).
 
 A prediction is a position (and a class). Positions are rounded to the nearest
-voxel (halves round up) and clipped into the volume; RO counts the clipped ones.
+voxel with Python's `round` (halves to even, as the official SHREC'21 script does)
+and clipped into the volume; RO counts the clipped ones.
 The occupancy mask (0 background, k = the particle on line k of
 particle_locations.txt) is dilated once with a 6-connected cross as a greyscale
 maximum, so where particles touch the higher id wins, and looked up at [z, y, x]:
 0 is a false positive, k a hit on particle k.
 
-AD is measured from the reported (unrounded) position of a particle's first hit
-in file order. Classification gives each scored true particle the class of its
+AD is measured from the rounded, clipped voxel of a particle's first hit in file
+order to the particle's listed centre (as the official script does). Classification gives each scored true particle the class of its
 first hit, or `background` when it has none; the confusion matrix [true,
 assigned] covers true particles only, so false positives lower localization
 precision but not a class's precision (as in the SHREC tables).
@@ -56,12 +57,12 @@ def dilate_occupancy(occupancy: np.ndarray) -> np.ndarray:
 
 
 def round_and_clip(coords_xyz: np.ndarray, shape_zyx: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest voxel (x.5 rounds up, not to even) clipped into the volume.
+    """Nearest voxel (halves to even, as Python's `round`) clipped into the volume.
 
     Returns the (n, 3) integer x, y, z indices and a boolean mask of the clipped rows.
     """
     coords = np.asarray(coords_xyz, dtype=np.float64).reshape(-1, 3)
-    rounded = np.floor(coords + 0.5).astype(np.int64)
+    rounded = np.rint(coords).astype(np.int64)  # IEEE round-half-even, the same as round()
     upper = np.asarray(shape_zyx[::-1], dtype=np.int64) - 1  # x, y, z maxima
     clipped = np.clip(rounded, 0, upper)
     return clipped, np.any(clipped != rounded, axis=1)
@@ -155,32 +156,19 @@ def evaluate_picks(
     first_hit[ids] = first_index
     first_hit[0] = -1
 
-    n_particles = int(scored.sum())
     found = scored & (counts > 0)
-    tp = int(found.sum())
     found_ids = np.flatnonzero(found)
-    if tp:
-        deltas = coords[first_hit[found_ids]] - truth.coords_xyz()[found_ids - 1]
-        average_distance: float | None = float(np.linalg.norm(deltas, axis=1).mean())
-    else:
-        average_distance = None  # no hit, no distance (JSON null)
-    rr = len(pred)
-    precision = _safe_div(tp, rr)
-    recall = _safe_div(tp, n_particles)
-    localization = {
-        "RR": rr,
-        "TP": tp,
-        "FP": int(np.count_nonzero(hits == 0)),
-        "FN": n_particles - tp,
-        "MH": int(np.count_nonzero(scored & (counts > 1))),
-        "RO": int(was_clipped.sum()),
-        "AD": average_distance,
-        "precision": precision,
-        "recall": recall,
-        "miss_rate": 1.0 - recall if n_particles else 0.0,
-        "f1": _f1(precision, recall),
-        "n_particles": n_particles,
-    }
+    # From the rounded, clipped voxel of the first hit, as the official script measures.
+    deltas = voxels[first_hit[found_ids]] - truth.coords_xyz()[found_ids - 1]
+    localization = localization_metrics(
+        rr=len(pred),
+        tp=int(found.sum()),
+        fp=int(np.count_nonzero(hits == 0)),
+        mh=int(np.count_nonzero(scored & (counts > 1))),
+        ro=int(was_clipped.sum()),
+        distance_sum=float(np.linalg.norm(deltas, axis=1).sum()),
+        n_particles=int(scored.sum()),
+    )
 
     classification = None
     pred_labels = pred.class_labels()
@@ -192,6 +180,58 @@ def evaluate_picks(
         true_names = [truth_labels[k - 1] for k in range(1, n + 1) if scored[k]]
         groups = dict(SHREC21_SIZE_GROUPS if size_groups is None else size_groups)
         classification = classification_metrics(true_names, assigned, pred_labels, groups)
+    return {"localization": localization, "classification": classification}
+
+
+def localization_metrics(
+    rr: int, tp: int, fp: int, mh: int, ro: int, distance_sum: float, n_particles: int
+) -> dict:
+    """The localization table row from its counts; AD = distance_sum / TP (None without hits)."""
+    precision = _safe_div(tp, rr)
+    recall = _safe_div(tp, n_particles)
+    return {
+        "RR": rr,
+        "TP": tp,
+        "FP": fp,
+        "FN": n_particles - tp,
+        "MH": mh,
+        "RO": ro,
+        "AD": distance_sum / tp if tp else None,  # no hit, no distance (JSON null)
+        "precision": precision,
+        "recall": recall,
+        "miss_rate": 1.0 - recall if n_particles else 0.0,
+        "f1": _f1(precision, recall),
+        "n_particles": n_particles,
+    }
+
+
+def combine_results(results: Sequence[Mapping], size_groups: Mapping[str, Sequence[str]] | None = None) -> dict:
+    """The total over several tomograms' `evaluate_picks` results: counts summed, AD the mean
+    over all first hits, classification from the summed confusion matrices (None unless every
+    tomogram has one)."""
+    if len(results) == 1:
+        return {"localization": dict(results[0]["localization"]),
+                "classification": results[0]["classification"]}
+    locs = [r["localization"] for r in results]
+    localization = localization_metrics(
+        **{key.lower(): sum(loc[key] for loc in locs) for key in ("RR", "TP", "FP", "MH", "RO")},
+        distance_sum=sum(loc["AD"] * loc["TP"] for loc in locs if loc["TP"]),
+        n_particles=sum(loc["n_particles"] for loc in locs),
+    )
+    classification = None
+    if results and all(r["classification"] for r in results):
+        true_names: list[str] = []
+        assigned: list[str] = []
+        labels: list[str] = []
+        for result in results:
+            confusion = result["classification"]["confusion"]
+            labels += confusion["labels"]
+            for true, row in zip(confusion["labels"], confusion["matrix"], strict=True):
+                for got, count in zip(confusion["labels"], row, strict=True):
+                    true_names += [true] * count
+                    assigned += [got] * count
+        groups = dict(SHREC21_SIZE_GROUPS if size_groups is None else size_groups)
+        classification = classification_metrics(true_names, assigned, labels, groups)
     return {"localization": localization, "classification": classification}
 
 
