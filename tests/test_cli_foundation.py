@@ -167,7 +167,7 @@ def test_evaluate_writes_json_and_plot(tmp_path, truth_dir, picks):
     assert {k: loc[k] for k in ("RR", "TP", "FP", "FN", "MH", "RO")} == {
         "RR": 3, "TP": 2, "FP": 1, "FN": 0, "MH": 0, "RO": 0}
     assert set(loc) >= {"RR", "TP", "FP", "FN", "MH", "RO", "AD", "precision", "recall", "miss_rate", "f1"}
-    assert loc["AD"] == pytest.approx((0.2 + 0.4) / 2)
+    assert loc["AD"] == 0.0  # from the rounded voxels (3, 3, 3) and (10, 8, 4), as the official script
     assert loc["precision"] == pytest.approx(2 / 3) and loc["recall"] == 1.0
     cls = metrics["classification"]
     assert cls["per_class"]["1s3x"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "n_true": 1}
@@ -187,7 +187,7 @@ def test_evaluate_error_cases_exit_2_without_output(tmp_path, truth_dir, picks):
 
     check(invoke("evaluate", tmp_path / "absent.csv", "--truth", truth_dir, "--json", json_path),
           "file not found")
-    check(invoke("evaluate", picks, "--truth", tmp_path / "nowhere", "--json", json_path), "truth folder not found")
+    check(invoke("evaluate", picks, "--truth", tmp_path / "nowhere", "--json", json_path), "truth not found")
     nocoords = tmp_path / "nocoords.star"
     nocoords.write_text("data_particles\n\nloop_\n_rlnTomoName\n_rlnAngleRot\nTS_1 10\n")
     check(invoke("evaluate", nocoords, "--truth", truth_dir, "--json", json_path), "no particle coordinates")
@@ -209,7 +209,7 @@ def test_evaluate_error_cases_exit_2_without_output(tmp_path, truth_dir, picks):
 
     two_tomograms = tmp_path / "two.csv"
     two_tomograms.write_text("x,y,z,tomo_name\n3,3,3,TS_1\n3,3,3,TS_2\n")
-    check(invoke("evaluate", two_tomograms, "--truth", truth_dir, "--json", json_path), "2 tomograms")
+    check(invoke("evaluate", two_tomograms, "--truth", truth_dir, "--json", json_path), "match no truth tomogram")
 
     (truth_dir / "occupancy_mask.mrc").write_bytes(b"not an MRC file at all" * 20)
     check(invoke("evaluate", picks, "--truth", truth_dir, "--json", json_path), "occupancy_mask.mrc")
