@@ -59,7 +59,10 @@ def main() -> None:
     figure = plot_picks_on_slice(tomo.data, table, truth=truth_table,
                                  title=f"held-out shrec21 tomogram (seed {SEED}): vpdetect picks")
     figure.savefig(out / "picks_slice.png", dpi=110)
-    print(f"\npicture of the picks: {out / 'picks_slice.png'}; confusion matrix: {out / 'confusion.png'}")
+    # One file a line, so that the summary reads in an 80-column terminal.
+    print(f"\npicture of the picks: {out / 'picks_slice.png'}")
+    print(f"confusion matrix:     {out / 'confusion.png'}")
+    print(f"metrics (JSON):       {scores}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
 
     f1 = json.loads(scores.read_text())["localization"]["f1"]

@@ -151,7 +151,7 @@ def test_evaluate_refusals(tmp_path, two_folders):
     check(p0, "--truth", truth_table, "--metric", "shrec", fragment="needs an occupancy mask")
     check(p0, "--truth", truth_table, "--plot", tmp_path / "c.png", fragment="--metric shrec")
     check(p0, "--truth", folders[0], "--metric", "f1", fragment="--metric must be one of")
-    check(folders[1], "--truth", folders[0], fragment="is a folder")
+    check(folders[1], "--truth", folders[0], fragment="give each truth folder its own --truth")
     check(p0, p1, "--truth", folders[0], fragment="match no truth tomogram")
     check(p0, p0, "--truth", sim, fragment="two sets of predictions for truth tomogram model_0")
     check(p0, "--truth", tmp_path, fragment="nor a folder of them")

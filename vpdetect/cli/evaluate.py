@@ -68,12 +68,6 @@ def evaluate(
     for output in (json_path, plot, confusion_csv_path):
         if output is not None:
             check_output_dir(output.parent)
-    for path in predictions:
-        if path.is_dir():
-            raise VPDetectError(
-                f"PRED {path} is a folder: give particle files as PRED, and each truth after its own "
-                "--truth (or their parent folder)"
-            )
 
     truths, folders = _read_truths(truth, pixel_size)
     if metric is None:
@@ -171,7 +165,13 @@ def _read_predictions(paths: list[Path], fmt: str | None, pixel_size: float | No
     size = sizes.pop() if len(sizes) == 1 else None
     preds = []
     for path in paths:
-        preds += split_by_tomogram(read_particles(path, fmt=fmt, voxel_size=pixel_size, tomo_size=size), path)
+        try:
+            table = read_particles(path, fmt=fmt, voxel_size=pixel_size, tomo_size=size)
+        except VPDetectError as exc:
+            if path.is_dir():  # most likely a second truth folder after one --truth
+                raise VPDetectError(f"{exc} (PRED); give each truth folder its own --truth") from None
+            raise
+        preds += split_by_tomogram(table, path)
     return preds
 
 
