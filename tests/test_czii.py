@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from vpdetect.cli.options import parse_class_values
 from vpdetect.errors import VPDetectError
 from vpdetect.evaluate.czii import (
     evaluate_czii,
     fbeta,
     match_counts,
-    parse_class_values,
     radii_from_simulation,
 )
 from vpdetect.io.particles import ParticleTable
@@ -137,7 +137,7 @@ def test_refusals():
 def test_parse_class_values_and_simulation_radii():
     assert parse_class_values(["ribosome=150", "60", "apo-ferritin = 65"], "--radius") == (
         60.0, {"ribosome": 150.0, "apo-ferritin": 65.0})
-    assert parse_class_values(["x=0"], "--weight", allow_equal=True) == (None, {"x": 0.0})
+    assert parse_class_values(["x=0"], "--weight", allow_zero=True) == (None, {"x": 0.0})
     for bad in (["x=0"], ["x=-1"], ["x=nan"], ["=3"], ["x=abc"]):
         with pytest.raises(VPDetectError, match="--radius"):
             parse_class_values(bad, "--radius")

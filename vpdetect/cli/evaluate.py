@@ -176,7 +176,13 @@ def _read_predictions(paths: list[Path], fmt: str | None, pixel_size: float | No
 
 
 def _shrec(pred_tables: list, folders: list[Path]):
-    from vpdetect.evaluate.shrec import combine_results, evaluate_picks, merge_size_groups, read_size_groups, read_truth
+    from vpdetect.evaluate.shrec import (
+        combine_results,
+        evaluate_picks,
+        merge_size_groups,
+        read_size_groups,
+        read_truth,
+    )
 
     groups: dict = {}
     for folder in folders:
@@ -189,11 +195,12 @@ def _shrec(pred_tables: list, folders: list[Path]):
 
 
 def _czii(pred_tables, truths, folders, radius, weight, beta, distance_multiplier, pixel_size):
-    from vpdetect.evaluate.czii import evaluate_czii, parse_class_values, radii_from_simulation, truth_classes
+    from vpdetect.cli.options import parse_class_values
+    from vpdetect.evaluate.czii import evaluate_czii, radii_from_simulation, truth_classes
     from vpdetect.io.shrec import read_simulation_record
 
     default_radius, radii = parse_class_values(radius, "--radius")
-    default_weight, weights = parse_class_values(weight, "--weight", allow_equal=True)
+    default_weight, weights = parse_class_values(weight, "--weight", allow_zero=True)
     if default_radius is None:  # a radius for every class replaces the simulator's
         simulated: dict[str, float] = {}
         for t, folder in zip(truths, folders, strict=True):

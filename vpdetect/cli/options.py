@@ -1,9 +1,14 @@
 """Typer option factories shared by `localize`, `classify`, `pick` (and `train`, `tune`),
-so the same option reads the same in every command."""
+so the same option reads the same in every command, and parsers of option values."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import typer
+
+from vpdetect.errors import VPDetectError
 
 
 def output_dir_option(
@@ -48,3 +53,26 @@ def quiet_option():
 
 def log_file_option():
     return typer.Option(None, "--log-file", help="Also append a timestamped log to this file.")
+
+
+def parse_class_values(specs: Sequence[str], option: str, allow_zero: bool = False) -> tuple[float | None, dict[str, float]]:
+    """Values of a repeatable `NAME=VALUE` option (a bare VALUE for every class) -> (default, {name: value}).
+
+    Values must be positive (or zero too with `allow_zero`)."""
+    default: float | None = None
+    per_class: dict[str, float] = {}
+    for spec in specs:
+        name, sep, value = spec.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or (sep and not name.strip()):
+            raise VPDetectError(f"{option} expects NAME=VALUE or VALUE, got {spec!r}")
+        if number < 0 or (number == 0 and not allow_zero):
+            raise VPDetectError(f"{option} values must be {'>= 0' if allow_zero else 'positive'}, got {spec!r}")
+        if sep:
+            per_class[name.strip()] = number
+        else:
+            default = number
+    return default, per_class

@@ -190,28 +190,3 @@ def radii_from_simulation(record: Mapping) -> dict[str, float]:
         if isinstance(value, (int, float)) and value > 0:
             radii[str(entry["name"])] = float(value) * ANGSTROM_PER_NM
     return radii
-
-
-def parse_class_values(specs: Sequence[str], option: str, minimum: float = 0.0,
-                       allow_equal: bool = False) -> tuple[float | None, dict[str, float]]:
-    """`NAME=VALUE` options (a bare VALUE for every class) -> (default, {name: value}).
-
-    Values must exceed `minimum` (or equal it when `allow_equal`)."""
-    default: float | None = None
-    per_class: dict[str, float] = {}
-    bound = f">= {minimum:g}" if allow_equal else f"> {minimum:g}"
-    for spec in specs:
-        name, sep, value = spec.rpartition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            raise VPDetectError(f"{option} expects NAME=VALUE or VALUE, got {spec!r}") from None
-        if not (math.isfinite(number) and (number >= minimum if allow_equal else number > minimum)):
-            raise VPDetectError(f"{option} values must be {bound}, got {spec!r}")
-        if sep and not name.strip():
-            raise VPDetectError(f"{option} expects NAME=VALUE or VALUE, got {spec!r}")
-        if sep:
-            per_class[name.strip()] = number
-        else:
-            default = number
-    return default, per_class
