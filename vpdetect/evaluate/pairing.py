@@ -4,8 +4,9 @@ A table is split into tomograms by `tomo_name` (and `tomo_path`, so that picks o
 several SHREC folders' `reconstruction.mrc` stay apart). Each part is known by names,
 most telling first: its `tomo_name`, the folder of its `tomo_path` (a SHREC folder's
 name), and for a table without tomogram names (or without rows) the file's name and
-folder (a SHREC `particle_locations.txt`: its folder's name only). A truth tomogram has a primary name (the SHREC folder's name, or the table's
-`tomo_name`, or the file's name) and aliases (the table file's folder).
+folder (a SHREC `particle_locations.txt`: its folder's name only). A truth tomogram
+has a primary name (the SHREC folder's name, or the table's `tomo_name`, or the
+file's name) and aliases (the table file's folder).
 """
 
 from __future__ import annotations

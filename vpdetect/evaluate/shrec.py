@@ -9,10 +9,11 @@ maximum, so where particles touch the higher id wins, and looked up at [z, y, x]
 0 is a false positive, k a hit on particle k.
 
 AD is measured from the rounded, clipped voxel of a particle's first hit in file
-order to the particle's listed centre (as the official script does). Classification gives each scored true particle the class of its
-first hit, or `background` when it has none; the confusion matrix [true,
-assigned] covers true particles only, so false positives lower localization
-precision but not a class's precision (as in the SHREC tables).
+order to the particle's listed centre (as the official script does). Classification
+gives each scored true particle the class of its first hit, or `background` when it
+has none; the confusion matrix [true, assigned] covers true particles only, so false
+positives lower localization precision but not a class's precision (as in the SHREC
+tables). Several tomograms add up in `combine_results`.
 
 Truth particles of class `vesicle` are not scored (as in SHREC'21, where vesicles
 are context, not targets): their voxels are background before the dilation, so a
