@@ -186,3 +186,25 @@ def test_pairing_rules():
     assert pair_by_name([Tomogram(data, ("TS_02",), "p")], aliased)[1] is not None
     with pytest.raises(VPDetectError, match="match several truth tomograms"):
         pair_by_name([Tomogram(data, ("run",), "p")], aliased)
+
+
+def test_confusion_table_numbers_columns_and_keeps_names_whole():
+    from rich.console import Console
+
+    from vpdetect.evaluate.report import confusion_legend, confusion_table, per_class_table
+
+    labels = ["virus-like-particle", "beta-galactosidase", "unknown", "background"]
+    confusion = {"labels": labels, "matrix": [[3, 1, 0, 2], [0, 4, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]}
+    console = Console(width=40, record=True)
+    console.print(confusion_table(confusion))
+    console.print(per_class_table({"virus-like-particle": {"n_true": 6, "precision": 1.0, "recall": 0.5,
+                                                           "f1": 2 / 3}}))
+    text = console.export_text()
+    lines = text.splitlines()
+    header = next(line for line in lines if "assigned" in line)
+    assert header.split()[-4:] == ["1", "2", "3", "bg"]
+    assert any(line.split() == ["1", "virus-like-particle", "3", "1", ".", "2"] for line in lines)
+    assert any(line.split() == ["2", "beta-galactosidase", ".", "4", "1", "."] for line in lines)
+    assert not any("unknown" in line for line in lines)  # never true: a column, not a row
+    assert any(line.split()[:2] == ["virus-like-particle", "6"] for line in lines)  # not cut at 40 columns
+    assert confusion_legend(confusion).splitlines()[1] == "assigned but never true: 3 unknown"

@@ -101,26 +101,40 @@ def size_group_table(rows: Mapping[str, Mapping], title: str = "F1 per size grou
     return table
 
 
-def _true_labels(confusion: Mapping) -> list[str]:
-    # No true particle is background: its row is always empty and not shown.
+def _numbered(confusion: Mapping) -> tuple[list[str], dict[str, str]]:
+    """The labels with true particles (the rows) and a short number for every label."""
     labels = list(confusion["labels"])
-    return labels[:-1] if labels and labels[-1] == BACKGROUND else labels
+    # Background and classes only ever assigned have empty rows: not shown as rows.
+    rows = [label for label, row in zip(labels, confusion["matrix"], strict=True)
+            if label != BACKGROUND and sum(row)]
+    others = [label for label in labels if label not in rows and label != BACKGROUND]
+    numbers = {label: str(i) for i, label in enumerate(rows + others, start=1)}
+    numbers[BACKGROUND] = "bg"
+    return rows, numbers
 
 
 def confusion_table(confusion: Mapping, title: str = "Confusion matrix") -> Table:
-    """Rows: true classes, numbered and named; columns: assigned classes by number, `bg` background."""
-    labels = list(confusion["labels"])
-    rows = _true_labels(confusion)
-    numbers = {label: str(i) for i, label in enumerate(rows, start=1)}
-    caption = "columns: assigned class (first hit) by row number; bg: background"
-    table = _table(title, caption=caption)
-    _name_column(table, "true \\ assigned", [f"{numbers[r]} {r}" for r in rows])
-    for label in labels:
-        table.add_column(numbers.get(label, "bg" if label == BACKGROUND else "?"), justify="right")
-    for label, row in zip(labels, confusion["matrix"], strict=True):
-        if label in numbers:
+    """Rows: true classes, numbered and named; columns: assigned classes by number (`confusion_legend`)."""
+    rows, numbers = _numbered(confusion)
+    table = _table(title)
+    _name_column(table, "true \\ assigned", [f"{numbers[r]:>2} {r}" for r in rows])
+    for label in confusion["labels"]:
+        table.add_column(numbers[label], justify="right")
+    for label, row in zip(confusion["labels"], confusion["matrix"], strict=True):
+        if label in rows:
             table.add_row(f"{numbers[label]:>2} {label}", *(str(v) if v else "." for v in row))
     return table
+
+
+def confusion_legend(confusion: Mapping) -> str:
+    """What the column numbers of `confusion_table` stand for."""
+    rows, numbers = _numbered(confusion)
+    legend = "columns: the assigned class (first hit), numbered as the rows; bg: background"
+    others = [f"{numbers[label]} {label}" for label in confusion["labels"]
+              if label not in rows and label != BACKGROUND]
+    if others:
+        legend += "\nassigned but never true: " + ", ".join(others)
+    return legend
 
 
 def confusion_csv(confusion: Mapping) -> str:
@@ -187,6 +201,7 @@ def print_shrec(console: Console, per_tomogram: Mapping[str, Mapping], total: Ma
         label = TOTAL if len(per_tomogram) != 1 else next(iter(per_tomogram))
         console.print(size_group_table({label: classification["size_groups"]}))
     console.print(confusion_table(classification["confusion"]))
+    console.print(confusion_legend(classification["confusion"]))
 
 
 def print_czii(console: Console, per_tomogram: Mapping[str, Mapping], total: Mapping) -> None:
