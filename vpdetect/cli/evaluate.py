@@ -17,7 +17,7 @@ METRICS = ("shrec", "czii")
 @user_errors
 def evaluate(
     predictions: list[Path] = typer.Argument(
-        ..., metavar="PRED...",
+        ..., metavar="PRED",
         help="Predicted particles (.star, .csv or SHREC .txt), one or more files; a table of several "
         "tomograms is split by tomogram name.",
     ),
