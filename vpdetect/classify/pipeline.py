@@ -1,11 +1,16 @@
-"""Stage 2 on one tomogram: extract a box per coordinate, segment, mask, vote.
+"""Stage 2 on one tomogram: extract a box per coordinate, then label it.
 
 Classification runs only at the given coordinates, never as a sliding window.
 Boxes are cut from the tomogram normalised once with its own z-score
-statistics (as in training), segmented in batches by the classifier MSDNet
-(autocast on CUDA, the matrix-multiply engine of `vpdetect.nn.engine` on the
-CPU), and each box's label map is reduced to one class by the
-central-component vote of `vote.py`.
+statistics (as in training). The model card chooses the path:
+
+- an MSDNet segments the boxes in batches (autocast on CUDA, the
+  matrix-multiply engine of `vpdetect.nn.engine` on the CPU) and each box's
+  label map is reduced to one class by the central-component vote of `vote.py`;
+- a whole-box classifier (`vpdetect.nn.classifiers`) gives each box one
+  softmax in one forward per batch; class 0 is "non-particle" (stage 1's false
+  positives), and `vote_fraction` / `vote_margin` hold the winner's probability
+  and its lead over the runner-up.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from vpdetect.classify.extract import extract_boxes, inside_volume
-from vpdetect.classify.vote import NO_VOTE, central_mask, needs_tiebreak, vote_in_mask
+from vpdetect.classify.vote import NO_VOTE, Vote, central_mask, needs_tiebreak, vote_in_mask
 from vpdetect.errors import VPDetectError
 
 UNKNOWN_CLASS = "unknown"
+NON_PARTICLE_CLASS = "non-particle"
+# Boxes per forward pass when the options do not say: MSDNet segments every voxel, box classifiers do not.
+DEFAULT_BATCH = {"msdnet": 8, "boxes": 64}
 OUTPUT_COLUMNS = ("class_name", "class_number", "vote_fraction", "vote_margin")
 # A tomogram and a classifier whose voxel sizes differ by more than this get a warning.
 VOXEL_SIZE_TOLERANCE = 0.1
@@ -32,9 +40,9 @@ VOXEL_SIZE_TOLERANCE = 0.1
 class ClassifyOptions:
     """Settings of stage 2 (the CLI fills these from its options)."""
 
-    batch_size: int = 8  # boxes per network call
+    batch_size: int | None = None  # boxes per network call; None: 8 (MSDNet) or 64 (box classifiers)
     search_radius: float = 3.0  # voxels; how far from a background centre to look for the particle
-    drop_unknown: bool = False  # drop particles with no central component instead of "unknown"
+    drop_unknown: bool = False  # drop "unknown" / "non-particle" particles instead of labelling them
     box_size: int | None = None  # None: the model card's crop_size
     precision: str = "auto"  # CUDA autocast: auto (bf16 where supported), fp32, bf16, fp16; CPU is fp32
 
@@ -84,8 +92,12 @@ def classify_table(
     """
     from vpdetect.preprocess import zscore_params
 
+    from vpdetect.nn.checkpoint import is_box_arch
+
     options = options or ClassifyOptions()
     class_names = classifier_classes(card)
+    boxes = is_box_arch(card.get("arch"))
+    batch_size = options.batch_size or DEFAULT_BATCH["boxes" if boxes else "msdnet"]
     n_classes = len(class_names)
     if getattr(model, "n_classes", n_classes) != n_classes:
         raise VPDetectError(
@@ -94,8 +106,8 @@ def classify_table(
     box = int(options.box_size or card.get("crop_size") or 0)
     if box < 1:
         raise VPDetectError("classifier model card has no crop_size; give a box size")
-    if options.batch_size < 1:
-        raise VPDetectError(f"batch size must be at least 1, got {options.batch_size}")
+    if batch_size < 1:
+        raise VPDetectError(f"batch size must be at least 1, got {batch_size}")
 
     data = table.data
     if len(data) == 0:
@@ -120,9 +132,8 @@ def classify_table(
     mean, std = stats if stats is not None else zscore_params(tomo.data)
     normalised_at = time.perf_counter()
     kept = data.iloc[np.flatnonzero(inside)].reset_index(drop=True)
-    votes = _segment_and_vote(
-        tomo.data, coords[inside], box, mean, std, model, n_classes, options, progress
-    )
+    label = _label_boxes if boxes else _segment_and_vote
+    votes = label(tomo.data, coords[inside], box, mean, std, model, n_classes, options, batch_size, progress)
     finished = time.perf_counter()
     if timings is not None:
         timings["classify_load"] = normalised_at - started
@@ -130,7 +141,8 @@ def classify_table(
 
     indices = np.array([v.class_index for v in votes], dtype=np.int64)
     out = kept.copy()
-    out["class_name"] = [class_names[i] if i > 0 else UNKNOWN_CLASS for i in indices]
+    rejected = NON_PARTICLE_CLASS if boxes else UNKNOWN_CLASS
+    out["class_name"] = [class_names[i] if i > 0 else rejected for i in indices]
     out["class_number"] = indices
     out["vote_fraction"] = np.array([v.fraction for v in votes], dtype=np.float64)
     out["vote_margin"] = np.array([v.margin for v in votes], dtype=np.float64)
@@ -144,7 +156,33 @@ def classify_table(
     )
 
 
-def _segment_and_vote(volume, coords, box, mean, std, model, n_classes, options, progress):
+def _label_boxes(volume, coords, box, mean, std, model, n_classes, options, batch_size, progress):
+    """One softmax per box, one forward per batch of boxes: (class, probability, lead) per box."""
+    import torch
+
+    from vpdetect.localize.tiling import autocast_dtype
+
+    device = next(model.parameters()).device
+    cast = autocast_dtype(str(device), options.precision)
+    model.eval()
+    votes = []
+    with torch.inference_mode():
+        for start in range(0, len(coords), batch_size):
+            chunk = coords[start : start + batch_size]
+            inputs = torch.from_numpy(extract_boxes(volume, chunk, box, mean, std)).unsqueeze(1).to(device)
+            with torch.autocast(device_type=device.type, dtype=cast, enabled=cast is not None):
+                probs = model.predict(inputs)
+            top = torch.topk(probs, k=min(2, n_classes), dim=1).values.cpu().numpy().astype(np.float64)
+            winners = probs.argmax(dim=1).cpu().numpy()
+            for i, winner in enumerate(winners):
+                runner_up = top[i, 1] if top.shape[1] > 1 else 0.0
+                votes.append(Vote(int(winner), float(top[i, 0]), float(top[i, 0] - runner_up)))
+            if progress is not None:
+                progress(len(chunk))
+    return votes
+
+
+def _segment_and_vote(volume, coords, box, mean, std, model, n_classes, options, batch_size, progress):
     import torch
 
     from vpdetect.localize.tiling import autocast_dtype
@@ -157,8 +195,8 @@ def _segment_and_vote(volume, coords, box, mean, std, model, n_classes, options,
     # no_grad rather than inference_mode: the CPU engine's worker threads update
     # buffers in place, which inference tensors made here would refuse.
     with torch.no_grad():
-        for start in range(0, len(coords), options.batch_size):
-            chunk = coords[start : start + options.batch_size]
+        for start in range(0, len(coords), batch_size):
+            chunk = coords[start : start + batch_size]
             inputs = torch.from_numpy(extract_boxes(volume, chunk, box, mean, std)).unsqueeze(1)
             if device.type == "cpu":
                 probs = fast_predict(model, inputs)  # matrix-multiply engine, float32

@@ -102,7 +102,9 @@ def search_radius_option():
 
 def drop_unknown_option():
     return typer.Option(
-        False, "--drop-unknown", help="Drop particles with no central component instead of class 'unknown'."
+        False, "--drop-unknown",
+        help="Drop particles an MSDNet finds no central component for ('unknown') or a box classifier "
+        "calls 'non-particle', instead of labelling them so.",
     )
 
 
@@ -241,7 +243,10 @@ def classify(
     ),
     search_radius: float = search_radius_option(),
     drop_unknown: bool = drop_unknown_option(),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Subtomograms per network call."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", min=1,
+        help="Subtomograms per network call (default 8 for an MSDNet, 64 for a whole-box classifier).",
+    ),
     device: str = device_option(),
     devices: str = devices_option(),
     precision: str = precision_option(),
@@ -252,7 +257,7 @@ def classify(
     quiet: bool = quiet_option(),
     log_file: Path = log_file_option(),
 ) -> None:
-    """Classify each particle: segment a subtomogram around it, keep the central particle, vote."""
+    """Classify each particle: label a subtomogram around it (MSDNet: segment, keep the central particle, vote)."""
     from vpdetect.classify.pipeline import ClassifyOptions
     from vpdetect.io.particles import FORMATS
     from vpdetect.localize.tiling import autocast_dtype

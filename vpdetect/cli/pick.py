@@ -166,7 +166,10 @@ def pick(
     batch_size: int = batch_size_option(),
     search_radius: float = search_radius_option(),
     drop_unknown: bool = drop_unknown_option(),
-    box_batch_size: int = typer.Option(8, "--box-batch-size", min=1, help="Subtomograms per classifier call."),
+    box_batch_size: int = typer.Option(
+        None, "--box-batch-size", min=1,
+        help="Subtomograms per classifier call (default 8 for an MSDNet, 64 for a whole-box classifier).",
+    ),
     device: str = device_option(),
     devices: str = devices_option(),
     precision: str = precision_option(),

@@ -1,6 +1,11 @@
-"""`vpdetect train`: train a localizer or classifier MSDNet on annotated tomograms.
+"""`vpdetect train`: train a localizer or classifier on annotated tomograms.
 
-Writes, beside `--out MODEL.pt` (the best model by validation MIoU):
+The localizer is an MSDNet; the classifier is an MSDNet (`--arch msdnet`,
+segment-and-vote) or one of the whole-box classifiers of `vpdetect.nn.classifiers`
+(`--arch dilated-densenet|densenet|dsrf3d-v2|rb3d|cb3d`), trained on boxes
+around the true coordinates plus non-particle boxes.
+
+Writes, beside `--out MODEL.pt` (the best model by validation MIoU, or macro F1 for box classifiers):
 `MODEL.last.pt` (the latest epoch plus optimizer state, for `--resume`),
 `MODEL.log.csv` (one row per epoch) and `MODEL.curves.png`. Under
 `torchrun --nproc-per-node N` every process trains on its shard of the crops
@@ -24,6 +29,10 @@ STAGE_DEFAULTS = {
     "localizer": {"depth": 49, "max_dilation": 7, "gamma": 0.0, "alpha": "none", "particle_share": 0.5},
     "classifier": {"depth": 100, "max_dilation": 5, "gamma": 2.0, "alpha": "radius", "particle_share": 0.8},
 }
+# Whole-box classifiers: class-balanced sampling replaces class weights; the paper's 32^3 boxes
+# (Dilated-DenseNet on SHREC'19).
+BOX_DEFAULTS = {"gamma": 0.0, "alpha": "none", "crop_size": 32}
+MSDNET_CROP_SIZE = 64
 
 
 def side_paths(out: Path) -> dict[str, Path]:
@@ -77,7 +86,24 @@ def train(
     pixel_size: float = typer.Option(
         None, "--pixel-size", min=0.0, help="Voxel size in Angstrom, overriding the MRC headers."
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="Model file to write (the best epoch by validation MIoU)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Model file to write (the best epoch by validation MIoU, or macro F1 for boxes)."
+    ),
+    arch: str = typer.Option(
+        "msdnet", "--arch",
+        help="Classifier network: msdnet (segment and vote), dilated-densenet, densenet, dsrf3d-v2, rb3d "
+        "or cb3d (one label per box). The localizer is always an MSDNet.",
+    ),
+    width_divisor: int = typer.Option(
+        1, "--width-divisor", min=1, help="Box classifiers: divide every channel width by this (1 = the paper's)."
+    ),
+    max_shift: int = typer.Option(
+        2, "--max-shift", min=0, help="Box classifiers: particle boxes are shifted up to this many voxels per axis."
+    ),
+    background_share: float = typer.Option(
+        0.1, "--background-share", min=0.0, max=0.95,
+        help="Box classifiers: share of non-particle boxes (background, vesicles), the rest class-balanced.",
+    ),
     classes: str = typer.Option(
         None, "--classes", help="Comma-separated classes to train (others become background); default all."
     ),
@@ -92,7 +118,10 @@ def train(
     max_dilation: int = typer.Option(
         None, "--max-dilation", min=1, help="Largest dilation; layers cycle 1..M (default 7 localizer, 5 classifier)."
     ),
-    crop_size: int = typer.Option(64, "--crop-size", min=4, help="Edge of the cubic training crops in voxels."),
+    crop_size: int = typer.Option(
+        None, "--crop-size", min=4,
+        help="Edge of the cubic training crops (MSDNet, default 64) or boxes (box classifiers, default 32) in voxels.",
+    ),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Crops per step (per process under torchrun)."),
     epochs: int = typer.Option(500, "--epochs", min=1, help="Epochs to train (paper: 500)."),
     steps_per_epoch: int = typer.Option(100, "--steps-per-epoch", min=1, help="Optimizer steps per epoch."),
@@ -111,7 +140,10 @@ def train(
         None, "--particle-share", min=0.0, max=1.0,
         help="Share of crops centred near a particle (default 0.5 localizer, 0.8 classifier).",
     ),
-    val_crops: int = typer.Option(16, "--val-crops", min=0, help="Validation crops per epoch (fixed)."),
+    val_crops: int = typer.Option(
+        16, "--val-crops", min=0,
+        help="Validation crops per epoch (fixed); box classifiers validate on every validation particle.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed: same data, options and seed give the same model."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision on CUDA (bfloat16, or float16)."),
@@ -123,9 +155,18 @@ def train(
         None, "--time-limit", min=0.0, help="Stop after this many minutes (finished epochs are kept; --resume later)."
     ),
 ) -> None:
-    """Train a localizer (particle vs background) or classifier (one class per particle type) MSDNet."""
+    """Train a localizer (particle vs background) or a classifier (one class per particle type)."""
+    from vpdetect.nn.checkpoint import ARCHITECTURES
+
     if stage not in STAGES:
         raise VPDetectError(f"stage must be localizer or classifier, got {stage!r}")
+    if arch not in ARCHITECTURES:
+        raise VPDetectError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    boxes = arch != "msdnet"
+    if boxes and stage != "classifier":
+        raise VPDetectError(f"--arch {arch} is a classifier; the localizer is an MSDNet")
+    if crop_size is None:
+        crop_size = BOX_DEFAULTS["crop_size"] if boxes else MSDNET_CROP_SIZE
     if not data and not tomogram:
         raise VPDetectError("no training data: give --data DIR or --tomogram T.mrc --table T.star")
     if radius_unit not in ("angstrom", "voxel"):
@@ -168,7 +209,7 @@ def train(
     dist_info = init_distributed(device)
     torch_device = torch.device(resolve_device(device, dist_info.local_rank))
     main_process = dist_info.is_main
-    defaults = STAGE_DEFAULTS[stage]
+    defaults = STAGE_DEFAULTS[stage] | (BOX_DEFAULTS if boxes else {})
 
     def say(message: str) -> None:
         if main_process:
@@ -211,14 +252,28 @@ def train(
         workers=workers,
         amp=amp,
         class_names=mapping.class_names,
+        arch=arch,
+        width_divisor=width_divisor,
+        max_shift=max_shift,
+        background_share=background_share,
     )
-    train_set = CropDataset(volumes, crop_size, seed, config.particle_share, augment=True, stream=0)
-    if val_volumes:
-        val_set = CropDataset(val_volumes, crop_size, seed, config.particle_share, augment=False, stream=1)
-    else:
+    if not val_volumes:
         # A separate stream of crops from the training tomograms: a sanity check, not a held-out score.
-        val_set = CropDataset(volumes, crop_size, seed, config.particle_share, augment=False, stream=1)
         say("[yellow]warning:[/] no --val data: validation crops come from the training tomograms")
+    if boxes:
+        from vpdetect.train.boxes import BoxDataset
+
+        train_set = BoxDataset(volumes, crop_size, seed, max_shift, background_share, augment=True, stream=0)
+        # Validation: every particle of the validation tomograms plus non-particle boxes in the training share.
+        checked = val_volumes or volumes
+        n_val_particles = sum(len(tv.centre_classes) for tv in checked)
+        n_background = round(n_val_particles * background_share / (1.0 - background_share))
+        val_set = BoxDataset(checked, crop_size, seed, max_shift, background_share, augment=False, stream=1,
+                             exhaustive=True, n_background=n_background)
+        config.val_crops = len(val_set)
+    else:
+        train_set = CropDataset(volumes, crop_size, seed, config.particle_share, augment=True, stream=0)
+        val_set = CropDataset(val_volumes or volumes, crop_size, seed, config.particle_share, augment=False, stream=1)
 
     trainer = Trainer(config, train_set, val_set, torch_device, dist_info)
     if resume:
@@ -245,9 +300,12 @@ def train(
             "normalisation": "zscore",
             "voxel_size": voxel_sizes[0] if voxel_sizes else None,
             "crop_size": crop_size,
-            "halo": trainer.model.halo,
+            **({} if boxes else {"halo": trainer.model.halo}),
             "n_parameters": n_params,
             "provenance": {
+                "arch": arch,
+                **({"max_shift": max_shift, "background_share": background_share,
+                    "sampling": "class-balanced", "augmentation": "flips of z, y, x"} if boxes else {}),
                 "data": data_names,
                 "validation": [str(p) for p in val] + [str(p) for p in val_tomogram],
                 "seed": seed,
@@ -264,10 +322,13 @@ def train(
             "metrics": metrics,
         }
 
+    network = (
+        f"{arch} box {crop_size}^3" + (f" widths/{width_divisor}" if width_divisor > 1 else "")
+        if boxes else f"MSDNet w={config.width} d={config.depth} M={config.max_dilation}"
+    )
     say(
         f"training {stage}: {len(volumes)} tomogram(s), classes {', '.join(mapping.class_names)}; "
-        f"MSDNet w={config.width} d={config.depth} M={config.max_dilation} ({n_params:,} parameters) "
-        f"on {hardware}"
+        f"{network} ({n_params:,} parameters) on {hardware}"
     )
     if resume:
         say(f"resuming after epoch {trainer.epoch} of {epochs}")
@@ -301,8 +362,10 @@ def train(
     def on_epoch_end(record: dict, improved: bool) -> None:
         progress.remove_task(task_holder["task"])
         metrics = " ".join(
-            f"{k} {record[k]:.4f}" for k in ("val_loss", "VA", "MVA", "MIoU") if k in record
+            f"{k} {record[k]:.4f}" for k in ("val_loss", "VA", "MVA", "MIoU", "accuracy", "macro_F1") if k in record
         )
+        if "class_F1" in record:
+            metrics += "  F1 " + " ".join("-" if v is None else f"{v:.2f}" for v in record["class_F1"])
         say(
             f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4g}  {metrics}  "
             f"{record['seconds']:.1f} s{'  [green]best[/]' if improved else ''}"
@@ -323,7 +386,9 @@ def train(
             say(f"stopped by the time limit before the first epoch finished ({elapsed:.0f} s); nothing saved")
         else:
             best = trainer.best
-            best_text = f"MIoU {best['MIoU']:.4f}" if "MIoU" in best else f"loss {best['train_loss']:.4g}"
+            best_text = next(
+                (f"{k} {best[k]:.4f}" for k in ("macro_F1", "MIoU") if k in best), f"loss {best['train_loss']:.4g}"
+            )
             say(
                 f"{'finished' if status == 'done' else 'stopped (time limit)'} after epoch {trainer.epoch}; "
                 f"best epoch {best['epoch']} ({best_text}) -> {out}"

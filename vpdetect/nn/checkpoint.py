@@ -26,6 +26,15 @@ FORMAT = "vpdetect-model"
 FORMAT_VERSION = 1
 STAGES = ("localizer", "classifier")
 ARCH_KEYS = ("in_channels", "n_classes", "width", "depth", "max_dilation")
+# Whole-box classifiers (vpdetect.nn.classifiers), named in the card's arch; no name means MSDNet.
+BOX_ARCHITECTURES = ("dilated-densenet", "densenet", "dsrf3d-v2", "rb3d", "cb3d")
+ARCHITECTURES = ("msdnet", *BOX_ARCHITECTURES)
+BOX_ARCH_KEYS = ("in_channels", "n_classes", "box_size", "width_divisor")
+
+
+def is_box_arch(arch: dict | None) -> bool:
+    """Whether a card's arch describes a whole-box classifier (else the segmenting MSDNet)."""
+    return isinstance(arch, dict) and arch.get("name", "msdnet") in BOX_ARCHITECTURES
 
 
 def _plain(value, where: str = "card"):
@@ -57,9 +66,13 @@ def _check_card(card: dict, source: str) -> None:
     if stage not in STAGES:
         raise VPDetectError(f"{source}: model card has unknown stage {stage!r}")
     arch = card.get("arch")
-    if not isinstance(arch, dict) or any(
-        not isinstance(arch.get(k), int) or arch.get(k) < 1 for k in ARCH_KEYS
-    ):
+    name = arch.get("name", "msdnet") if isinstance(arch, dict) else None
+    if name not in ARCHITECTURES:
+        raise VPDetectError(f"{source}: model card names an unknown architecture {name!r}")
+    if stage == "localizer" and name != "msdnet":
+        raise VPDetectError(f"{source}: a localizer must be an MSDNet, the card says {name!r}")
+    keys = ARCH_KEYS if name == "msdnet" else BOX_ARCH_KEYS
+    if any(not isinstance(arch.get(k), int) or arch.get(k) < 1 for k in keys):
         raise VPDetectError(f"{source}: model card has an incomplete architecture {arch!r}")
     names = card.get("class_names")
     if not isinstance(names, list) or len(names) != arch["n_classes"] or not names or names[0] != "background":
@@ -166,14 +179,25 @@ def read_training_state(path) -> dict | None:
     return _read_payload(path).get("training_state")
 
 
-def load_model(path, stage: str | None = None, device="cpu"):
-    """(model in eval mode on `device`, card); refuses non-vpdetect files and the wrong stage."""
+def build_from_arch(arch: dict):
+    """The (untrained) network a card's `arch` describes: an MSDNet or a whole-box classifier."""
+    from vpdetect.nn.classifiers import build_box_classifier
     from vpdetect.nn.msdnet import MSDNet
 
+    if is_box_arch(arch):
+        return build_box_classifier(arch["name"], **{k: arch[k] for k in BOX_ARCH_KEYS})
+    return MSDNet(**{k: arch[k] for k in ARCH_KEYS})
+
+
+def load_model(path, stage: str | None = None, device="cpu"):
+    """(model in eval mode on `device`, card); refuses non-vpdetect files and the wrong stage."""
     payload = _read_payload(path, device="cpu")
     card = payload["card"]
     _check_stage(card, stage, path)
-    model = MSDNet(**{k: card["arch"][k] for k in ARCH_KEYS})
+    try:
+        model = build_from_arch(card["arch"])
+    except ValueError as exc:
+        raise VPDetectError(f"{path}: {exc}") from None
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError:
@@ -194,12 +218,19 @@ def _fmt_number(value) -> str:
 def format_model_card(card: dict) -> str:
     """A readable multi-line summary of a model card (for `vpdetect info MODEL.pt`)."""
     arch = card.get("arch", {})
+    if arch.get("name", "msdnet") == "msdnet":
+        described = "MSDNet width {width}, depth {depth}, dilations 1..{max_dilation}, ".format(
+            **{k: arch.get(k, "?") for k in ARCH_KEYS}
+        )
+    else:
+        divisor = arch.get("width_divisor", 1)
+        described = f"{arch['name']} (whole-box classifier), box {arch.get('box_size', '?')}^3, " + (
+            "the paper's widths, " if divisor == 1 else f"widths / {divisor}, "
+        )
     lines = [
         f"vpdetect {card.get('stage', '?')} model",
-        "  architecture: MSDNet width {width}, depth {depth}, dilations 1..{max_dilation}, "
-        "{in_channels} input channel(s), {n_classes} classes".format(
-            **{k: arch.get(k, "?") for k in ARCH_KEYS}
-        ),
+        f"  architecture: {described}{arch.get('in_channels', '?')} input channel(s), "
+        f"{arch.get('n_classes', '?')} classes",
     ]
     if "n_parameters" in card:
         lines.append(f"  parameters: {card['n_parameters']:,}")

@@ -1,7 +1,7 @@
 """The training loop: Adam with a step schedule, weighted focal loss, validation, DDP.
 
 `Trainer` owns the network, optimizer, schedule and history; it reads crops
-from `CropDataset`s and never touches files: the caller saves checkpoints
+from `CropDataset`s (MSDNet) or `BoxDataset`s (whole-box classifiers) and never touches files: the caller saves checkpoints
 from `Trainer.training_state()` in `on_epoch_end`. Under torchrun each
 process trains on its own shard of every epoch's crop indices; gradients are
 averaged by DistributedDataParallel, validation sums are all-reduced, and
@@ -54,12 +54,22 @@ class TrainConfig:
     workers: int = 0
     amp: bool = False
     class_names: list[str] = field(default_factory=lambda: ["background", "particle"])
+    # "msdnet" segments crops; the others (vpdetect.nn.classifiers) label whole boxes of crop_size.
+    arch: str = "msdnet"
+    width_divisor: int = 1  # box classifiers: channel widths divided by this (1 = the paper's)
+    max_shift: int = 2  # box classifiers: random shift of particle boxes off the true centre
+    background_share: float = 0.1  # box classifiers: share of non-particle boxes
 
     # Options that must match for --resume to continue the same schedule and data stream.
     RESUME_KEYS = (
         "stage", "width", "depth", "max_dilation", "crop_size", "batch_size", "steps_per_epoch",
         "lr", "lr_step", "lr_factor", "gamma", "alpha", "seed", "particle_share", "class_names",
+        "arch", "width_divisor", "max_shift", "background_share",
     )
+
+    @property
+    def box_classifier(self) -> bool:
+        return self.arch != "msdnet"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,7 +132,7 @@ class Trainer:
         self.device = torch.device(device)
         self.dist = dist_info or DistInfo()
         torch.manual_seed(config.seed)
-        self.model = MSDNet(1, len(config.class_names), config.width, config.depth, config.max_dilation)
+        self.model = build_network(config)
         self.model.to(self.device)
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -217,11 +227,16 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Focal loss and VA / MVA / MIoU over the fixed validation crops (all processes)."""
+        """Focal loss and VA / MVA / MIoU over the fixed validation crops (all processes).
+
+        For box classifiers: loss, accuracy, per-class F1 and their mean (macro F1) over the boxes.
+        """
         from vpdetect.evaluate.segmentation import confusion_matrix, segmentation_metrics
 
         if self.val_data is None or self.config.val_crops < 1:
             return {}
+        if self.config.box_classifier:
+            return self._validate_boxes()
         n_classes = len(self.config.class_names)
         indices = shard_indices(0, self.config.val_crops, self.dist.rank, self.dist.world)
         self.model.eval()
@@ -242,6 +257,24 @@ class Trainer:
         cm = summed[2:].reshape(n_classes, n_classes)
         metrics = segmentation_metrics(cm)
         return {"val_loss": float(summed[0] / max(summed[1], 1.0)), **metrics}
+
+    def _validate_boxes(self) -> dict:
+        from vpdetect.evaluate.segmentation import confusion_matrix
+
+        n_classes = len(self.config.class_names)
+        indices = shard_indices(0, self.config.val_crops, self.dist.rank, self.dist.world)
+        self.model.eval()
+        cm = np.zeros((n_classes, n_classes), dtype=np.float64)
+        loss_sum = 0.0
+        for images, labels in self._loader(self.val_data, indices):
+            images, labels = images.to(self.device), labels.to(self.device)
+            with self._autocast():
+                logits = self.model(images)
+            loss_sum += float(focal_loss(logits, labels, self.alpha, self.config.gamma, reduction="sum"))
+            cm += confusion_matrix(logits.argmax(dim=1).cpu().numpy(), labels.cpu().numpy(), n_classes)
+        summed = self._all_reduce(np.concatenate([[loss_sum], cm.ravel()]))
+        return {"val_loss": float(summed[0] / max(self.config.val_crops, 1)),
+                **box_metrics(summed[1:].reshape(n_classes, n_classes))}
 
     # -- state
 
@@ -275,10 +308,41 @@ class Trainer:
         self.best = state.get("best")
 
 
+def build_network(config: TrainConfig):
+    """The untrained network a config describes (an MSDNet or a whole-box classifier)."""
+    if not config.box_classifier:
+        return MSDNet(1, len(config.class_names), config.width, config.depth, config.max_dilation)
+    from vpdetect.nn.classifiers import build_box_classifier
+
+    try:
+        return build_box_classifier(config.arch, 1, len(config.class_names), config.crop_size, config.width_divisor)
+    except ValueError as exc:
+        raise VPDetectError(str(exc)) from None
+
+
+def box_metrics(cm: np.ndarray) -> dict:
+    """Accuracy, per-class F1 (classes with validation boxes; absent ones NaN) and macro F1.
+
+    `cm[true, predicted]` counts boxes.
+    """
+    tp = np.diag(cm)
+    n_true, n_pred = cm.sum(axis=1), cm.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(n_true > 0, 2 * tp / (n_true + n_pred), np.nan)
+    present = f1[~np.isnan(f1)]
+    return {
+        "accuracy": float(tp.sum() / max(cm.sum(), 1.0)),
+        "macro_F1": float(present.mean()) if present.size else 0.0,
+        "class_F1": [None if np.isnan(v) else round(float(v), 4) for v in f1],
+    }
+
+
 def is_better(metrics: dict, best: dict | None) -> bool:
-    """Higher validation MIoU wins; without validation, lower training loss."""
+    """Higher validation macro F1 (box classifiers) or MIoU wins; without validation, lower training loss."""
     if best is None:
         return True
+    if "macro_F1" in metrics and "macro_F1" in best:
+        return metrics["macro_F1"] > best["macro_F1"]
     if "MIoU" in metrics and "MIoU" in best:
         return metrics["MIoU"] > best["MIoU"]
     return metrics["train_loss"] < best["train_loss"]
@@ -319,6 +383,8 @@ def fit(
 def history_csv(history: list[dict]) -> str:
     """The per-epoch log as CSV text (a fixed column order, blank where a value is missing)."""
     columns = ["epoch", "lr", "train_loss", "val_loss", "VA", "MVA", "MIoU", "seconds"]
+    if any("macro_F1" in row for row in history):  # box classifiers
+        columns = ["epoch", "lr", "train_loss", "val_loss", "accuracy", "macro_F1", "seconds"]
     lines = [",".join(columns)]
     for row in history:
         cells = []
@@ -348,7 +414,7 @@ def curves_figure(history: list[dict], title: str = ""):
     ax_loss.set_ylabel("focal loss")
     ax_loss.set_yscale("log")
     ax_loss.legend()
-    for key in ("VA", "MVA", "MIoU"):
+    for key in ("VA", "MVA", "MIoU", "accuracy", "macro_F1"):
         if any(key in r for r in history):
             ax_metric.plot(epochs, [r.get(key, np.nan) for r in history], label=key)
     ax_metric.set_xlabel("epoch")

@@ -1,0 +1,196 @@
+"""Stage-2 classifiers side by side: the same data, the same CPU budget, held-out scores.
+
+Every architecture of `vpdetect train classifier --arch` is trained on the same
+simulated tomograms (`shrec21` preset, 256 x 256 x 128, 100-voxel slab: seed
+101 for training, 202 for validation) for the same wall-clock budget
+(`--minutes`, `--threads`), keeping its best epoch by validation. Each is then
+scored on the held-out tomogram (seed 7, never used for training or choices)
+twice, with the SHREC'21 protocol (`vpdetect.evaluate`): classifying the
+ground-truth coordinates (stage 2 alone) and classifying the coordinates the
+bundled localizer finds (what `vpdetect pick` does: the same localize code
+in the same process). Reported: class F1 per size group for both, training
+time, and inference time per 1,000 boxes (network and box extraction, from the
+classify pipeline's own timing). The bundled classifier is scored alongside.
+
+    .venv/bin/python -m benchmarks.bench_classifiers --work bench_cls --minutes 8 --threads 2
+
+Trainings already present in `--work` are reused (rerun to score again);
+`--arch` limits the run to some architectures. The JSON of all scores goes to
+`--work/classifiers.json` and the markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# CPU recipe per architecture: widths divided so that a 2-core CPU trains each
+# at a useful number of boxes a second; box 24^3, 16 boxes a step.
+RECIPES = {
+    "dilated-densenet": {"width_divisor": 2, "steps": 10},
+    "densenet": {"width_divisor": 2, "steps": 10},
+    "dsrf3d-v2": {"width_divisor": 2, "steps": 20},
+    "rb3d": {"width_divisor": 4, "steps": 20},
+    "cb3d": {"width_divisor": 4, "steps": 20},
+    "msdnet": {"steps": 20},  # the bundled CPU recipe's network: w=2 d=30 M=5, 24^3 crops
+}
+BOX = 24
+SHAPE = ("256", "256", "128")
+SEEDS = {"train": 101, "val": 202, "test": 7}
+
+
+def _vpdetect() -> list[str]:
+    return [str(Path(sys.executable).parent / "vpdetect")]
+
+
+def simulate_data(root: Path) -> dict[str, list[Path]]:
+    """The benchmark's tomograms (made once; the simulator is deterministic)."""
+    counts = {"train": 6, "val": 1, "test": 1}
+    folders = {}
+    for split, n in counts.items():
+        out = root / split
+        if not (out / f"model_{n - 1}" / "simulation.json").is_file():
+            subprocess.run(
+                [*_vpdetect(), "simulate", str(out), "--n-tomograms", str(n), "--preset", "shrec21",
+                 "--shape", *SHAPE, "--slab-thickness", "100", "--seed", str(SEEDS[split])],
+                check=True,
+            )
+        folders[split] = [out / f"model_{i}" for i in range(n)]
+    return folders
+
+
+def train(arch: str, folders: dict, work: Path, minutes: float, threads: int, seed: int) -> tuple[Path, float]:
+    """Train one architecture for `minutes` (skipped when its model exists); (model, seconds)."""
+    out = work / f"{arch}.pt"
+    log = work / f"{arch}.train.log"
+    if out.is_file():
+        from vpdetect.nn.checkpoint import read_model_card
+
+        return out, float(read_model_card(out)["provenance"].get("wall_time_s", 0.0))
+    recipe = RECIPES[arch]
+    args = [*_vpdetect(), "train", "classifier", "--arch", arch, "--out", str(out), "--overwrite",
+            "--crop-size", str(BOX), "--batch-size", "16" if arch != "msdnet" else "8",
+            "--steps-per-epoch", str(recipe["steps"]), "--epochs", "1000", "--lr-step", "1000",
+            "--threads", str(threads), "--seed", str(seed), "--time-limit", str(minutes)]
+    for folder in folders["train"]:
+        args += ["--data", str(folder)]
+    for folder in folders["val"]:
+        args += ["--val", str(folder)]
+    if arch == "msdnet":
+        args += ["--width", "2", "--depth", "30", "--max-dilation", "5", "--particle-share", "0.95"]
+    else:
+        args += ["--width-divisor", str(recipe["width_divisor"])]
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        subprocess.run(args, check=True, stdout=handle, stderr=subprocess.STDOUT,
+                       env=os.environ | {"COLUMNS": "200"})
+    return out, time.perf_counter() - started
+
+
+def localize_test(folder: Path, threads: int):
+    """The bundled localizer's coordinates on a test tomogram (pick's first stage)."""
+    import torch
+
+    from vpdetect.io.mrc import read_tomogram
+    from vpdetect.localize.pipeline import LocalizeOptions, localize_volume
+    from vpdetect.models import default_model_path
+    from vpdetect.nn.checkpoint import load_model
+
+    torch.set_num_threads(threads)
+    tomo = read_tomogram(folder / "reconstruction.mrc")
+    model, card = load_model(default_model_path("localizer"), stage="localizer")
+    table, _ = localize_volume(tomo, model, card, LocalizeOptions().with_model_defaults(card))
+    return tomo, table
+
+
+def score(model_path: Path, tomo, coords_tables: dict, truth_folder: Path) -> dict:
+    """Size-group and per-class F1 for each coordinate set, and inference ms per 1,000 boxes."""
+    from vpdetect.classify.pipeline import classify_table
+    from vpdetect.evaluate.shrec import evaluate_picks, read_size_groups, read_truth
+    from vpdetect.nn.checkpoint import load_model
+
+    model, card = load_model(model_path, stage="classifier")
+    occupancy, truth = read_truth(truth_folder)
+    groups = read_size_groups(truth_folder)
+    result = {"arch": card["arch"].get("name", "msdnet"), "n_parameters": card.get("n_parameters"),
+              "epochs": card["provenance"].get("epochs"), "val_metrics": card.get("metrics", {})}
+    boxes, seconds = 0, 0.0
+    for label, table in coords_tables.items():
+        timings: dict = {}
+        classified = classify_table(tomo, table, model, card, timings=timings)
+        boxes += len(table)
+        seconds += timings["classify"]
+        classification = evaluate_picks(classified, occupancy, truth, groups)["classification"]
+        result[label] = {
+            "size_groups": {g: round(v["f1"], 3) for g, v in classification["size_groups"].items()},
+            "per_class": {c: round(v["f1"], 3) for c, v in classification["per_class"].items()},
+        }
+    result["ms_per_1000_boxes"] = round(1000.0 * seconds / boxes * 1000.0, 0)
+    return result
+
+
+def markdown(rows: list[dict]) -> str:
+    groups = ("small", "medium", "large")
+    head = ("| classifier | parameters | train time | GT small | GT medium | GT large "
+            "| pick small | pick medium | pick large | inference per 1,000 boxes |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        gt = [r["gt"]["size_groups"].get(g, float("nan")) for g in groups]
+        pk = [r["pick"]["size_groups"].get(g, float("nan")) for g in groups]
+        train_time = "-" if r.get("train_s") is None else f"{r['train_s'] / 60:.1f} min"
+        lines.append(
+            f"| {r['name']} | {r['n_parameters']:,} | {train_time} | "
+            + " | ".join(f"{v:.3f}" for v in gt + pk)
+            + f" | {r['ms_per_1000_boxes'] / 1000:.1f} s |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("bench_classifiers"), help="folder for data and models")
+    parser.add_argument("--data", type=Path, default=None, help="folder with train/ val/ test/ (default: --work)")
+    parser.add_argument("--minutes", type=float, default=8.0, help="training budget per architecture")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for training and inference")
+    parser.add_argument("--arch", action="append", help="architectures to run (default: all)")
+    parser.add_argument("--seed", type=int, default=3, help="training seed")
+    parser.add_argument("--no-bundled", action="store_true", help="do not score the bundled classifier")
+    args = parser.parse_args(argv)
+    import torch
+
+    from vpdetect.io.particles import read_particles
+    from vpdetect.models import default_model_path
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    folders = simulate_data(args.data or args.work)
+    test = folders["test"][0]
+    torch.set_num_threads(args.threads)
+    tomo, picked = localize_test(test, args.threads)
+    coords = {"gt": read_particles(test / "particle_locations.txt", fmt="shrec"), "pick": picked}
+    rows = []
+    if not args.no_bundled:
+        rows.append({"name": "bundled MSDNet (41 min)", "train_s": None,
+                     **score(default_model_path("classifier"), tomo, coords, test)})
+        print(markdown(rows[-1:]), flush=True)
+    for arch in args.arch or list(RECIPES):
+        model, seconds = train(arch, folders, args.work, args.minutes, args.threads, args.seed)
+        torch.set_num_threads(args.threads)
+        rows.append({"name": arch, "train_s": seconds, **score(model, tomo, coords, test)})
+        print(markdown(rows[-1:]), flush=True)
+    (args.work / "classifiers.json").write_text(json.dumps(rows, indent=1))
+    print(markdown(rows))
+    return 0
+
+
+def run() -> None:
+    """`python -m benchmarks classifiers`: the full benchmark with the defaults (about an hour)."""
+    main([])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
