@@ -90,9 +90,8 @@ def classify_table(
     the number of boxes done; `timings` (a dict) receives seconds under
     "classify_load" (normalisation statistics) and "classify" (boxes, network, votes).
     """
-    from vpdetect.preprocess import zscore_params
-
     from vpdetect.nn.checkpoint import is_box_arch
+    from vpdetect.preprocess import zscore_params
 
     options = options or ClassifyOptions()
     class_names = classifier_classes(card)
@@ -156,37 +155,15 @@ def classify_table(
     )
 
 
-def _label_boxes(volume, coords, box, mean, std, model, n_classes, options, batch_size, progress):
-    """One softmax per box, one forward per batch of boxes: (class, probability, lead) per box."""
+def _over_batches(volume, coords, box, mean, std, model, options, batch_size, progress, probabilities, votes_of):
+    """Extract, predict and reduce the boxes batch by batch: a list of Votes, one per coordinate.
+
+    `probabilities(model, inputs, device, cast)` gives the network's softmax for a batch of
+    boxes on the CPU; `votes_of(probs)` turns it into one Vote per box.
+    """
     import torch
 
     from vpdetect.localize.tiling import autocast_dtype
-
-    device = next(model.parameters()).device
-    cast = autocast_dtype(str(device), options.precision)
-    model.eval()
-    votes = []
-    with torch.inference_mode():
-        for start in range(0, len(coords), batch_size):
-            chunk = coords[start : start + batch_size]
-            inputs = torch.from_numpy(extract_boxes(volume, chunk, box, mean, std)).unsqueeze(1).to(device)
-            with torch.autocast(device_type=device.type, dtype=cast, enabled=cast is not None):
-                probs = model.predict(inputs)
-            top = torch.topk(probs, k=min(2, n_classes), dim=1).values.cpu().numpy().astype(np.float64)
-            winners = probs.argmax(dim=1).cpu().numpy()
-            for i, winner in enumerate(winners):
-                runner_up = top[i, 1] if top.shape[1] > 1 else 0.0
-                votes.append(Vote(int(winner), float(top[i, 0]), float(top[i, 0] - runner_up)))
-            if progress is not None:
-                progress(len(chunk))
-    return votes
-
-
-def _segment_and_vote(volume, coords, box, mean, std, model, n_classes, options, batch_size, progress):
-    import torch
-
-    from vpdetect.localize.tiling import autocast_dtype
-    from vpdetect.nn.engine import fast_predict
 
     device = next(model.parameters()).device
     cast = autocast_dtype(str(device), options.precision)
@@ -198,18 +175,51 @@ def _segment_and_vote(volume, coords, box, mean, std, model, n_classes, options,
         for start in range(0, len(coords), batch_size):
             chunk = coords[start : start + batch_size]
             inputs = torch.from_numpy(extract_boxes(volume, chunk, box, mean, std)).unsqueeze(1)
-            if device.type == "cpu":
-                probs = fast_predict(model, inputs)  # matrix-multiply engine, float32
-            else:
-                inputs = inputs.to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, dtype=cast, enabled=cast is not None):
-                    probs = model.predict(inputs)
-            labels = probs.argmax(dim=1).to(torch.int16).cpu().numpy()
-            for i, box_labels in enumerate(labels):
-                votes.append(_vote_one(box_labels, probs[i], n_classes, options.search_radius))
+            votes.extend(votes_of(probabilities(model, inputs, device, cast)))
             if progress is not None:
                 progress(len(chunk))
     return votes
+
+
+def _autocast_predict(model, inputs, device, cast):
+    import torch
+
+    inputs = inputs.to(device, non_blocking=True)
+    with torch.autocast(device_type=device.type, dtype=cast, enabled=cast is not None):
+        return model.predict(inputs)
+
+
+def _label_boxes(volume, coords, box, mean, std, model, n_classes, options, batch_size, progress):
+    """One softmax per box, one forward per batch of boxes: (class, probability, lead) per box."""
+    import torch
+
+    def votes_of(probs):
+        top = torch.topk(probs, k=min(2, n_classes), dim=1).values.cpu().numpy().astype(np.float64)
+        winners = probs.argmax(dim=1).cpu().numpy()
+        runner_up = top[:, 1] if top.shape[1] > 1 else np.zeros(len(top))
+        return [Vote(int(w), float(t), float(t - r)) for w, t, r in zip(winners, top[:, 0], runner_up, strict=True)]
+
+    return _over_batches(volume, coords, box, mean, std, model, options, batch_size, progress,
+                         _autocast_predict, votes_of)
+
+
+def _segment_and_vote(volume, coords, box, mean, std, model, n_classes, options, batch_size, progress):
+    """Segment each box (MSDNet) and vote inside its central component."""
+    import torch
+
+    from vpdetect.nn.engine import fast_predict
+
+    def probabilities(model, inputs, device, cast):
+        if device.type == "cpu":
+            return fast_predict(model, inputs)  # matrix-multiply engine, float32
+        return _autocast_predict(model, inputs, device, cast)
+
+    def votes_of(probs):
+        labels = probs.argmax(dim=1).to(torch.int16).cpu().numpy()
+        return [_vote_one(box_labels, probs[i], n_classes, options.search_radius) for i, box_labels in enumerate(labels)]
+
+    return _over_batches(volume, coords, box, mean, std, model, options, batch_size, progress,
+                         probabilities, votes_of)
 
 
 def _vote_one(labels, probs, n_classes, search_radius):

@@ -125,7 +125,14 @@ class BoxClassifier(nn.Module):
         return rows
 
 
+_SIMPLE_KINDS = (
+    (nn.AvgPool3d, "avgpool"), (nn.AdaptiveAvgPool3d, "gap"), (nn.BatchNorm3d, "bn"), (nn.Linear, "fc"),
+    (nn.ReLU, "relu"), (nn.ConstantPad3d, "pad"), (nn.Flatten, "flatten"),
+)
+
+
 def _kind(module: nn.Module) -> str:
+    """Short layer kind for layer tables: conv3x3x3 d2, maxpool1x2x2, fc, ..."""
     if isinstance(module, nn.Conv3d):
         k = "x".join(str(s) for s in module.kernel_size)
         dil = module.dilation[0]
@@ -133,20 +140,9 @@ def _kind(module: nn.Module) -> str:
     if isinstance(module, nn.MaxPool3d):
         k = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * 3
         return "maxpool" + "x".join(str(s) for s in k)
-    if isinstance(module, nn.AvgPool3d):
-        return "avgpool"
-    if isinstance(module, nn.AdaptiveAvgPool3d):
-        return "gap"
-    if isinstance(module, nn.BatchNorm3d):
-        return "bn"
-    if isinstance(module, nn.Linear):
-        return "fc"
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    if isinstance(module, nn.ConstantPad3d):
-        return "pad"
-    if isinstance(module, nn.Flatten):
-        return "flatten"
+    for kind, name in _SIMPLE_KINDS:
+        if isinstance(module, kind):
+            return name
     return type(module).__name__.lower()
 
 
@@ -250,7 +246,15 @@ def _fc_head(n_in: int, width: int, n_classes: int, dropout: float) -> nn.Sequen
     )
 
 
-class DSRF3Dv2(BoxClassifier):
+class _FeaturesThenFC(BoxClassifier):
+    """Convolutions and poolings (`features`, ending in a flatten), then fully connected layers."""
+
+    def forward(self, x):
+        x = self._check_input(x)
+        return self.classifier(self.features(x))
+
+
+class DSRF3Dv2(_FeaturesThenFC):
     """Deep small receptive field network v2: VGG-like, 3 x (2 convolutions + max pooling), FC 1024 x 2."""
 
     name = "dsrf3d-v2"
@@ -272,10 +276,6 @@ class DSRF3Dv2(BoxClassifier):
             self._flat_size(self.features), _ch(self.FC, self.width_divisor), self.n_classes, self.DROPOUT
         )
 
-    def forward(self, x):
-        x = self._check_input(x)
-        return self.classifier(self.features(x))
-
 
 class _ResidualBlock(nn.Module):
     """Bottleneck path 1x1x1 -> 3x3x3 -> 1x1x1 beside a 3x3x3 shortcut, merged by concatenation."""
@@ -294,7 +294,7 @@ class _ResidualBlock(nn.Module):
         return self.relu(torch.cat([self.shortcut(x), self.bottleneck(x)], dim=1))
 
 
-class RB3D(BoxClassifier):
+class RB3D(_FeaturesThenFC):
     """Residual-block network: convolution + max pooling, 4 bottleneck residual blocks, FC 1024 x 2."""
 
     name = "rb3d"
@@ -317,12 +317,8 @@ class RB3D(BoxClassifier):
         self.features = nn.Sequential(*layers)
         self.classifier = _fc_head(self._flat_size(self.features), _ch(self.FC, d), self.n_classes, self.FC_DROPOUT)
 
-    def forward(self, x):
-        x = self._check_input(x)
-        return self.classifier(self.features(x))
 
-
-class CB3D(BoxClassifier):
+class CB3D(_FeaturesThenFC):
     """C3D-based network: 8 convolutions, 5 max poolings (the first 1x2x2), FC 4096 x 2."""
 
     name = "cb3d"
@@ -351,10 +347,6 @@ class CB3D(BoxClassifier):
         self.classifier = _fc_head(
             self._flat_size(self.features), _ch(self.FC, self.width_divisor), self.n_classes, self.DROPOUT
         )
-
-    def forward(self, x):
-        x = self._check_input(x)
-        return self.classifier(self.features(x))
 
 
 _CLASSES = {cls.name: cls for cls in (DilatedDenseNet3D, DenseNet3D, DSRF3Dv2, RB3D, CB3D)}
