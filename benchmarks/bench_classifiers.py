@@ -14,7 +14,7 @@ classify pipeline's own timing). The bundled classifier is scored alongside.
 
     .venv/bin/python -m benchmarks.bench_classifiers --work bench_cls --minutes 8 --threads 2
 
-Trainings already present in `--work` are reused (rerun to score again);
+Trainings and scores already present in `--work` are reused (delete NAME.score.json to score again);
 `--arch` limits the run to some architectures. The JSON of all scores goes to
 `--work/classifiers.json` and the markdown table to stdout.
 """
@@ -92,19 +92,23 @@ def train(arch: str, folders: dict, work: Path, minutes: float, threads: int, se
     return out, time.perf_counter() - started
 
 
-def localize_test(folder: Path, threads: int):
-    """The bundled localizer's coordinates on a test tomogram (pick's first stage)."""
+def localize_test(folder: Path, threads: int, cache: Path):
+    """The bundled localizer's coordinates on a test tomogram (pick's first stage), kept in `cache`."""
     import torch
 
     from vpdetect.io.mrc import read_tomogram
+    from vpdetect.io.particles import read_particles, write_particles
     from vpdetect.localize.pipeline import LocalizeOptions, localize_volume
     from vpdetect.models import default_model_path
     from vpdetect.nn.checkpoint import load_model
 
     torch.set_num_threads(threads)
     tomo = read_tomogram(folder / "reconstruction.mrc")
+    if cache.is_file():
+        return tomo, read_particles(cache)
     model, card = load_model(default_model_path("localizer"), stage="localizer")
     table, _ = localize_volume(tomo, model, card, LocalizeOptions().with_model_defaults(card))
+    write_particles(cache, table)
     return tomo, table
 
 
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for training and inference")
     parser.add_argument("--arch", action="append", help="architectures to run (default: all)")
     parser.add_argument("--seed", type=int, default=3, help="training seed")
-    parser.add_argument("--no-bundled", action="store_true", help="do not score the bundled classifier")
+    parser.add_argument("--no-bundled", action="store_true", help="do not score the bundled classifier (a score already in --work is still shown)")
+    parser.add_argument("--bundled-only", action="store_true", help="score only the bundled classifier")
     args = parser.parse_args(argv)
     import torch
 
@@ -170,17 +175,25 @@ def main(argv: list[str] | None = None) -> int:
     folders = simulate_data(args.data or args.work)
     test = folders["test"][0]
     torch.set_num_threads(args.threads)
-    tomo, picked = localize_test(test, args.threads)
+    tomo, picked = localize_test(test, args.threads, args.work / "test_picks.csv")
     coords = {"gt": read_particles(test / "particle_locations.txt", fmt="shrec"), "pick": picked}
+
+    def scored(name: str, model: Path, train_s: float | None) -> dict:
+        cached = args.work / f"{name}.score.json"
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        row = {"name": name, "train_s": train_s, **score(model, tomo, coords, test)}
+        cached.write_text(json.dumps(row, indent=1))
+        return row
+
     rows = []
-    if not args.no_bundled:
-        rows.append({"name": "bundled MSDNet (41 min)", "train_s": None,
-                     **score(default_model_path("classifier"), tomo, coords, test)})
+    if not args.no_bundled or (args.work / "bundled MSDNet.score.json").is_file():
+        rows.append(scored("bundled MSDNet", default_model_path("classifier"), None))
         print(markdown(rows[-1:]), flush=True)
-    for arch in args.arch or list(RECIPES):
+    for arch in [] if args.bundled_only else args.arch or list(RECIPES):
         model, seconds = train(arch, folders, args.work, args.minutes, args.threads, args.seed)
         torch.set_num_threads(args.threads)
-        rows.append({"name": arch, "train_s": seconds, **score(model, tomo, coords, test)})
+        rows.append(scored(arch, model, seconds))
         print(markdown(rows[-1:]), flush=True)
     (args.work / "classifiers.json").write_text(json.dumps(rows, indent=1))
     print(markdown(rows))

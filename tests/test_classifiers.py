@@ -4,6 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_classify import run_cli
+from test_pick_cli import LOCALIZE_ARGS, scenes  # noqa: F401  (scenes is a fixture)
 from test_train import _one_thread, make_shrec_folder  # noqa: F401  (autouse: one torch thread)
 from typer.testing import CliRunner
 
@@ -314,3 +316,21 @@ def test_box_arch_for_a_localizer_is_a_one_line_error(tmp_path, volumes):
     result = CliRunner().invoke(app, ["train", "classifier", "--arch", "vgg", "--data", str(folder),
                                       "--out", str(tmp_path / "x.pt")])
     assert result.exit_code == 2 and "unknown --arch 'vgg'" in result.output
+
+
+def test_pick_takes_the_box_path_and_drops_non_particles(scenes, tmp_path):  # noqa: F811
+    net, card = _controlled_model(0)
+    model = tmp_path / "reject_all.pt"
+    save_model(model, net, card)
+    tomo = scenes["tomos"] / "TS_00.mrc"
+    out = tmp_path / "all.csv"
+    result = run_cli("pick", tomo, "--localizer", scenes["localizer"], "--classifier", model, "-o", out,
+                     *LOCALIZE_ARGS)
+    assert result.exit_code == 0, result.output
+    picked = read_particles(out).data
+    assert len(picked) > 0 and set(picked["class_name"]) == {NON_PARTICLE_CLASS}
+    dropped = tmp_path / "kept.csv"
+    result = run_cli("pick", tomo, "--localizer", scenes["localizer"], "--classifier", model, "-o", dropped,
+                     "--drop-unknown", *LOCALIZE_ARGS)
+    assert result.exit_code == 0, result.output
+    assert len(read_particles(dropped).data) == 0
