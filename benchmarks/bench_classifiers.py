@@ -32,8 +32,8 @@ from pathlib import Path
 # CPU recipe per architecture: widths divided so that a 2-core CPU trains each
 # at a useful number of boxes a second; box 24^3, 16 boxes a step.
 RECIPES = {
-    "dilated-densenet": {"width_divisor": 2, "steps": 10},
-    "densenet": {"width_divisor": 2, "steps": 10},
+    "dilated-densenet": {"width_divisor": 2, "steps": 6},
+    "densenet": {"width_divisor": 2, "steps": 6},
     "dsrf3d-v2": {"width_divisor": 2, "steps": 20},
     "rb3d": {"width_divisor": 4, "steps": 20},
     "cb3d": {"width_divisor": 4, "steps": 20},
@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(rows[-1:]), flush=True)
     for arch in [] if args.bundled_only else args.arch or list(RECIPES):
         model, seconds = train(arch, folders, args.work, args.minutes, args.threads, args.seed)
+        if not model.is_file():
+            print(f"{arch}: no epoch finished within {args.minutes} min; see {arch}.train.log", flush=True)
+            continue
         torch.set_num_threads(args.threads)
         rows.append(scored(arch, model, seconds))
         print(markdown(rows[-1:]), flush=True)
