@@ -72,12 +72,15 @@ def read_particles(
     fmt: str | None = None,
     voxel_size: float | None = None,
     tomo_size: tuple[int, int, int] | None = None,
+    tomograms=None,
 ) -> ParticleTable:
     """Read a particle table; `fmt` (relion4|relion5|csv|shrec) forces the format.
 
     `voxel_size` (Angstrom) overrides the file's pixel size (and is what centred
     Angstrom coordinates are divided by). `tomo_size` (x, y, z) is used when the
     file does not carry one; a file whose size differs from it is refused.
+    `tomograms` (a `TomogramSet` read from RELION 5's tomograms.star) gives every
+    tomogram's bin-1 size, pixel size and binning.
     """
     path = Path(path)
     fmt = check_format(fmt)
@@ -89,7 +92,7 @@ def read_particles(
         raise VPDetectError(f"pixel size must be a positive number, got {voxel_size}")
     kind = fmt if fmt is not None else detect_format(path)
     if kind in ("relion4", "relion5", "star"):
-        table = read_star(path, prefer=fmt, voxel_size=voxel_size, tomo_size=tomo_size)
+        table = read_star(path, prefer=fmt, voxel_size=voxel_size, tomo_size=tomo_size, tomograms=tomograms)
     elif kind == "csv":
         table = read_csv(path)
     else:
@@ -120,14 +123,26 @@ def _check_coordinates(table: ParticleTable, path: Path) -> None:
         table.data[column] = values
 
 
-def write_particles(path: str | os.PathLike, table: ParticleTable, fmt: str | None = None) -> str:
-    """Write `table` atomically; `fmt` None = from the extension. Returns the format written."""
+def write_particles(
+    path: str | os.PathLike, table: ParticleTable, fmt: str | None = None,
+    coords_pixel_size: float | None = None,
+) -> str:
+    """Write `table` atomically; `fmt` None = from the extension. Returns the format written.
+
+    `coords_pixel_size` (Angstrom; RELION 4 style only) writes the coordinates at that
+    pixel size with rlnMicrographName, for Warp's ts_export_particles.
+    """
     path = Path(path)
     fmt = check_format(fmt) or detect_format(path, for_writing=True)
+    if coords_pixel_size is not None:
+        if not (np.isfinite(coords_pixel_size) and coords_pixel_size > 0):
+            raise VPDetectError(f"--coords-pixel-size must be a positive number, got {coords_pixel_size}")
+        if fmt != "relion4":
+            raise VPDetectError(f"--coords-pixel-size applies to relion4 output, not {fmt}")
     if fmt == "csv":
         write_csv(path, table)
     elif fmt == "shrec":
         write_shrec(path, table)
     else:
-        write_star(path, table, relion5=(fmt == "relion5"))
+        write_star(path, table, relion5=(fmt == "relion5"), coords_pixel_size=coords_pixel_size)
     return fmt
