@@ -33,6 +33,12 @@ from vpdetect.cli.batch import (
     start_run,
     verbose_option,
 )
+from vpdetect.cli.geometry import (
+    coords_pixel_size_option,
+    load_tomograms,
+    place_in_project,
+    tomograms_star_option,
+)
 from vpdetect.errors import VPDetectError
 
 log = logging.getLogger("vpdetect.localize")
@@ -211,6 +217,8 @@ class LocalizeJob:
     mask: str | None = None
     pixel_size: float | None = None
     show_progress: bool = True
+    tomograms_star: str | None = None
+    coords_pixel_size: float | None = None
 
 
 def map_path(job: LocalizeJob, source: Path) -> Path | None:
@@ -245,6 +253,7 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         )
     timings["load"] += opened
     table = particles_from_map(prob, tomo, options, roi, timings)
+    table = place_in_project(table, tomo, source, load_tomograms(job.tomograms_star))
 
     start = time.perf_counter()
     saved_map = map_path(job, source)
@@ -253,7 +262,7 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         small = prob.size <= 64 * 1024**2
         write_mrc(saved_map, np.asarray(prob, dtype=np.float32) if small else prob, voxel_size=tomo.voxel_size)
     try:
-        written = write_particles(output, table, fmt=job.fmt)
+        written = write_particles(output, table, fmt=job.fmt, coords_pixel_size=job.coords_pixel_size)
     except BaseException:
         if saved_map is not None:  # a map without its table is not a result
             saved_map.unlink(missing_ok=True)
@@ -309,6 +318,8 @@ def localize(
     devices: str = devices_option(),
     precision: str = precision_option(),
     pixel_size: float = pixel_size_option(),
+    tomograms_star: Path = tomograms_star_option(),
+    coords_pixel_size: float = coords_pixel_size_option(),
     overwrite: bool = overwrite_option(),
     shard: str = shard_option(),
     verbose: bool = verbose_option(),
@@ -340,9 +351,13 @@ def localize(
         save_map=str(save_map) if save_map is not None else None, save_map_is_dir=save_map_is_dir,
         mask=str(mask) if mask is not None else None, pixel_size=pixel_size,
         show_progress=not quiet and devices is None,
+        tomograms_star=str(tomograms_star) if tomograms_star is not None else None,
+        coords_pixel_size=coords_pixel_size,
     )
+    load_tomograms(tomograms_star)  # a bad tomograms.star fails once, before any input
     parameters = options.as_dict() | {
         "format": fmt, "mask": mask, "save_map": save_map, "pixel_size": pixel_size, "model": model_path,
+        "tomograms_star": tomograms_star, "coords_pixel_size": coords_pixel_size,
     }
     run_command_batch(
         "localize", tomograms, functools.partial(localize_task, job=job),

@@ -29,6 +29,12 @@ from vpdetect.cli.batch import (
     verbose_option,
 )
 from vpdetect.cli.classify import class_summary, drop_unknown_option, search_radius_option
+from vpdetect.cli.geometry import (
+    coords_pixel_size_option,
+    load_tomograms,
+    place_in_project,
+    tomograms_star_option,
+)
 from vpdetect.cli.localize import (
     bandwidth_option,
     batch_size_option,
@@ -65,6 +71,8 @@ class PickJob:
     mask: str | None = None
     pixel_size: float | None = None
     show_progress: bool = True
+    tomograms_star: str | None = None
+    coords_pixel_size: float | None = None
 
 
 def _with_empty_classes(table):
@@ -118,7 +126,8 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
             table = _with_empty_classes(found)
 
     start = time.perf_counter()
-    written = write_particles(output, table, fmt=job.fmt)
+    table = place_in_project(table, tomo, source, load_tomograms(job.tomograms_star))
+    written = write_particles(output, table, fmt=job.fmt, coords_pixel_size=job.coords_pixel_size)
     timings["write"] = time.perf_counter() - start
     counts = table.data["class_name"].value_counts().to_dict()
     log.info("%s: %s -> %s (%s)", tomo.name, class_summary(table.data), output, written)
@@ -171,6 +180,8 @@ def pick(
     devices: str = devices_option(),
     precision: str = precision_option(),
     pixel_size: float = pixel_size_option(),
+    tomograms_star: Path = tomograms_star_option(),
+    coords_pixel_size: float = coords_pixel_size_option(),
     overwrite: bool = overwrite_option(),
     shard: str = shard_option(),
     verbose: bool = verbose_option(),
@@ -204,9 +215,13 @@ def pick(
         localize_options=localize_options, classify_options=classify_options, fmt=fmt,
         mask=str(mask) if mask is not None else None, pixel_size=pixel_size,
         show_progress=not quiet and devices is None,
+        tomograms_star=str(tomograms_star) if tomograms_star is not None else None,
+        coords_pixel_size=coords_pixel_size,
     )
+    load_tomograms(tomograms_star)  # a bad tomograms.star fails once, before any input
     parameters = localize_options.as_dict() | {
         "classify": asdict(classify_options), "format": fmt, "mask": mask, "pixel_size": pixel_size,
+        "tomograms_star": tomograms_star, "coords_pixel_size": coords_pixel_size,
     }
     run_command_batch(
         "pick", tomograms, functools.partial(pick_task, job=job),

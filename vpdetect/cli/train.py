@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from vpdetect.cli.app import app, console, user_errors
+from vpdetect.cli.geometry import load_tomograms, tomograms_star_option
 from vpdetect.errors import VPDetectError
 from vpdetect.io.atomic import check_output_dir
 
@@ -36,7 +37,7 @@ def side_paths(out: Path) -> dict[str, Path]:
     }
 
 
-def _load_sources(folders, tomograms, tables, radius, radius_unit, pixel_size, what: str):
+def _load_sources(folders, tomograms, tables, radius, radius_unit, pixel_size, what: str, tomo_set=None):
     from vpdetect.train.data import load_coordinate_volume, load_shrec_folder, parse_radii
 
     sources = [load_shrec_folder(folder, voxel_size=pixel_size) for folder in folders]
@@ -50,7 +51,9 @@ def _load_sources(folders, tomograms, tables, radius, radius_unit, pixel_size, w
         if default_r is None and not per_class:
             raise VPDetectError("coordinate-only data needs --radius (R, or CLASS=R per class)")
         for tomo, table in zip(tomograms, tables, strict=True):
-            sources.append(load_coordinate_volume(tomo, table, default_r, per_class, radius_unit, pixel_size))
+            sources.append(
+                load_coordinate_volume(tomo, table, default_r, per_class, radius_unit, pixel_size, tomo_set)
+            )
     return sources
 
 
@@ -77,6 +80,7 @@ def train(
     pixel_size: float = typer.Option(
         None, "--pixel-size", min=0.0, help="Voxel size in Angstrom, overriding the MRC headers."
     ),
+    tomograms_star: Path = tomograms_star_option(),
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (the best epoch by validation MIoU)."),
     classes: str = typer.Option(
         None, "--classes", help="Comma-separated classes to train (others become background); default all."
@@ -174,8 +178,11 @@ def train(
         if main_process:
             console.print(message, highlight=False)
 
-    sources = _load_sources(data, tomogram, table, radius, radius_unit, pixel_size, "training")
-    val_sources = _load_sources(val, val_tomogram, val_table, radius, radius_unit, pixel_size, "validation")
+    tomo_set = load_tomograms(tomograms_star)
+    sources = _load_sources(data, tomogram, table, radius, radius_unit, pixel_size, "training", tomo_set)
+    val_sources = _load_sources(
+        val, val_tomogram, val_table, radius, radius_unit, pixel_size, "validation", tomo_set
+    )
     names_seen = [n for av in sources + val_sources for n in list(av.id_names.values()) + av.centre_names]
     select = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     excluded = [e.strip() for e in exclude.split(",") if e.strip()]

@@ -498,17 +498,23 @@ def load_coordinate_volume(
     radius_per_class: Mapping[str, float],
     radius_unit: str = "angstrom",
     voxel_size: float | None = None,
+    tomograms=None,
 ) -> AnnotatedVolume:
-    """A tomogram plus a STAR/CSV/SHREC particle table (rows of other tomograms are dropped)."""
+    """A tomogram plus a STAR/CSV/SHREC particle table (rows of other tomograms are dropped);
+    `tomograms` (RELION 5 tomograms.star) places the table's binned coordinates."""
     from vpdetect.io.mrc import read_tomogram, tomogram_name
-    from vpdetect.io.particles import read_particles
+    from vpdetect.io.particles import check_table_against_tomogram, read_particles
 
     tomo = read_tomogram(tomogram_path, voxel_size=voxel_size)
-    # The tomogram's size centres RELION 5 coordinates when the table has no tomogram block.
-    table = read_particles(table_path, voxel_size=voxel_size, tomo_size=tomo.shape_xyz)
-    frame = table.data
     name = tomogram_name(tomogram_path)
-    if "tomo_name" in frame.columns and frame["tomo_name"].nunique() > 1:
+    if tomograms is not None:
+        name = tomograms.match(name, tomogram_path)
+    # The tomogram's size centres RELION 5 coordinates when the table has no tomogram block.
+    size = None if tomograms is not None else tomo.shape_xyz
+    table = read_particles(table_path, voxel_size=voxel_size, tomo_size=size, tomograms=tomograms)
+    check_table_against_tomogram(table, name, tomo.shape_xyz, tomo.voxel_size, str(table_path))
+    frame = table.data
+    if "tomo_name" in frame.columns and (frame["tomo_name"].nunique() > 1 or tomograms is not None):
         frame = frame[frame["tomo_name"].astype(str) == name]
         if frame.empty:
             raise VPDetectError(f"{table_path} has no particles of tomogram {name!r}")

@@ -36,13 +36,15 @@ from vpdetect.io.particles.table import (
 from vpdetect.io.particles.tomograms_star import (
     TomogramSet,
     assign_tomogram,
+    check_table_against_tomogram,
     check_tomogram_header,
     read_tomograms_star,
 )
 
 __all__ = [
     "ANGLE_COLUMNS", "CANONICAL_ORDER", "DEFAULT_TOMO_NAME", "FORMATS", "ParticleTable",
-    "TomogramGeometry", "TomogramSet", "assign_tomogram", "check_format", "check_tomogram_header", "class_numbers", "detect_format", "matrix_to_zxz",
+    "TomogramGeometry", "TomogramSet", "assign_tomogram", "check_format", "check_table_against_tomogram",
+    "check_tomogram_header", "class_numbers", "detect_format", "matrix_to_zxz",
     "read_particles", "read_tomograms_star", "relion_matrix", "relion_to_zxz", "write_particles", "zxz_matrix",
     "zxz_to_relion",
 ]

@@ -179,3 +179,20 @@ def assign_tomogram(
     out.geometry = {row: geometry}
     out.voxel_size = geometry.voxel_size
     return out
+
+
+def check_table_against_tomogram(
+    table: ParticleTable, name: str, shape_xyz, voxel_size: float | None, what: str
+) -> None:
+    """Refuse a table whose pixel size (or RELION 5 geometry) disagrees with the tomogram's
+    header: its voxel coordinates would land in the wrong place."""
+    if name in table.geometry:
+        check_tomogram_header(name, table.geometry[name], shape_xyz, voxel_size, what)
+        return
+    if table.voxel_size is not None and voxel_size is not None and (
+        abs(table.voxel_size - voxel_size) > VOXEL_TOLERANCE * voxel_size
+    ):
+        raise VPDetectError(
+            f"{what}: the table's pixel size {table.voxel_size:g} A differs from tomogram {name!r}'s "
+            f"{voxel_size:g} A; for binned tomograms give --tomograms-star, else --pixel-size"
+        )
