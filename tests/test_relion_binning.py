@@ -20,46 +20,33 @@ from vpdetect.io.particles import (
     write_particles,
 )
 
-# Tilt series of 1.5 A pixels, bin-1 size 4000 x 3000 x 1600 pixels.
-TOMOGRAMS_STAR = """
-data_global
 
-loop_
-_rlnTomoName
-_rlnTomoSizeX
-_rlnTomoSizeY
-_rlnTomoSizeZ
-_rlnTomoTiltSeriesPixelSize
-_rlnTomoTomogramBinning
-_rlnTomoHand
-_rlnTomoReconstructedTomogram
-TS_01 4000 3000 1600 1.5 {binning} -1 Tomograms/job007/tomograms/rec_TS_01.mrc
-TS_02 8000 8000 2000 1.35 8 -1 Tomograms/job007/tomograms/rec_TS_02.mrc
-"""
+def star_block(name: str, labels: str, *rows: str) -> str:
+    """A STAR loop block: `labels` space-separated (without the leading underscore)."""
+    header = "".join(f"_{label}\n" for label in labels.split())
+    return f"\ndata_{name}\n\nloop_\n{header}" + "".join(f"{row}\n" for row in rows)
+
+
+TOMOGRAM_LABELS = (
+    "rlnTomoName rlnTomoSizeX rlnTomoSizeY rlnTomoSizeZ rlnTomoTiltSeriesPixelSize "
+    "rlnTomoTomogramBinning rlnTomoReconstructedTomogram"
+)
+# Tilt series of 1.5 A pixels, bin-1 size 4000 x 3000 x 1600 pixels.
+TOMOGRAMS_STAR = star_block(
+    "global", TOMOGRAM_LABELS,
+    "TS_01 4000 3000 1600 1.5 {binning} Tomograms/job007/tomograms/rec_TS_01.mrc",
+    "TS_02 8000 8000 2000 1.35 8 Tomograms/job007/tomograms/rec_TS_02.mrc",
+)
 
 # What RELION 5's picker and extraction read: optics + particles, no tomogram sizes.
-PARTICLES_STAR = """
-data_optics
-
-loop_
-_rlnOpticsGroup
-_rlnOpticsGroupName
-_rlnTomoTiltSeriesPixelSize
-1 opticsGroup1 1.5
-2 opticsGroup2 1.35
-
-data_particles
-
-loop_
-_rlnTomoName
-_rlnCenteredCoordinateXAngst
-_rlnCenteredCoordinateYAngst
-_rlnCenteredCoordinateZAngst
-_rlnOpticsGroup
-TS_01 150.0 -300.0 30.0 1
-TS_01 0.0 0.0 0.0 1
-TS_02 10.0 0.0 -13.5 2
-"""
+CENTRED_LABELS = "rlnTomoName rlnCenteredCoordinateXAngst rlnCenteredCoordinateYAngst rlnCenteredCoordinateZAngst"
+PARTICLES_STAR = star_block(
+    "optics", "rlnOpticsGroup rlnOpticsGroupName rlnTomoTiltSeriesPixelSize",
+    "1 opticsGroup1 1.5", "2 opticsGroup2 1.35",
+) + star_block(
+    "particles", CENTRED_LABELS + " rlnOpticsGroup",
+    "TS_01 150.0 -300.0 30.0 1", "TS_01 0.0 0.0 0.0 1", "TS_02 10.0 0.0 -13.5 2",
+)
 
 # Hand-computed voxels of TS_01 for each binning:
 # x: (150/1.5 + 4000/2) / b = 2100 / b;  y: (-300/1.5 + 3000/2) / b = 1300 / b;

@@ -8,24 +8,14 @@ import pytest
 import starfile
 from test_classify import run_cli, save_scene_model, write_shrec_scene
 from test_localize_cli import CENTRES, intensity_localizer, scene
+from test_relion_binning import CENTRED_LABELS, TOMOGRAM_LABELS, star_block
 
 from vpdetect.io.mrc import write_mrc
 from vpdetect.io.particles import read_particles, read_tomograms_star
 
 # The tomogram TS_01.mrc is 44 x 40 x 36 voxels of 10 A: bin 4 of a 176 x 160 x 144 tilt
 # series at 2.5 A.
-TOMOGRAMS = """data_global
-
-loop_
-_rlnTomoName
-_rlnTomoSizeX
-_rlnTomoSizeY
-_rlnTomoSizeZ
-_rlnTomoTiltSeriesPixelSize
-_rlnTomoTomogramBinning
-_rlnTomoReconstructedTomogram
-TS_01 {sx} 160 144 2.5 4 {path}
-"""
+TOMOGRAMS = star_block("global", TOMOGRAM_LABELS, "TS_01 {sx} 160 144 2.5 4 {path}")
 
 
 @pytest.fixture
@@ -97,11 +87,8 @@ def test_classify_finds_the_tomogram_through_tomograms_star(tmp_path, rng):
     tables = tmp_path / "tables"
     tables.mkdir()
     # The particles as RELION 5 holds them: centred A = (voxel * 2 - 40) * 5.
-    rows = "".join(f"TS_01 {(x * 2 - 40) * 5} {(y * 2 - 40) * 5} {(z * 2 - 40) * 5}\n"
-                   for _, x, y, z, _, _ in particles)
-    (tables / "particles.star").write_text(
-        "data_particles\n\nloop_\n_rlnTomoName\n_rlnCenteredCoordinateXAngst\n_rlnCenteredCoordinateYAngst\n"
-        "_rlnCenteredCoordinateZAngst\n" + rows)
+    rows = [f"TS_01 {(x * 2 - 40) * 5} {(y * 2 - 40) * 5} {(z * 2 - 40) * 5}" for _, x, y, z, _, _ in particles]
+    (tables / "particles.star").write_text(star_block("particles", CENTRED_LABELS, *rows))
     out = tables / "classes.star"
     result = run_cli("classify", tables / "particles.star", "--model", model, "-o", out, "--format", "relion5",
                      "--tomograms-star", star, "--device", "cpu")
