@@ -258,10 +258,10 @@ def classify(
         "Folder for the outputs, <table>_classes<suffix> each (default: beside each table)."
     ),
     output_format: str = typer.Option(
-        None, "--format", help="Output format: relion4, relion5, csv or shrec; default: from the extension."
+        None, "--format", help="Output format: relion4, relion5, csv, shrec, dynamo or imod; default: from the extension."
     ),
     input_format: str = typer.Option(
-        None, "--input-format", help="Format of the tables (relion4, relion5, csv, shrec); default: detected."
+        None, "--input-format", help="Format of the tables (relion4, relion5, csv, shrec, dynamo, imod); default: detected."
     ),
     search_radius: float = search_radius_option(),
     drop_unknown: bool = drop_unknown_option(),

@@ -10,7 +10,7 @@ from vpdetect.cli.app import app, console, user_errors
 from vpdetect.cli.geometry import coords_pixel_size_option, load_tomograms, tomograms_star_option
 from vpdetect.errors import VPDetectError
 
-FORMAT_HELP = "relion4, relion5, csv or shrec"
+FORMAT_HELP = "relion4, relion5, csv, shrec, dynamo or imod"
 
 
 def tomogram_geometry(

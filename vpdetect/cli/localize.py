@@ -156,7 +156,7 @@ def table_output_option():
 
 def table_format_option():
     return typer.Option(
-        None, "--format", help="relion4 (default), relion5, csv or shrec; with -o, default from its extension."
+        None, "--format", help="relion4 (default), relion5, csv, shrec, dynamo or imod; with -o, default from its extension."
     )
 
 

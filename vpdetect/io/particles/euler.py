@@ -65,3 +65,21 @@ def relion_to_zxz(rot, tilt, psi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """RELION (rot, tilt, psi) -> vpdetect ZXZ angles describing the same rotation."""
     rotation, shape = _rotation("ZYZ", rot, tilt, psi)
     return _angles(rotation.inv(), "ZXZ", shape)
+
+
+# Dynamo's (tdrot, tilt, narot): dynamo_euler2matrix(tdrot, tilt, narot) is
+# Rz(narot) Rx(tilt) Rz(tdrot) (scipy's extrinsic "zxz"), and like RELION's matrix it
+# is the inverse of the active rotation, so phi, theta, psi = -tdrot, -tilt, -narot
+# up to the choice among equivalent triplets.
+
+
+def zxz_to_dynamo(phi, theta, psi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """vpdetect ZXZ angles -> Dynamo (tdrot, tilt, narot) describing the same rotation."""
+    rotation, shape = _rotation("ZXZ", phi, theta, psi)
+    return _angles(rotation.inv(), "zxz", shape)
+
+
+def dynamo_to_zxz(tdrot, tilt, narot) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dynamo (tdrot, tilt, narot) -> vpdetect ZXZ angles describing the same rotation."""
+    rotation, shape = _rotation("zxz", tdrot, tilt, narot)
+    return _angles(rotation.inv(), "ZXZ", shape)

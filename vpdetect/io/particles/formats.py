@@ -14,11 +14,15 @@ import pandas as pd
 
 from vpdetect.errors import VPDetectError
 from vpdetect.io.particles.csv_table import read_csv, write_csv
+from vpdetect.io.particles.dynamo import read_dynamo, write_dynamo
+from vpdetect.io.particles.imod import read_imod, write_imod
 from vpdetect.io.particles.relion import read_star, write_star
 from vpdetect.io.particles.shrec_list import read_shrec, write_shrec
 from vpdetect.io.particles.table import ParticleTable
 
-FORMATS = ("relion4", "relion5", "csv", "shrec")
+FORMATS = ("relion4", "relion5", "csv", "shrec", "dynamo", "imod")
+# Formats known by their extension alone (Dynamo tables are text, IMOD models binary).
+BINARY_SUFFIXES = {".tbl": "dynamo", ".mod": "imod"}
 
 
 def _sniff_text(path: Path) -> str:
@@ -43,17 +47,19 @@ def detect_format(path: str | os.PathLike, for_writing: bool = False) -> str:
     path = Path(path)
     suffix = path.suffix.lower()
     if for_writing:
-        by_suffix = {".star": "relion4", ".csv": "csv", ".txt": "shrec"}
+        by_suffix = {".star": "relion4", ".csv": "csv", ".txt": "shrec", **BINARY_SUFFIXES}
         if suffix not in by_suffix:
             raise VPDetectError(
                 f"cannot tell the output format of {path.name} from its extension; "
-                f"use .star, .csv or .txt, or name one of {', '.join(FORMATS)}"
+                f"use .star, .csv, .txt, .tbl or .mod, or name one of {', '.join(FORMATS)}"
             )
         return by_suffix[suffix]
     if suffix == ".star":
         return "star"
     if suffix == ".csv":
         return "csv"
+    if suffix in BINARY_SUFFIXES:
+        return BINARY_SUFFIXES[suffix]
     return _sniff_text(path)
 
 
@@ -74,7 +80,7 @@ def read_particles(
     tomo_size: tuple[int, int, int] | None = None,
     tomograms=None,
 ) -> ParticleTable:
-    """Read a particle table; `fmt` (relion4|relion5|csv|shrec) forces the format.
+    """Read a particle table; `fmt` (one of FORMATS) forces the format.
 
     `voxel_size` (Angstrom) overrides the file's pixel size (and is what centred
     Angstrom coordinates are divided by). `tomo_size` (x, y, z) is used when the
@@ -95,6 +101,10 @@ def read_particles(
         table = read_star(path, prefer=fmt, voxel_size=voxel_size, tomo_size=tomo_size, tomograms=tomograms)
     elif kind == "csv":
         table = read_csv(path)
+    elif kind == "dynamo":
+        table = read_dynamo(path)
+    elif kind == "imod":
+        table = read_imod(path)
     else:
         table = read_shrec(path)
     if voxel_size is not None:
@@ -143,6 +153,10 @@ def write_particles(
         write_csv(path, table)
     elif fmt == "shrec":
         write_shrec(path, table)
+    elif fmt == "dynamo":
+        write_dynamo(path, table)
+    elif fmt == "imod":
+        write_imod(path, table)
     else:
         write_star(path, table, relion5=(fmt == "relion5"), coords_pixel_size=coords_pixel_size)
     return fmt
