@@ -7,6 +7,9 @@ tomogram's voxel = bin-1 position / rlnTomoTomogramBinning).
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import starfile
@@ -180,3 +183,22 @@ def test_warp_coordinates_at_a_chosen_pixel_size(tmp_path):
     assert list(warp["rlnMicrographName"]) == ["TS_01.tomostar", "TS_01.tomostar", "TS_02.tomostar"]
     with pytest.raises(VPDetectError, match="relion4"):
         write_particles(tmp_path / "w5.star", table, fmt="relion5", coords_pixel_size=10.0)
+
+
+@pytest.mark.skipif(shutil.which("relion_star_printtable") is None, reason="RELION is not installed")
+def test_relion_parses_binned_multi_tomogram_files(tmp_path):
+    tomograms, particles = _project(tmp_path, 4)
+    table = read_particles(particles, tomograms=tomograms)
+    write_particles(tmp_path / "r5.star", table, fmt="relion5")
+
+    def printed(block, *labels):
+        done = subprocess.run(["relion_star_printtable", str(tmp_path / "r5.star"), block, *labels],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return [line.split() for line in done.stdout.splitlines() if line.strip()]
+
+    rows = printed("data_particles", "rlnTomoName", "rlnCenteredCoordinateXAngst", "rlnOpticsGroup")
+    assert [r[0] for r in rows] == ["TS_01", "TS_01", "TS_02"]
+    np.testing.assert_allclose([float(r[1]) for r in rows], [150, 0, 10], atol=1e-5)
+    glob = printed("data_global", "rlnTomoName", "rlnTomoTomogramBinning", "rlnTomoSizeX")
+    assert [(r[0], float(r[1]), int(r[2])) for r in glob] == [("TS_01", 4.0, 4000), ("TS_02", 8.0, 8000)]
