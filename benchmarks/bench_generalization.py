@@ -158,10 +158,11 @@ def _run_cli(args: list[str]) -> None:
     from vpdetect.cli import app
 
     try:
-        app(args, standalone_mode=False)
+        code = app(args, standalone_mode=False)  # click returns an Exit's code here
     except typer.Exit as exc:
-        if exc.exit_code:
-            raise RuntimeError(f"vpdetect {' '.join(args)} exited with {exc.exit_code}") from None
+        code = exc.exit_code
+    if code:
+        raise RuntimeError(f"vpdetect {' '.join(args)} exited with {code}")
 
 
 def make_tomogram(cell: Cell, root: Path, fresh: bool = False) -> tuple[Path, float | None]:

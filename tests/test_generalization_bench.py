@@ -121,3 +121,14 @@ def test_benchmark_runner_refuses_options_for_several_benchmarks(capsys):
     assert main(["simulate", "generalization", "--quick"]) == 2
     assert main(["no_such_bench"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_failing_vpdetect_command_raises_and_table_renders(tmp_path):
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        bench._run_cli(["localize", str(tmp_path / "missing.mrc"), "-o", str(tmp_path / "p.csv"), "--quiet"])
+    scores = {"f1": 0.5, "precision": 1.0, "recall": 1 / 3, "RR": 3}
+    row = {"cell": "base", "axis": "base", "value": "-", "snr_measured": 0.4987, "n_true": 9,
+           "localizer": scores, "dog": scores | {"f1": 0.75}}
+    lines = bench.markdown_table([row]).splitlines()
+    assert lines[0].startswith("| cell | axis | value | SNR measured | n true | localizer F1")
+    assert lines[2] == "| base | base | - | 0.499 | 9 | 0.50 | 1.00 / 0.33 | 3 | 0.75 |"
