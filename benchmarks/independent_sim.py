@@ -21,10 +21,12 @@ transfer function (300 kV, Cs 2.7 mm, 7 % amplitude contrast, B 200 A^2; own
 implementation), white Gaussian noise is added to the images, and every x-z
 slice is reconstructed with `iradon` (ramp filter by default). Dense matter
 comes out dark (standard reconstructions); `contrast="bright"` negates the
-result. The noise scale is set so that SNR = var(signal) / var(noise) on the
-reconstruction equals the target, from the noise-free and noise-only
-reconstructions (reconstruction is linear) of every fourth y-slice; the SNR
-reported is measured again on the slices in between.
+result. Signal and noise are reconstructed apart (reconstruction is linear) and
+the noise scaled so that the particles' SNR = var(signal) / var(noise) over the
+whole reconstruction is the target (the particles imaged alone give their
+signal; without context that is all the signal). Context thus adds matter
+without drowning the particles in more noise; `snr_measured` is the SNR of
+the whole final float32 volume, context included.
 
 Ground truth: `occupancy` [z, y, x] int32 (0 background, k = row k-1 of
 `centres_xyz`, i.e. particle k in SHREC's 1-based numbering), centres in
@@ -103,7 +105,8 @@ class IndependentTomogram:
     centres_xyz: np.ndarray  # (n, 3) float64 voxels
     shapes: list[str]
     radii_vox: np.ndarray  # (n,) equivalent-sphere radius of each particle's mask, voxels
-    snr_measured: float
+    snr_measured: float  # over the whole reconstruction, context included
+    snr_particles: float  # of the particles alone (the target; equal to snr_measured without context)
     params: IndependentParams
     seed: int
 
@@ -215,6 +218,7 @@ def render_particle(rng: np.random.Generator, shape: str, extent_nm: float, voxe
 class _Scene:
     density: np.ndarray  # grand model [z, y, x]
     occupancy: np.ndarray
+    particles: np.ndarray  # the particles' share of `density` (all of it without context)
     centres: list = field(default_factory=list)
     shapes: list = field(default_factory=list)
     radii: list = field(default_factory=list)
@@ -354,7 +358,9 @@ def _place_particles(rng: np.random.Generator, params: IndependentParams, scene:
         excess = scene.density[dst]
         # Protein displaces ice: the voxel's density moves from the local ice's towards 1.35 by the
         # covered fraction (densities here are the excess over the uniform ice slab).
-        scene.density[dst] = excess + np.clip(local, 0, 1) * (PROTEIN_EXCESS - excess)
+        added = np.clip(local, 0, 1) * (PROTEIN_EXCESS - excess)
+        scene.density[dst] = excess + added
+        scene.particles[dst] += added
         label = len(scene.centres) + 1
         mine = member[src]
         scene.occupancy[dst][mine] = label
@@ -387,7 +393,8 @@ def build_scene(params: IndependentParams, rng: np.random.Generator) -> _Scene:
         for a in (np.arange(nx)[None, None, :], np.arange(ny)[None, :, None], zc)
     )
     obstacles = _context(rng, params, density, coords_nm) if params.context else []
-    scene = _Scene(density=density, occupancy=np.zeros((nz, ny, nx), np.int32))
+    scene = _Scene(density=density, occupancy=np.zeros((nz, ny, nx), np.int32),
+                   particles=np.zeros((nz, ny, nx)))
     _place_particles(rng, params, scene, obstacles)
     return scene
 
@@ -418,6 +425,14 @@ def _square_side(nx: int, nz: int) -> int:
     # radon(circle=True) needs everything inside the inscribed circle: the slice, widened by
     # FADE columns each side, fits.
     return int(np.ceil(2 * np.hypot(nx / 2 + FADE + 1, nz / 2 + 1))) + 2
+
+
+def tilt_images(density: np.ndarray, angles: np.ndarray, params: IndependentParams) -> np.ndarray:
+    """Noise-free tilt images [tilt, y, detector]: projections through the CTF."""
+    images = project(density, angles)
+    transfer = ctf_2d(images.shape[1:], params.voxel_nm, params.defocus_um)
+    # Dense matter comes out dark: the image is minus the CTF-filtered projected density.
+    return -np.fft.irfft2(np.fft.rfft2(images) * transfer, s=images.shape[1:])
 
 
 def project(density: np.ndarray, angles: np.ndarray) -> np.ndarray:
@@ -467,18 +482,22 @@ def simulate(params: IndependentParams, seed: int) -> IndependentTomogram:
     scene_seed, noise_seed = np.random.SeedSequence([20261201, seed]).spawn(2)
     scene = build_scene(params, np.random.default_rng(scene_seed))
     angles = tilt_angles(params)
-    images = project(scene.density, angles)
-    transfer = ctf_2d(images.shape[1:], params.voxel_nm, params.defocus_um)
-    # Dense matter comes out dark: the image is minus the CTF-filtered projected density.
-    images = -np.fft.irfft2(np.fft.rfft2(images) * transfer, s=images.shape[1:])
-    noise = np.random.default_rng(noise_seed).normal(size=images.shape)
     shape = scene.density.shape
+    images = tilt_images(scene.density, angles, params)
+    noise = np.random.default_rng(noise_seed).normal(size=images.shape)
     # Reconstruction is linear: reconstruct signal and unit noise apart, then scale the noise.
     signal = reconstruct(images, angles, shape, params.filter_name)
     unit_noise = reconstruct(noise, angles, shape, params.filter_name)
-    scale = np.sqrt(np.var(signal) / (params.snr * np.var(unit_noise)))
+    # The particles' own SNR is the target, so that context adds matter without hiding them.
+    particle_signal = (
+        reconstruct(tilt_images(scene.particles, angles, params), angles, shape, params.filter_name)
+        if params.context else signal
+    )
+    scale = np.sqrt(np.var(particle_signal) / (params.snr * np.var(unit_noise)))
     volume = (signal + scale * unit_noise).astype(np.float32)
-    snr_measured = float(np.var(signal) / np.var(volume - signal))
+    noise_var = np.var(volume - signal)
+    snr_measured = float(np.var(signal) / noise_var)
+    snr_particles = float(np.var(particle_signal) / noise_var)
     if params.contrast == "bright":
         volume = -volume
     return IndependentTomogram(
@@ -487,7 +506,8 @@ def simulate(params: IndependentParams, seed: int) -> IndependentTomogram:
         centres_xyz=np.asarray(scene.centres, dtype=np.float64).reshape(-1, 3),
         shapes=list(scene.shapes),
         radii_vox=np.asarray(scene.radii, dtype=np.float64),
-        snr_measured=float(snr_measured),
+        snr_measured=snr_measured,
+        snr_particles=snr_particles,
         params=params,
         seed=seed,
     )

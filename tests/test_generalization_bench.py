@@ -37,6 +37,11 @@ def test_snr_is_the_target_measured_over_the_whole_reconstruction(dark):
     assert whole == pytest.approx(0.5, rel=0.2)
     assert dark.snr_measured == pytest.approx(0.5, rel=0.2)
     assert high.snr_measured == pytest.approx(4.0, rel=0.2)
+    assert dark.snr_particles == dark.snr_measured
+    # Context adds signal, not noise: the particles keep their SNR.
+    gold = simulate(with_changes(TINY, context=("gold",)), 9500)
+    assert gold.snr_particles == pytest.approx(0.5, rel=1e-3)
+    assert gold.snr_measured > 10 * dark.snr_measured
 
 
 def test_bright_is_negated_dark_and_particles_are_dark(dark):
@@ -127,8 +132,11 @@ def test_failing_vpdetect_command_raises_and_table_renders(tmp_path):
     with pytest.raises(RuntimeError, match="exited with 2"):
         bench._run_cli(["localize", str(tmp_path / "missing.mrc"), "-o", str(tmp_path / "p.csv"), "--quiet"])
     scores = {"f1": 0.5, "precision": 1.0, "recall": 1 / 3, "RR": 3}
-    row = {"cell": "base", "axis": "base", "value": "-", "snr_measured": 0.4987, "n_true": 9,
+    row = {"cell": "base", "axis": "base", "value": "-", "snr_measured": 0.4987, "snr_particles": 0.4987,
+           "n_true": 9,
            "localizer": scores, "dog": scores | {"f1": 0.75}}
     lines = bench.markdown_table([row]).splitlines()
     assert lines[0].startswith("| cell | axis | value | SNR measured | n true | localizer F1")
     assert lines[2] == "| base | base | - | 0.499 | 9 | 0.50 | 1.00 / 0.33 | 3 | 0.75 |"
+    row |= {"snr_measured": 12.0, "snr_particles": 0.5}
+    assert "| 12 (particles 0.5) |" in bench.markdown_table([row])
