@@ -344,6 +344,12 @@ def run(argv: list[str] | None = None) -> list[dict]:
     print(f"localizer: {model_text}; {len(cells)} cell(s); torch threads {torch.get_num_threads()}; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every cell, so that an interrupted run keeps what it measured
+        text = json.dumps({"model": model_text, "cells": rows}, indent=1, allow_nan=False) + "\n"
+        args.json.write_text(text)
+
     for cell in cells:
         start = time.perf_counter()
         folder, snr = make_tomogram(cell, args.work_dir, fresh=args.fresh)
@@ -356,12 +362,11 @@ def run(argv: list[str] | None = None) -> list[dict]:
                 "inverted": cell.inverted},
                "simulate_seconds": simulated} | result
         rows.append(row)
+        save()
         print(f"  {cell.name:32s} n {row['n_true']:4d}  localizer F1 {row['localizer']['f1']:.2f} "
               f"({row['localizer']['RR']} picks, {row['localizer_seconds']:.1f} s)  "
               f"DoG F1 {row['dog']['f1']:.2f}  (tomogram {simulated:.1f} s)", flush=True)
     print()
     print(markdown_table(rows))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"model": model_text, "cells": rows}, indent=1, allow_nan=False) + "\n")
     print(f"\nmetrics written to {args.json}")
     return rows
