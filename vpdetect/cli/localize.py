@@ -136,6 +136,23 @@ def pixel_size_option():
     return typer.Option(None, "--pixel-size", help="Voxel size in Angstrom, overriding the MRC header.")
 
 
+def contrast_option():
+    return typer.Option(
+        "auto", "--contrast",
+        help="Particle contrast in the tomogram: dark (dense matter dark, as reconstructed), bright "
+        "(contrast-inverted) or auto (detected from the skewness of band-passed copies; logged).",
+    )
+
+
+def rescale_option():
+    return typer.Option(
+        True, "--rescale/--no-rescale",
+        help="Resample a tomogram whose voxel size differs from the model's by more than 10 % to the "
+        "model's (Fourier cropping/padding; coordinates are mapped back). Sizes in voxels (bandwidth, "
+        "min size) are then the model grid's.",
+    )
+
+
 def mask_option():
     return typer.Option(
         None, "--mask", help="MRC mask the size of the tomogram: search only where it is nonzero."
@@ -174,6 +191,8 @@ def build_localize_options(
     device: str = "cpu",
     precision: str = "auto",
     z_range: tuple[int, int] | None = None,
+    contrast: str = "auto",
+    rescale: bool = True,
 ):
     """A validated `LocalizeOptions` from CLI values (`device` already resolved)."""
     from vpdetect.localize.pipeline import LocalizeOptions
@@ -186,6 +205,8 @@ def build_localize_options(
     if z_range is not None and (z_range[0] is None or z_range[0] > z_range[1] or z_range[0] < 0):
         raise VPDetectError(f"--z-range takes Z0 <= Z1 (0-based slices), got {z_range}")
     autocast_dtype(device, precision.lower())  # validates the name
+    if contrast not in ("dark", "bright", "auto"):
+        raise VPDetectError(f"--contrast must be dark, bright or auto, got {contrast!r}")
     return LocalizeOptions(
         threshold=threshold,
         opening_radius=opening_radius,
@@ -199,6 +220,8 @@ def build_localize_options(
         device=device,
         precision=precision.lower(),
         z_range=tuple(z_range) if z_range is not None else None,
+        contrast=contrast,
+        rescale=rescale,
     )
 
 
@@ -259,6 +282,10 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
     saved_map = map_path(job, source)
     if saved_map is not None:
         saved_map.parent.mkdir(parents=True, exist_ok=True)
+        if prob.shape != tomo.data.shape:  # computed on the model's grid: back onto the tomogram's
+            from vpdetect.resample import linear_resample
+
+            prob = linear_resample(prob, tomo.data.shape)
         small = prob.size <= 64 * 1024**2
         write_mrc(saved_map, np.asarray(prob, dtype=np.float32) if small else prob, voxel_size=tomo.voxel_size)
     try:
@@ -320,6 +347,8 @@ def localize(
     pixel_size: float = pixel_size_option(),
     tomograms_star: Path = tomograms_star_option(),
     coords_pixel_size: float = coords_pixel_size_option(),
+    contrast: str = contrast_option(),
+    rescale: bool = rescale_option(),
     overwrite: bool = overwrite_option(),
     shard: str = shard_option(),
     verbose: bool = verbose_option(),
@@ -336,6 +365,7 @@ def localize(
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
         max_centre_gap=max_centre_gap,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
+        contrast=contrast, rescale=rescale,
     )
     model_path = resolve_model_path(model, "localizer")
     # A wrong model fails once, before any input (checked on the CPU when workers take the GPUs).

@@ -39,6 +39,7 @@ from vpdetect.cli.localize import (
     bandwidth_option,
     batch_size_option,
     build_localize_options,
+    contrast_option,
     halo_option,
     mask_option,
     max_centre_gap_option,
@@ -46,6 +47,7 @@ from vpdetect.cli.localize import (
     opening_radius_option,
     particle_diameter_option,
     pixel_size_option,
+    rescale_option,
     precision_option,
     table_format_option,
     table_output_option,
@@ -91,6 +93,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     from vpdetect.io.mrc import read_roi, read_tomogram
     from vpdetect.io.particles import write_particles
     from vpdetect.localize.pipeline import (
+        NORMALISATION,
         format_timings,
         particles_from_map,
         segment_volume,
@@ -102,8 +105,8 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     localizer, localizer_card = load_stage_model(job.localizer_path, "localizer", device)
     classifier, classifier_card = load_stage_model(job.classifier_path, "classifier", device)
     roi = read_roi(job.mask, tomo.data.shape) if job.mask is not None else None
-    # One pass over the tomogram gives the normalisation both stages use.
-    stats = tomogram_stats(tomo.data)
+    # The classifier's normalisation; the localizer measures its own on its grid.
+    stats = tomogram_stats(tomo.data, classifier_card.get("normalisation", NORMALISATION))
     opened = time.perf_counter() - start
     options = replace(job.localize_options, device=device).with_model_defaults(localizer_card)
 
@@ -111,7 +114,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
         tiles = bar.add_task(f"{tomo.name}: localize", total=None)
         prob, timings = segment_volume(
             tomo, localizer, localizer_card, options,
-            progress=lambda done, total: bar.update(tiles, completed=done, total=total), stats=stats,
+            progress=lambda done, total: bar.update(tiles, completed=done, total=total),
         )
         timings["load"] += opened
         found = particles_from_map(prob, tomo, options, roi, timings)
@@ -182,6 +185,8 @@ def pick(
     pixel_size: float = pixel_size_option(),
     tomograms_star: Path = tomograms_star_option(),
     coords_pixel_size: float = coords_pixel_size_option(),
+    contrast: str = contrast_option(),
+    rescale: bool = rescale_option(),
     overwrite: bool = overwrite_option(),
     shard: str = shard_option(),
     verbose: bool = verbose_option(),
@@ -200,6 +205,7 @@ def pick(
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
         max_centre_gap=max_centre_gap,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
+        contrast=contrast, rescale=rescale,
     )
     classify_options = ClassifyOptions(
         batch_size=box_batch_size, search_radius=search_radius, drop_unknown=drop_unknown,

@@ -126,6 +126,20 @@ def train(
     time_limit: float = typer.Option(
         None, "--time-limit", min=0.0, help="Stop after this many minutes (finished epochs are kept; --resume later)."
     ),
+    normalisation: str = typer.Option(
+        None, "--normalisation",
+        help="Input normalisation, recorded in the model: robust (median/MAD, clipped; default for localizers) "
+        "or zscore (mean/std; default for classifiers).",
+    ),
+    contrast: str = typer.Option(
+        "auto", "--contrast",
+        help="Contrast of the training tomograms without a simulation record: dark (dense matter dark, as "
+        "reconstructed), bright (inverted) or auto (detected per tomogram). Bright ones are negated: "
+        "the model expects dark input.",
+    ),
+    init: Path = typer.Option(
+        None, "--init", help="Start from this model's weights (same architecture): fine-tuning."
+    ),
 ) -> None:
     """Train a localizer (particle vs background) or classifier (one class per particle type) MSDNet."""
     if stage not in STAGES:
@@ -134,6 +148,15 @@ def train(
         raise VPDetectError("no training data: give --data DIR or --tomogram T.mrc --table T.star")
     if radius_unit not in ("angstrom", "voxel"):
         raise VPDetectError(f"--radius-unit must be angstrom or voxel, got {radius_unit!r}")
+    from vpdetect.preprocess import CONTRASTS, MODEL_CONTRAST, NORMALISATIONS
+
+    normalisation = normalisation or ("robust" if stage == "localizer" else "zscore")
+    if normalisation not in NORMALISATIONS:
+        raise VPDetectError(f"--normalisation must be {' or '.join(NORMALISATIONS)}, got {normalisation!r}")
+    if contrast not in (*CONTRASTS, "auto"):
+        raise VPDetectError(f"--contrast must be dark, bright or auto, got {contrast!r}")
+    if init is not None and resume:
+        raise VPDetectError("--init starts a new run; it cannot be combined with --resume")
     paths = side_paths(out)
     check_output_dir(out.parent)
     if resume and not paths["last"].is_file():
@@ -187,8 +210,12 @@ def train(
     select = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     excluded = [e.strip() for e in exclude.split(",") if e.strip()]
     mapping = build_class_mapping(names_seen, stage, select, parse_merge(merge), excluded)
-    volumes = [prepare_volume(av, mapping) for av in sources]
-    val_volumes = [prepare_volume(av, mapping) for av in val_sources]
+    volumes = [prepare_volume(av, mapping, normalisation, contrast, MODEL_CONTRAST) for av in sources]
+    val_volumes = [prepare_volume(av, mapping, normalisation, contrast, MODEL_CONTRAST) for av in val_sources]
+    flipped = [tv.name for tv in volumes + val_volumes if tv.contrast != MODEL_CONTRAST]
+    if flipped:
+        say(f"{len(flipped)} tomogram(s) with bright contrast negated for training: {', '.join(flipped[:8])}"
+            + (" ..." if len(flipped) > 8 else ""))
 
     alpha_spec = alpha if alpha is not None else defaults["alpha"]
     radii = merged_radii(sources, mapping)
@@ -228,6 +255,14 @@ def train(
         say("[yellow]warning:[/] no --val data: validation crops come from the training tomograms")
 
     trainer = Trainer(config, train_set, val_set, torch_device, dist_info)
+    if init is not None:
+        start_model, start_card = load_model(init, stage=stage)
+        if start_model.arch() != trainer.model.arch():
+            raise VPDetectError(
+                f"--init model {init} has architecture {start_model.arch()}, this run {trainer.model.arch()}"
+            )
+        trainer.model.load_state_dict(start_model.state_dict())
+        say(f"starting from the weights of {init}")
     if resume:
         model, _ = load_model(paths["last"], stage=stage)
         state = read_training_state(paths["last"])
@@ -249,13 +284,15 @@ def train(
         return {
             "stage": stage,
             "class_names": mapping.class_names,
-            "normalisation": "zscore",
+            "normalisation": normalisation,
+            "contrast": MODEL_CONTRAST,
             "voxel_size": voxel_sizes[0] if voxel_sizes else None,
             "crop_size": crop_size,
             "halo": trainer.model.halo,
             "n_parameters": n_params,
             "provenance": {
                 "data": data_names,
+                "init": str(init) if init is not None else None,
                 "validation": [str(p) for p in val] + [str(p) for p in val_tomogram],
                 "seed": seed,
                 "epochs": trainer.epoch,

@@ -215,6 +215,7 @@ def predict_map(
     out: np.ndarray | None = None,
     precision: str = "auto",
     timings: dict | None = None,
+    clip: float | None = None,
 ) -> np.ndarray:
     """Foreground probability map [z, y, x] of `volume` by tiled inference.
 
@@ -246,7 +247,7 @@ def predict_map(
     with torch.inference_mode():
         for batch in _batches(tiles, batch_size):
             start = time.perf_counter()
-            crops = np.stack([normalise(volume[t.source], mean, std) for t in batch])[:, None]
+            crops = np.stack([normalise(volume[t.source], mean, std, clip) for t in batch])[:, None]
             x = torch.from_numpy(crops).to(device)
             with torch.autocast(device_type=torch.device(device).type, dtype=cast, enabled=cast is not None):
                 probs = predict(x)
