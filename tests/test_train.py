@@ -192,19 +192,21 @@ def test_coordinate_table_targets_in_angstrom():
 # --------------------------------------------------------------------------- crops
 
 
-def test_augmentation_never_mixes_z(rng):
+def test_augmentation_flips_only_so_the_missing_wedge_stays_in_x_z(rng):
     image = rng.normal(size=(4, 6, 6)).astype(np.float32)
     labels = np.arange(4 * 36).reshape(4, 6, 6)
+    z, y, x = np.indices(labels.shape)
     seen = set()
-    for seed in range(40):
+    for seed in range(60):
         img, lab = augment(image, labels, np.random.default_rng(seed))
-        # Every z-plane comes from the same z-plane; image and labels move together.
-        assert np.array_equal(lab // 36, np.broadcast_to(np.arange(4)[:, None, None], (4, 6, 6)))
-        flat = image.reshape(-1)
-        assert np.array_equal(img, flat[lab])
-        seen.add(lab[0].tobytes())
-    assert len(seen) == 8  # the 8 symmetries of the square in the y-x plane
-
+        assert np.array_equal(img, image.reshape(-1)[lab])  # image and labels move together
+        src_z, src_y, src_x = lab // 36, (lab // 6) % 6, lab % 6
+        # each axis is kept or reversed, never exchanged with another (no x-y turns)
+        flips = tuple(not np.array_equal(src, own) for src, own in ((src_z, z), (src_y, y), (src_x, x)))
+        for src, own, n, flipped in ((src_z, z, 4, flips[0]), (src_y, y, 6, flips[1]), (src_x, x, 6, flips[2])):
+            assert np.array_equal(src, n - 1 - own if flipped else own)
+        seen.add(flips)
+    assert len(seen) == 8
 
 def test_cut_crop_pads_outside():
     volume = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
