@@ -21,12 +21,18 @@ from vpdetect.io.particles.table import ParticleTable, one_line, text
 OFFSET = np.array([0.5, 0.5, 0.0])  # IMOD coordinate of the first voxel's centre, x y z
 ANGSTROM_UNITS = -10  # the model header's `units` code for Angstrom
 UNIT_TO_ANGSTROM = {-10: 1.0, -9: 10.0, -6: 1e4}
+IMOD_MAGIC = b"IMODV1.2"  # the first eight bytes of every IMOD binary model
 
 
 def read_imod(path: Path) -> ParticleTable:
     from imodmodel import ImodModel
     from imodmodel.dataframe import model_to_dataframe
 
+    # imodmodel's parser can loop forever on bytes that are not a model: check the magic first.
+    with open(path, "rb") as handle:
+        magic = handle.read(8)
+    if magic != IMOD_MAGIC:
+        raise VPDetectError(f"{path} is not an IMOD model (it does not start with {IMOD_MAGIC.decode()})")
     try:
         model = ImodModel.from_file(path)
         frame = model_to_dataframe(model) if any(o.contours for o in model.objects) else None
