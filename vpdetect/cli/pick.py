@@ -95,6 +95,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     from vpdetect.localize.pipeline import (
         NORMALISATION,
         format_timings,
+        model_input,
         particles_from_map,
         segment_volume,
         tomogram_stats,
@@ -105,16 +106,21 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     localizer, localizer_card = load_stage_model(job.localizer_path, "localizer", device)
     classifier, classifier_card = load_stage_model(job.classifier_path, "classifier", device)
     roi = read_roi(job.mask, tomo.data.shape) if job.mask is not None else None
-    # The classifier's normalisation; the localizer measures its own on its grid.
-    stats = tomogram_stats(tomo.data, classifier_card.get("normalisation", NORMALISATION))
-    opened = time.perf_counter() - start
     options = replace(job.localize_options, device=device).with_model_defaults(localizer_card)
+    prepared = model_input(tomo, localizer_card, options)
+    # One pass over the tomogram serves both stages when they normalise alike on the same grid.
+    method = classifier_card.get("normalisation", NORMALISATION)
+    if prepared.scale_zyx is None and method == localizer_card.get("normalisation", NORMALISATION):
+        stats = (prepared.centre, abs(prepared.scale))
+    else:
+        stats = tomogram_stats(tomo.data, method)
+    opened = time.perf_counter() - start
 
     with progress_bar(job.show_progress) as bar:
         tiles = bar.add_task(f"{tomo.name}: localize", total=None)
         prob, timings = segment_volume(
             tomo, localizer, localizer_card, options,
-            progress=lambda done, total: bar.update(tiles, completed=done, total=total),
+            progress=lambda done, total: bar.update(tiles, completed=done, total=total), prepared=prepared,
         )
         timings["load"] += opened
         found = particles_from_map(prob, tomo, options, roi, timings)
