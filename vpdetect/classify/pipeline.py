@@ -24,6 +24,7 @@ from vpdetect.errors import VPDetectError
 
 UNKNOWN_CLASS = "unknown"
 OUTPUT_COLUMNS = ("class_name", "class_number", "vote_fraction", "vote_margin")
+CLASS_DTYPES = {"class_name": object, "class_number": "int64", "vote_fraction": float, "vote_margin": float}
 # A tomogram and a classifier whose voxel sizes differ by more than this get a warning.
 VOXEL_SIZE_TOLERANCE = 0.1
 
@@ -142,6 +143,16 @@ def classify_table(
         voxel_size=table.voxel_size if table.voxel_size is not None else tomo.voxel_size,
         tomo_size=table.tomo_size if table.tomo_size is not None else tomo.shape_xyz,
     )
+
+
+def with_empty_classes(table):
+    """A table with no particles still gets the class columns, so every output has one layout."""
+    import pandas as pd
+
+    data = table.data.copy()
+    for column, dtype in CLASS_DTYPES.items():
+        data[column] = pd.Series([], dtype=dtype)
+    return dataclasses.replace(table, data=data)
 
 
 def _segment_and_vote(volume, coords, box, mean, std, model, n_classes, options, progress):

@@ -58,9 +58,6 @@ from vpdetect.cli.localize import (
 
 log = logging.getLogger("vpdetect.pick")
 
-CLASS_COLUMNS = {"class_name": object, "class_number": "int64", "vote_fraction": float, "vote_margin": float}
-
-
 @dataclass(frozen=True)
 class PickJob:
     """Everything `pick_task` needs besides the input, output and device (picklable for --devices)."""
@@ -77,19 +74,9 @@ class PickJob:
     coords_pixel_size: float | None = None
 
 
-def _with_empty_classes(table):
-    """A table with no particles still gets the class columns, so every output has one layout."""
-    import pandas as pd
-
-    data = table.data.copy()
-    for column, dtype in CLASS_COLUMNS.items():
-        data[column] = pd.Series([], dtype=dtype)
-    return replace(table, data=data)
-
-
 def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     """Localize and classify one tomogram file, write its table; returns provenance extras."""
-    from vpdetect.classify.pipeline import classify_table
+    from vpdetect.classify.pipeline import classify_table, with_empty_classes
     from vpdetect.io.mrc import read_roi, read_tomogram
     from vpdetect.io.particles import write_particles
     from vpdetect.localize.pipeline import (
@@ -132,7 +119,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
                 progress=lambda n: bar.advance(boxes, n), timings=timings,
             )
         else:
-            table = _with_empty_classes(found)
+            table = with_empty_classes(found)
 
     start = time.perf_counter()
     table = place_in_project(table, tomo, source, load_tomograms(job.tomograms_star))
