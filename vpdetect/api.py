@@ -68,6 +68,14 @@ def to_frame(table: ParticleTable) -> pd.DataFrame:
     return frame
 
 
+def _result(table: ParticleTable, tomo: Tomogram) -> pd.DataFrame:
+    """A stage's output as a DataFrame; an in-memory volume has no path to record."""
+    frame = to_frame(table)
+    if tomo.path is None and "tomo_path" in frame.columns:
+        frame = frame.drop(columns="tomo_path")
+    return frame
+
+
 def to_particle_table(
     table, voxel_size: float | None = None, tomo_size: tuple[int, int, int] | None = None
 ) -> ParticleTable:
@@ -264,7 +272,7 @@ def localize(
     settings = _build(LocalizeOptions, dict(options, device=device))
     roi = _mask(mask, tomo.data.shape)
     table, _ = localize_volume(tomo, net, card, settings, roi=roi, progress=_tile_progress(progress))
-    return to_frame(table)
+    return _result(table, tomo)
 
 
 def classify(
@@ -336,11 +344,11 @@ def pick(
         progress=_tile_progress(progress),
     )
     if len(found) == 0:
-        return to_frame(with_empty_classes(found))
+        return _result(with_empty_classes(found), tomo)
     out = classify_table(
         tomo, found, cls_net, cls_card, cls_settings, progress=_box_progress(progress, len(found))
     )
-    return to_frame(out)
+    return _result(out, tomo)
 
 
 def evaluate(
