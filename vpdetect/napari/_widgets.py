@@ -120,11 +120,12 @@ class PickWidget(Container):
         self.run_button.enabled = False
         self.progress.value = 0
         self.status.value = f"{mode}: running on {layer.name}"
-        self.worker = create_worker(work, _start_thread=False)
-        self.worker.returned.connect(lambda frame: self._on_done(frame, layer.name))
-        self.worker.errored.connect(self._on_error)
-        self.worker.finished.connect(self._on_finished)
-        self.worker.start()
+        # Our own `errored` handler: a bad input is a status line, not an exception re-raised in Qt.
+        self.worker = create_worker(work, _start_thread=True, _connect={
+            "returned": lambda frame: self._on_done(frame, name),
+            "errored": self._on_error,
+            "finished": self._on_finished,
+        })
 
     def _on_progress(self, stage: str, done: int, total: int) -> None:
         self.progress.label = stage
