@@ -24,8 +24,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import napari
-    import numpy as np
     import npe2
+    import numpy as np
     from matplotlib.image import imsave
     from qtpy.QtWidgets import QApplication
 
