@@ -234,7 +234,7 @@ def test_pick_widget_reports_errors_in_its_status(viewer, tmp_path):
     widget = PickWidget(viewer)
     widget.run()
     assert widget.status.value.startswith("error: open a tomogram")
-    viewer.add_image(np.zeros((4, 4, 4), np.float32), name="tiny")
+    viewer.add_image(np.random.default_rng(0).normal(size=(4, 4, 4)).astype(np.float32), name="tiny")
     widget.mode.value = "localize"
     widget.run()
     wait_for(lambda: widget.worker is None)
