@@ -19,8 +19,8 @@ from vpdetect.resample import (
     grid_scale,
     linear_resample,
     nearest_resample,
-    rescale_factor,
     resampled_shape,
+    rescale_factor,
 )
 
 

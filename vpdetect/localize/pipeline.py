@@ -41,8 +41,8 @@ from vpdetect.resample import (
     fourier_resample,
     grid_scale,
     nearest_resample,
-    rescale_factor,
     resampled_shape,
+    rescale_factor,
 )
 
 log = logging.getLogger("vpdetect.localize")

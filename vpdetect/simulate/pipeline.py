@@ -18,6 +18,7 @@ import numpy as np
 
 from vpdetect.errors import VPDetectError
 from vpdetect.io.particles import ParticleTable
+from vpdetect.simulate.generalist import RANDOMIZABLE, Context, add_context, draw_tomogram
 from vpdetect.simulate.microscope import MicroscopeParams, image_and_reconstruct
 from vpdetect.simulate.phantoms import (
     ParticleClass,
@@ -26,7 +27,6 @@ from vpdetect.simulate.phantoms import (
     shape_geometry,
     vesicle_class,
 )
-from vpdetect.simulate.generalist import RANDOMIZABLE, Context, add_context, draw_tomogram
 from vpdetect.simulate.scene import Scene, build_scene
 
 # Numbers per million voxels of slab (SHREC'21: 1,000-3,000 proteins, 2-7

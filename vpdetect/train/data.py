@@ -26,7 +26,13 @@ import numpy as np
 
 from vpdetect.errors import VPDetectError
 from vpdetect.nn.losses import IGNORE_INDEX
-from vpdetect.preprocess import clip_of, contrast_sign, detect_contrast, normalisation_params, normalise
+from vpdetect.preprocess import (
+    clip_of,
+    contrast_sign,
+    detect_contrast,
+    normalisation_params,
+    normalise,
+)
 
 BACKGROUND = "background"
 # Not particles to pick: vesicles are membranes, excluded from targets unless asked for.
