@@ -37,7 +37,7 @@ class ClassifyOptions:
     search_radius: float = 3.0  # voxels; how far from a background centre to look for the particle
     drop_unknown: bool = False  # drop particles with no central component instead of "unknown"
     box_size: int | None = None  # None: the model card's crop_size
-    precision: str = "auto"  # CUDA autocast: auto (bf16 where supported), fp32, bf16, fp16; CPU is fp32
+    precision: str = "auto"  # a vpdetect.nn.precision name (CUDA only; the CPU is fp32)
 
 
 def classifier_classes(card: dict) -> list[str]:
@@ -158,11 +158,8 @@ def with_empty_classes(table):
 def _segment_and_vote(volume, coords, box, mean, std, model, n_classes, options, progress):
     import torch
 
-    from vpdetect.localize.tiling import autocast_dtype
     from vpdetect.nn.engine import fast_predict
 
-    device = next(model.parameters()).device
-    cast = autocast_dtype(str(device), options.precision)
     model.eval()
     votes = []
     # no_grad rather than inference_mode: the CPU engine's worker threads update
@@ -171,12 +168,8 @@ def _segment_and_vote(volume, coords, box, mean, std, model, n_classes, options,
         for start in range(0, len(coords), options.batch_size):
             chunk = coords[start : start + options.batch_size]
             inputs = torch.from_numpy(extract_boxes(volume, chunk, box, mean, std)).unsqueeze(1)
-            if device.type == "cpu":
-                probs = fast_predict(model, inputs)  # matrix-multiply engine, float32
-            else:
-                inputs = inputs.to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, dtype=cast, enabled=cast is not None):
-                    probs = model.predict(inputs)
+            # CPU: the matrix-multiply engine (float32); CUDA: cuDNN in `precision`.
+            probs = fast_predict(model, inputs, options.precision)
             labels = probs.argmax(dim=1).to(torch.int16).cpu().numpy()
             for i, box_labels in enumerate(labels):
                 votes.append(_vote_one(box_labels, probs[i], n_classes, options.search_radius))

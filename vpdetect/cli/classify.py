@@ -281,7 +281,7 @@ def classify(
     """Classify each particle: segment a subtomogram around it, keep the central particle, vote."""
     from vpdetect.classify.pipeline import ClassifyOptions
     from vpdetect.io.particles import FORMATS
-    from vpdetect.localize.tiling import autocast_dtype
+    from vpdetect.nn.precision import check_precision
 
     settings, resolved_device = start_run(
         verbose=verbose, quiet=quiet, log_file=log_file, device=device, devices=devices
@@ -289,7 +289,7 @@ def classify(
     fmt = format_name(output_format)
     if input_format is not None and input_format.lower() not in FORMATS:
         raise VPDetectError(f"unknown input format {input_format!r}; choose one of {', '.join(FORMATS)}")
-    autocast_dtype(resolved_device, precision.lower())  # validates the name
+    precision = check_precision(precision)
     model_path = resolve_model_path(model, "classifier")
     # A wrong model fails once, before any input (checked on the CPU when workers take the GPUs).
     load_stage_model(model_path, "classifier", "cpu" if devices else resolved_device)

@@ -128,7 +128,8 @@ def batch_size_option():
 def precision_option():
     return typer.Option(
         "auto", "--precision",
-        help="Network arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA only).",
+        help="Network arithmetic on CUDA: auto (TF32 on Ampere and newer GPUs, else fp32), fp32, "
+        "tf32, bf16 or fp16. The CPU always computes in fp32.",
     )
 
 
@@ -196,7 +197,7 @@ def build_localize_options(
 ):
     """A validated `LocalizeOptions` from CLI values (`device` already resolved)."""
     from vpdetect.localize.pipeline import LocalizeOptions
-    from vpdetect.localize.tiling import autocast_dtype
+    from vpdetect.nn.precision import check_precision
 
     if bandwidth is not None and particle_diameter is not None:
         raise VPDetectError("give --bandwidth or --particle-diameter, not both")
@@ -204,7 +205,7 @@ def build_localize_options(
         raise VPDetectError(f"--bandwidth must be positive, got {bandwidth}")
     if z_range is not None and (z_range[0] is None or z_range[0] > z_range[1] or z_range[0] < 0):
         raise VPDetectError(f"--z-range takes Z0 <= Z1 (0-based slices), got {z_range}")
-    autocast_dtype(device, precision.lower())  # validates the name
+    precision = check_precision(precision)
     if contrast not in ("dark", "bright", "auto"):
         raise VPDetectError(f"--contrast must be dark, bright or auto, got {contrast!r}")
     return LocalizeOptions(

@@ -66,7 +66,7 @@ class LocalizeOptions:
     halo: context voxels per tile side; None = min(model.halo, DEFAULT_HALO_CAP).
     z_range: first and last slice (0-based, inclusive) to search, or None.
     device: a concrete torch device string ("cpu", "cuda:0").
-    precision: "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16".
+    precision: a `vpdetect.nn.precision` name (auto, fp32, tf32, bf16, fp16; CUDA only).
     contrast: the tomogram's particle contrast, "dark", "bright" or "auto"
     (detected); a tomogram of the other sign than the model expects is negated.
     rescale: resample a tomogram whose voxel size differs from the model's by

@@ -175,31 +175,23 @@ def _batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
         yield tiles[start : start + size]
 
 
-def autocast_dtype(device: str, precision: str):
-    """The autocast dtype for a device and a precision name ("auto", "fp32", "bf16", "fp16"), or None."""
-    import torch
-
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise VPDetectError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
-    if not str(device).startswith("cuda") or precision == "fp32":
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "auto" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def predictor(model) -> Callable:
-    """The fastest `predict` for a model: vpdetect's inference engine for an MSDNet
-    (same probabilities as `MSDNet.predict`), else the module's own `predict`."""
+def predictor(model, precision: str = "auto", device: str = "cpu") -> Callable:
+    """The fastest `predict` for a model in `precision`: vpdetect's inference engine for an
+    MSDNet (same probabilities as `MSDNet.predict`), else the module's own `predict`."""
     from vpdetect.nn.msdnet import MSDNet
+    from vpdetect.nn.precision import inference_arithmetic, resolve_precision
 
     if isinstance(model, MSDNet):
         from vpdetect.nn.engine import fast_predict
 
-        return functools.partial(fast_predict, model)
-    return model.predict
+        return functools.partial(fast_predict, model, precision=precision)
+    arithmetic = resolve_precision(precision, device)
+
+    def predict(x):
+        with inference_arithmetic(arithmetic, device):
+            return model.predict(x)
+
+    return predict
 
 
 def predict_map(
@@ -237,20 +229,17 @@ def predict_map(
     elif tuple(out.shape) != tuple(volume.shape):
         raise ValueError(f"map shape {out.shape} differs from the volume's {volume.shape}")
     tiles = tile_layout(tuple(volume.shape), tile, halo)
-    cast = autocast_dtype(device, precision)
     timings = {} if timings is None else timings
     timings.setdefault("network", 0.0)
     timings.setdefault("stitch", 0.0)
     model.eval()
-    predict = predictor(model)
+    predict = predictor(model, precision, device)
     done = 0
     with torch.inference_mode():
         for batch in _batches(tiles, batch_size):
             start = time.perf_counter()
             crops = np.stack([normalise(volume[t.source], mean, std, clip) for t in batch])[:, None]
-            x = torch.from_numpy(crops).to(device)
-            with torch.autocast(device_type=torch.device(device).type, dtype=cast, enabled=cast is not None):
-                probs = predict(x)
+            probs = predict(torch.from_numpy(crops).to(device))
             foreground = probs[:, 1:].sum(dim=1).float().cpu().numpy()
             middle = time.perf_counter()
             for t, fg in zip(batch, foreground, strict=True):
