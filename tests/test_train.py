@@ -418,3 +418,29 @@ def test_relion5_table_without_tomogram_block_uses_the_tomogram_size(tmp_path):
     # x = -50/10 + 30/2, y = 20/10 + 24/2, z = 0 + 20/2, stored [z, y, x].
     np.testing.assert_allclose(av.centres_zyx, [[10.0, 14.0, 10.0]])
     assert av.label_map[10, 14, 10] == 1
+
+
+def test_deterministic_training_repeats_and_leaves_the_flags_as_they_were(shrec_dir):
+    volumes, names = _volumes(shrec_dir)
+    seen = []
+
+    def run():
+        cfg = _config(names, steps_per_epoch=2, crop_size=10, val_crops=2, deterministic=True)
+        trainer = Trainer(cfg, CropDataset(volumes, 10, seed=3), CropDataset(volumes, 10, seed=3, stream=1))
+        fit(trainer, on_step=lambda step, loss: seen.append(
+            (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)))
+        return _weights(trainer.model)
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    assert torch.equal(run(), run())
+    assert seen and all(flags == (True, True, False) for flags in seen)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before
+
+
+def test_cli_deterministic_is_recorded(shrec_dir, tmp_path):
+    out = tmp_path / "det.pt"
+    result = CliRunner().invoke(app, ["train", "localizer", "--data", str(shrec_dir), "--out", str(out),
+                                      *TINY, "--epochs", "1", "--deterministic"])
+    assert result.exit_code == 0, result.output
+    assert read_model_card(out)["provenance"]["deterministic"] is True

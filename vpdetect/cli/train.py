@@ -9,6 +9,8 @@ Writes, beside `--out MODEL.pt` (the best model by validation MIoU):
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from pathlib import Path
 
@@ -57,8 +59,28 @@ def _load_sources(folders, tomograms, tables, radius, radius_unit, pixel_size, w
     return sources
 
 
+def _leaves_process_group(func):
+    """Leave a torchrun process group however the command ends: an error (bad data, a
+    diverged loss, which every rank sees together) must not skip `destroy_process_group`."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from vpdetect.train.loop import current_dist_info, shutdown_distributed
+
+        finished = False
+        try:
+            result = func(*args, **kwargs)
+            finished = True
+            return result
+        finally:
+            shutdown_distributed(current_dist_info(), finished)
+
+    return wrapper
+
+
 @app.command()
 @user_errors
+@_leaves_process_group
 def train(
     stage: str = typer.Argument(..., help="Which network to train: localizer or classifier."),
     data: list[Path] = typer.Option(
@@ -116,9 +138,16 @@ def train(
         help="Share of crops centred near a particle (default 0.5 localizer, 0.8 classifier).",
     ),
     val_crops: int = typer.Option(16, "--val-crops", min=0, help="Validation crops per epoch (fixed)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed: same data, options and seed give the same model."),
+    seed: int = typer.Option(
+        0, "--seed",
+        help="Random seed: same data, options and seed give the same model (on a GPU with --deterministic).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision on CUDA (bfloat16, or float16)."),
+    deterministic: bool = typer.Option(
+        False, "--deterministic",
+        help="Deterministic GPU kernels only, so a GPU run repeats exactly (slower; the CPU always repeats).",
+    ),
     workers: int = typer.Option(0, "--workers", min=0, help="Data-loader worker processes."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in MODEL.last.pt."),
@@ -192,8 +221,11 @@ def train(
 
     if threads:
         torch.set_num_threads(threads)
+    if deterministic:
+        # cuBLAS reads this once, when it starts: before any CUDA work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist_info = init_distributed(device)
-    torch_device = torch.device(resolve_device(device, dist_info.local_rank))
+    torch_device = torch.device(dist_info.device or resolve_device(device))
     main_process = dist_info.is_main
     defaults = STAGE_DEFAULTS[stage]
 
@@ -244,6 +276,7 @@ def train(
         val_crops=val_crops,
         workers=workers,
         amp=amp,
+        deterministic=deterministic,
         class_names=mapping.class_names,
     )
     train_set = CropDataset(volumes, crop_size, seed, config.particle_share, augment=True, stream=0)
@@ -295,6 +328,7 @@ def train(
                 "init": str(init) if init is not None else None,
                 "validation": [str(p) for p in val] + [str(p) for p in val_tomogram],
                 "seed": seed,
+                "deterministic": deterministic,
                 "epochs": trainer.epoch,
                 "epochs_planned": epochs,
                 "steps_per_epoch": steps_per_epoch,
@@ -372,11 +406,6 @@ def train(
                 f"{'finished' if status == 'done' else 'stopped (time limit)'} after epoch {trainer.epoch}; "
                 f"best epoch {best['epoch']} ({best_text}) -> {out}"
             )
-    if dist_info.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _write_log_and_curves(history: list[dict], paths: dict[str, Path], title: str) -> None:
