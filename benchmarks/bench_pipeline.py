@@ -150,7 +150,8 @@ def run(sizes: tuple[int, ...] = SIZES) -> None:
                 localizer, _ = load_model(loc_path, device="cpu")
                 classifier, card = load_model(cls_path, device="cpu")
                 options = LocalizeOptions()
-                tiles = tile_layout((size,) * 3, options.tile, options.resolved_halo(localizer))
+                tiles = tile_layout((size,) * 3, options.resolved_tile(localizer, (size,) * 3),
+                                    options.resolved_halo(localizer))
                 tile_voxels = sum(
                     (s.stop - s.start) * (y.stop - y.start) * (x.stop - x.start) for s, y, x in
                     (t.source for t in tiles)

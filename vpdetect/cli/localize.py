@@ -48,7 +48,6 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_OPENING_RADIUS = 1
 DEFAULT_MIN_SIZE = 10
 DEFAULT_BANDWIDTH = 5.0
-DEFAULT_TILE = 128
 DEFAULT_BATCH_SIZE = 1
 
 
@@ -110,7 +109,9 @@ def max_centre_gap_option():
 
 def tile_option():
     return typer.Option(
-        DEFAULT_TILE, "--tile", min=8, help="Edge (voxels) of the cubic tiles fed to the network."
+        None, "--tile", min=8,
+        help="Edge (voxels) of the cubic tiles fed to the network (default: 128 on the CPU; on a GPU "
+        "the largest whose feature maps fit half its free memory). Tiles too large for the memory are refused.",
     )
 
 
@@ -186,7 +187,7 @@ def build_localize_options(
     particle_diameter: float | None = None,
     min_size: int | None = None,
     max_centre_gap: float | None = None,
-    tile: int = DEFAULT_TILE,
+    tile: int | None = None,
     halo: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "cpu",

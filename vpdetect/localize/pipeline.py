@@ -21,10 +21,10 @@ from vpdetect.errors import VPDetectError
 from vpdetect.localize.cluster import find_particles
 from vpdetect.localize.tiling import (
     DEFAULT_HALO_CAP,
-    DEFAULT_TILE,
     MAP_IN_MEMORY_VOXELS,
     PageReleasingVolume,
     allocate_map,
+    choose_tile,
     predict_map,
 )
 from vpdetect.nn.checkpoint import check_inference_card
@@ -63,6 +63,8 @@ class LocalizeOptions:
 
     bandwidth: mean-shift bandwidth in voxels; None = particle_diameter / 2 in
     voxels when a diameter (Angstrom) is given, else DEFAULT_BANDWIDTH.
+    tile: tile edge in voxels; None = DEFAULT_TILE on the CPU, on a GPU the largest that
+    fits half its free memory (`tiling.choose_tile`, which also refuses a tile too large).
     halo: context voxels per tile side; None = min(model.halo, DEFAULT_HALO_CAP).
     z_range: first and last slice (0-based, inclusive) to search, or None.
     device: a concrete torch device string ("cpu", "cuda:0").
@@ -83,7 +85,7 @@ class LocalizeOptions:
     merge_radius: float | None = None
     # Drop hollow components (membranes) whose centroid is this far outside them; None = bandwidth.
     max_centre_gap: float | None = None
-    tile: int = DEFAULT_TILE
+    tile: int | None = None
     halo: int | None = None
     batch_size: int = 1
     device: str = "cpu"
@@ -128,6 +130,14 @@ class LocalizeOptions:
             if self.merge_radius is None and tuned.get("merge_radius") is not None:
                 updates["merge_radius"] = float(tuned["merge_radius"])
         return replace(self, **updates)
+
+    def resolved_tile(self, model, volume_shape, free: int | None = None) -> int:
+        """The tile edge for a volume on this device, checked against the free memory."""
+        from vpdetect.nn.precision import resolve_precision
+
+        bytes_per_value = resolve_precision(self.precision, self.device).dtype.itemsize
+        return choose_tile(model, tuple(volume_shape), self.device, self.batch_size, bytes_per_value,
+                           self.tile, free)
 
     def resolved_halo(self, model) -> int:
         return int(min(model.halo, DEFAULT_HALO_CAP) if self.halo is None else self.halo)
@@ -281,6 +291,10 @@ def segment_volume(
     halo = options.resolved_halo(model)
     z_range = _model_z_range(options.z_range, prepared.scale_zyx)
     z_lo, z_hi = _search_slices(volume.shape[0], z_range, halo)
+    # Before the map is allocated: a tile too large for the device fails at once, in one line.
+    tile = options.resolved_tile(model, (z_hi - z_lo, *volume.shape[1:]))
+    log.debug("%s: tiles of %d voxels, halo %d, batch %d on %s", tomo.name, tile, halo,
+              options.batch_size, options.device)
     prob = allocate_map(volume.shape, np.float16, options.max_map_in_memory_voxels)
     model.to(options.device)
     predict_map(
@@ -288,7 +302,7 @@ def segment_volume(
         volume[z_lo:z_hi],
         prepared.centre,
         prepared.scale,
-        tile=options.tile,
+        tile=tile,
         halo=halo,
         batch_size=options.batch_size,
         device=options.device,

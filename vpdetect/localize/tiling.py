@@ -31,9 +31,14 @@ import numpy as np
 from vpdetect.errors import VPDetectError
 from vpdetect.preprocess import normalise
 
-# Defaults measured on the paper-sized localizer (see README, performance).
+# CPU defaults measured on the paper-sized localizer (see README, performance).
 DEFAULT_TILE = 128
 DEFAULT_HALO_CAP = 24
+# GPU default (to be measured by `make gpu-check`): the largest tile whose feature maps take
+# at most this share of the GPU's free memory, up to the whole tomogram.
+GPU_MEMORY_SHARE = 0.5
+# A tile is refused when its estimate exceeds this share of the free memory.
+MEMORY_LIMIT_SHARE = 0.9
 # Maps larger than this many voxels live in a disk-backed memmap instead of memory.
 MAP_IN_MEMORY_VOXELS = 256 * 1024**2
 
@@ -168,6 +173,84 @@ class PageReleasingVolume:
 
     def release(self) -> None:
         release_pages(self.volume, self.shape[0])
+
+
+def tile_shape(volume_shape: tuple[int, ...], tile: int) -> tuple[int, int, int]:
+    """The input shape of every tile of a volume: `tile` along each axis, or the axis if shorter."""
+    return tuple(min(int(tile), int(n)) for n in volume_shape)  # type: ignore[return-value]
+
+
+def tile_memory_bytes(model, shape: tuple[int, int, int], batch_size: int, bytes_per_value: int) -> int:
+    """Memory one network call on `batch_size` tiles of `shape` needs, roughly: the MSDNet
+    feature buffer (every map of every voxel) in the network's dtype, plus float32 input,
+    logits and probabilities. The buffer dominates: ~100 maps per voxel."""
+    voxels = int(np.prod(shape)) * int(batch_size)
+    n_maps = int(getattr(model, "n_feature_maps", 1))
+    n_classes = int(getattr(model, "n_classes", 2))
+    return voxels * (n_maps * int(bytes_per_value) + 4 * (1 + 2 * n_classes))
+
+
+def available_memory(device: str) -> int | None:
+    """Free bytes for the network: the GPU's free memory, or the machine's available memory
+    (None when it cannot be told)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _largest_tile(model, volume_shape, batch_size: int, bytes_per_value: int, budget: float) -> int:
+    """The largest tile edge (a multiple of 8, at least 8) whose call fits `budget` bytes."""
+    edge = max(int(n) for n in volume_shape)
+    while edge > 8 and tile_memory_bytes(model, tile_shape(volume_shape, edge), batch_size,
+                                         bytes_per_value) > budget:
+        edge = (edge - 1) // 8 * 8 if edge % 8 else edge - 8
+    return max(edge, 8)
+
+
+def choose_tile(model, volume_shape, device: str, batch_size: int, bytes_per_value: int,
+                tile: int | None = None, free: int | None = None) -> int:
+    """The tile edge to use, checked against the memory there is.
+
+    `tile=None`: DEFAULT_TILE on the CPU; on a GPU the largest tile whose call takes at most
+    GPU_MEMORY_SHARE of the free memory (whole-tomogram tiles on big GPUs: no halo recomputed).
+    A tile whose estimate exceeds MEMORY_LIMIT_SHARE of the free memory is refused in one line
+    (a 512^3 tile of a paper-sized localizer needs ~27 GB in bf16), naming one that fits.
+    `free` overrides the measured free memory (bytes).
+    """
+    import torch
+
+    free = available_memory(device) if free is None else free
+    on_gpu = torch.device(device).type == "cuda"
+    if tile is None:
+        if not on_gpu or free is None:
+            return DEFAULT_TILE
+        return _largest_tile(model, volume_shape, batch_size, bytes_per_value, GPU_MEMORY_SHARE * free)
+    if tile < 1:
+        raise VPDetectError(f"tile size must be positive, got {tile}")
+    need = tile_memory_bytes(model, tile_shape(volume_shape, tile), batch_size, bytes_per_value)
+    if free is not None and need > MEMORY_LIMIT_SHARE * free:
+        fits = _largest_tile(model, volume_shape, batch_size, bytes_per_value, MEMORY_LIMIT_SHARE * free)
+        where = "GPU" if on_gpu else "machine"
+        raise VPDetectError(
+            f"--tile {tile}{f' x {batch_size} per batch' if batch_size > 1 else ''} needs about {_gigabytes(need)} for the network's "
+            f"{getattr(model, 'n_feature_maps', 1)} feature maps per voxel on {device}, but the {where} has "
+            f"{_gigabytes(free)} free; use --tile {fits} or less"
+            + (" or a smaller --batch-size" if batch_size > 1 else "")
+        )
+    return int(tile)
+
+
+def _gigabytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
