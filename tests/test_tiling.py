@@ -217,3 +217,32 @@ def test_localize_refuses_a_tile_too_large_before_any_work(monkeypatch):
     card = {"stage": "localizer", "class_names": ["background", "particle"], "normalisation": "zscore"}
     with pytest.raises(VPDetectError, match="--tile 32 .* use --tile 24 or less"):
         segment_volume(tomo, net, card, LocalizeOptions(tile=32))
+
+
+def test_statistics_read_a_bounded_number_of_voxels_at_once(rng):
+    from vpdetect.preprocess import volume_stats
+
+    class Recording:
+        """A volume that records how many voxels each read returns."""
+
+        def __init__(self, data):
+            self.data, self.shape, self.dtype, self.reads = data, data.shape, data.dtype, []
+
+        def __getitem__(self, key):
+            block = self.data[key]
+            self.reads.append(block.size)
+            return block
+
+    # uint16-like data: a large offset must not cancel the variance away
+    volume = (30000 + rng.normal(0, 3, size=(6, 40, 50))).astype(np.float32)
+    recording = Recording(volume)
+    mean, std = volume_stats(recording, block_voxels=700)
+    assert max(recording.reads) == 2000  # one plane (40 x 50) when a plane exceeds the block
+    wide = volume.astype(np.float64)
+    assert mean == pytest.approx(wide.mean(), rel=1e-12) and std == pytest.approx(wide.std(), rel=1e-9)
+    recording = Recording(volume)
+    volume_stats(recording, block_voxels=4000)
+    assert max(recording.reads) == 4000 and len(recording.reads) == 3  # two planes per read
+    with pytest.raises(VPDetectError, match="NaN"):
+        volume[5, 39, 49] = np.nan
+        volume_stats(volume, block_voxels=700)

@@ -8,8 +8,8 @@ training did:
   carbon and hot pixels inflate a standard deviation (so particles look faint
   at low SNR) and feed the network values it never saw; the median and the
   median absolute deviation ignore them, and the clip bounds what is left.
-Statistics are read slab by slab (a memory-mapped volume is never copied
-whole); the robust ones from a strided sample of at most ROBUST_SAMPLES voxels.
+Statistics are read block by block (a bounded number of voxels in float64;
+a memory-mapped volume is never copied whole); the robust ones from a strided sample of at most ROBUST_SAMPLES voxels.
 
 Contrast: models also record the sign of particle contrast they expect
 ("dark": dense matter below the background, as reconstructed; "bright":
@@ -38,23 +38,41 @@ CONTRAST_SIGMAS = ((1.0, 2.0), (2.0, 4.0))
 CONTRAST_CROP = (64, 192, 192)  # z, y, x: the central region read for detection
 
 
-def volume_stats(volume: np.ndarray, slab: int = 32) -> tuple[float, float]:
-    """Mean and standard deviation in float64, checking for NaN/Inf slab by slab."""
-    total = 0.0
-    total_sq = 0.0
+# Voxels converted to float64 at a time while summing statistics (32 MB), however large the
+# tomogram's planes are: a 4k x 4k tomogram in 32-plane float64 slabs needed ~8 GB at once.
+STATS_BLOCK_VOXELS = 1 << 22
+
+
+def volume_stats(volume: np.ndarray, block_voxels: int = STATS_BLOCK_VOXELS) -> tuple[float, float]:
+    """Mean and standard deviation in float64, checking for NaN/Inf block by block.
+
+    Reads whole planes (in the file's own dtype) as far as `block_voxels` allows and
+    converts `block_voxels` at a time; sums are taken about the first block's mean, so
+    a large offset (uint16 data) does not cancel the variance away.
+    """
+    shape = tuple(volume.shape)
+    plane = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    rows = max(1, int(block_voxels) // max(1, plane))
+    shift = None
+    total = total_sq = 0.0
     count = 0
-    for z0 in range(0, volume.shape[0], slab):
-        block = np.asarray(volume[z0 : z0 + slab], dtype=np.float64)
-        if not np.all(np.isfinite(block)):
-            raise VPDetectError("tomogram contains NaN or infinite values")
-        total += float(block.sum())
-        total_sq += float(np.square(block).sum())
-        count += block.size
+    for z0 in range(0, shape[0] if shape else 0, rows):
+        flat = np.asarray(volume[z0 : z0 + rows]).reshape(-1)
+        for start in range(0, flat.size, block_voxels):
+            block = flat[start : start + block_voxels].astype(np.float64)
+            if not np.all(np.isfinite(block)):
+                raise VPDetectError("tomogram contains NaN or infinite values")
+            if shift is None:
+                shift = float(block.mean()) if block.size else 0.0
+            block -= shift
+            total += float(block.sum())
+            total_sq += float(np.dot(block, block))
+            count += block.size
     if count == 0:
         raise VPDetectError("tomogram is empty")
-    mean = total / count
-    var = max(total_sq / count - mean * mean, 0.0)
-    return mean, float(np.sqrt(var))
+    centred = total / count
+    var = max(total_sq / count - centred * centred, 0.0)
+    return shift + centred, float(np.sqrt(var))
 
 
 def zscore_params(volume: np.ndarray) -> tuple[float, float]:
@@ -63,6 +81,18 @@ def zscore_params(volume: np.ndarray) -> tuple[float, float]:
     if std <= 1e-12 * max(1.0, abs(mean)):
         raise VPDetectError("tomogram has constant value (zero variance): nothing to detect")
     return mean, std
+
+
+def streamed_zscore_params(volume: np.ndarray) -> tuple[float, float]:
+    """`zscore_params` of a whole tomogram read once in z order, releasing the pages of a
+    memory-mapped file as the sweep passes: a tomogram larger than memory costs a few blocks."""
+    from vpdetect.localize.tiling import PageReleasingVolume
+
+    streamed = PageReleasingVolume(volume)
+    try:
+        return zscore_params(streamed)
+    finally:
+        streamed.release()
 
 
 def robust_params(volume: np.ndarray) -> tuple[float, float]:

@@ -83,7 +83,7 @@ def classify_table(
     the number of boxes done; `timings` (a dict) receives seconds under
     "classify_load" (normalisation statistics) and "classify" (boxes, network, votes).
     """
-    from vpdetect.preprocess import zscore_params
+    from vpdetect.preprocess import streamed_zscore_params
 
     options = options or ClassifyOptions()
     class_names = classifier_classes(card)
@@ -118,7 +118,7 @@ def classify_table(
     _warn_voxel_size_mismatch(tomo.voxel_size or table.voxel_size, card.get("voxel_size"))
 
     started = time.perf_counter()
-    mean, std = stats if stats is not None else zscore_params(tomo.data)
+    mean, std = stats if stats is not None else streamed_zscore_params(tomo.data)
     normalised_at = time.perf_counter()
     kept = data.iloc[np.flatnonzero(inside)].reset_index(drop=True)
     votes = _segment_and_vote(

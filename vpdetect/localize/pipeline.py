@@ -22,7 +22,6 @@ from vpdetect.localize.cluster import find_particles
 from vpdetect.localize.tiling import (
     DEFAULT_HALO_CAP,
     MAP_IN_MEMORY_VOXELS,
-    PageReleasingVolume,
     allocate_map,
     choose_tile,
     predict_map,
@@ -35,7 +34,7 @@ from vpdetect.preprocess import (
     contrast_sign,
     detect_contrast,
     robust_from_sample,
-    zscore_params,
+    streamed_zscore_params,
 )
 from vpdetect.resample import (
     fourier_resample,
@@ -184,30 +183,14 @@ def _search_slices(shape_z: int, z_range: tuple[int, int] | None, context: int) 
     return max(0, z0 - context), min(shape_z, z1 + 1 + context)
 
 
-def _finer_rows(volume: np.ndarray) -> np.ndarray:
-    """The same voxels with 8x more, thinner rows along axis 0 (no copy) when the shape allows.
-
-    Statistics do not depend on the shape, and `zscore_params` reads 32 rows at
-    a time in float64: thinner rows keep that working set small on big volumes.
-    """
-    z, y, x = volume.shape
-    if y % 8 or not volume.flags.c_contiguous:
-        return volume
-    return volume.reshape(z * 8, y // 8, x)
-
-
 def tomogram_stats(volume: np.ndarray, method: str = NORMALISATION) -> tuple[float, float]:
-    """The (centre, scale) of a whole tomogram for a normalisation method, read slab by slab.
+    """The (centre, scale) of a whole tomogram for a normalisation method, read block by block.
 
     Pages of a memory-mapped file are released as the sweep passes, so a
-    tomogram larger than memory costs no more than a few slabs. The robust
+    tomogram larger than memory costs no more than a few blocks. The robust
     statistics come from a strided sample after that checked sweep.
     """
-    streamed = PageReleasingVolume(_finer_rows(volume))
-    try:
-        mean, std = zscore_params(streamed)
-    finally:
-        streamed.release()
+    mean, std = streamed_zscore_params(volume)
     if method == "robust":
         return robust_from_sample(volume, std)
     return mean, std
