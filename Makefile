@@ -1,6 +1,7 @@
 # vpdetect developer and user entry points.
 #   make test   - create .venv, install vpdetect with its test tools, run the tests
 #   make demo   - simulate a held-out tomogram, pick it with the bundled models, score it
+#   make gpu-check - on a CUDA machine: GPU tests, precisions, pick and training timings -> JSON
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 
-.PHONY: install test demo lint bench models clean
+.PHONY: install test demo lint bench models gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +36,15 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py --out $(DEMO_DIR)
 
+# No venv needed: runs vpdetect from this checkout with a Python that has torch and the
+# dependencies (the .venv when there is one, else $(PYTHON)); see README, "GPU".
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_REPORT ?= gpu_check.json
+gpu-check:
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_REPORT)
+
 models: $(STAMP)
 	bash examples/train_default_models.sh
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache gpu_check.json

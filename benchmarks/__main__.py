@@ -1,4 +1,8 @@
-"""Run the benchmarks: `python -m benchmarks [NAME ...]` (NAME = bench_NAME.py)."""
+"""Run the benchmarks: `python -m benchmarks [NAME ...] [--OPTION ...]` (NAME = bench_NAME.py).
+
+Options (everything from the first argument that starts with "-") go to the
+`run(argv)` of the one benchmark named, e.g. `python -m benchmarks generalization --quick`.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,12 @@ def machine_summary() -> str:
 def main(argv: list[str]) -> int:
     here = Path(__file__).parent
     available = sorted(p.stem[len("bench_") :] for p in here.glob("bench_*.py"))
-    chosen = argv or available
+    split = next((i for i, arg in enumerate(argv) if arg.startswith("-")), len(argv))
+    names, options = argv[:split], argv[split:]
+    chosen = names or available
+    if options and len(chosen) != 1:
+        print(f"error: options {options} need exactly one benchmark named before them", file=sys.stderr)
+        return 2
     unknown = [name for name in chosen if name not in available]
     if unknown:
         print(f"error: unknown benchmark(s) {unknown}; available: {available}", file=sys.stderr)
@@ -32,7 +41,8 @@ def main(argv: list[str]) -> int:
     for name in chosen:
         print(f"\n=== {name} ===", flush=True)
         start = time.perf_counter()
-        importlib.import_module(f"benchmarks.bench_{name}").run()
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        module.run(options) if options else module.run()
         print(f"({name}: {time.perf_counter() - start:.1f} s)", flush=True)
     return 0
 

@@ -41,20 +41,27 @@ def _simulate(size: int):
 
 def _models(directory: Path, reconstruction, class_mask) -> tuple[Path, Path, str]:
     """(localizer path, classifier path, description): bundled models or stand-ins."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
     from vpdetect.errors import VPDetectError
     from vpdetect.models import default_model_path
-    from vpdetect.nn.checkpoint import save_model
-    from vpdetect.nn.msdnet import MSDNet
-    from vpdetect.simulate.phantoms import protein_classes
 
     try:
         return default_model_path("localizer"), default_model_path("classifier"), "bundled models"
     except VPDetectError:
         pass
+    return (*paper_sized_models(directory, reconstruction, class_mask),
+            "paper-sized stand-in models (random dense layers, see docstring)")
+
+
+def paper_sized_models(directory: Path, reconstruction, class_mask) -> tuple[Path, Path]:
+    """Paper-sized stand-ins (see the module docstring) written to `directory`: (localizer, classifier)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from vpdetect.nn.checkpoint import save_model
+    from vpdetect.nn.msdnet import MSDNet
+    from vpdetect.simulate.phantoms import protein_classes
+
     torch.manual_seed(SEED)
     localizer = MSDNet(1, 2, 2, 49, 7)
     volume = torch.from_numpy(np.asarray(reconstruction, dtype=np.float32))
@@ -86,7 +93,7 @@ def _models(directory: Path, reconstruction, class_mask) -> tuple[Path, Path, st
                                      "crop_size": 64, "voxel_size": None})
     save_model(cls_path, classifier, {"stage": "classifier", "class_names": names, "crop_size": 40,
                                       "voxel_size": None})
-    return loc_path, cls_path, "paper-sized stand-in models (random dense layers, see docstring)"
+    return loc_path, cls_path
 
 
 def _predict_seconds_per_voxel(model, edge: int, engine: bool) -> float:
@@ -112,14 +119,14 @@ def run(sizes: tuple[int, ...] = SIZES) -> None:
     from vpdetect.cli.pick import PickJob, pick_task
     from vpdetect.io.mrc import write_mrc
     from vpdetect.localize.pipeline import LocalizeOptions
-    from vpdetect.localize.tiling import tile_layout
+    from vpdetect.localize.tiling import DEFAULT_TILE, tile_layout
     from vpdetect.nn.checkpoint import load_model
 
     previous = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
         print(f"settings: {THREADS} torch threads, CPU, float32, `pick` defaults "
-              f"(tile {LocalizeOptions().tile}, box batch {ClassifyOptions().batch_size}); "
+              f"(tile {DEFAULT_TILE}, box batch {ClassifyOptions().batch_size}); "
               f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         for size in sizes:
             with tempfile.TemporaryDirectory(prefix="vpdetect-bench-") as tmp:
@@ -150,7 +157,8 @@ def run(sizes: tuple[int, ...] = SIZES) -> None:
                 localizer, _ = load_model(loc_path, device="cpu")
                 classifier, card = load_model(cls_path, device="cpu")
                 options = LocalizeOptions()
-                tiles = tile_layout((size,) * 3, options.tile, options.resolved_halo(localizer))
+                tiles = tile_layout((size,) * 3, options.resolved_tile(localizer, (size,) * 3),
+                                    options.resolved_halo(localizer))
                 tile_voxels = sum(
                     (s.stop - s.start) * (y.stop - y.start) * (x.stop - x.start) for s, y, x in
                     (t.source for t in tiles)

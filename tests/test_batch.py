@@ -1,5 +1,7 @@
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -335,3 +337,19 @@ def test_bind_device_sets_only_an_indexed_cuda_device(monkeypatch):
     for device in ("cpu", "cuda:3", "cpu:0"):
         bind_device(device)
     assert calls == [torch.device("cuda:3")]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask, mode):
+    from vpdetect.io.atomic import write_text_atomic
+    from vpdetect.io.particles import ParticleTable, write_particles
+
+    old = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x\n")
+        write_particles(tmp_path / "b.star", ParticleTable.from_arrays([[1, 2, 3]]))
+        (tmp_path / "plain.txt").write_text("x\n")  # what any other new file gets
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "b.star", "plain.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name

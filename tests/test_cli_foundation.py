@@ -148,7 +148,7 @@ def test_convert_errors_leave_no_output(tmp_path):
     assert_one_line_error(
         invoke("convert", good, out, "--tomogram", good, "--tomo-size", 1, 2, 3), "not both"
     )
-    assert_one_line_error(invoke("convert", good, tmp_path / "x.star", "--to", "dynamo"), "unknown particle format")
+    assert_one_line_error(invoke("convert", good, tmp_path / "x.star", "--to", "pytom"), "unknown particle format")
     assert_one_line_error(invoke("convert", good, tmp_path / "missing" / "o.csv"), "does not exist")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.csv", "nocoords.star"]
 

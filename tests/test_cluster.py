@@ -188,3 +188,59 @@ def test_hollow_shells_are_dropped_and_solid_particles_kept():
     assert found[["x", "y", "z"]].to_numpy()[0] == pytest.approx([72, 30, 30], abs=0.5)
     kept = find_particles(prob, 0.5, 0, 6.0, 10, max_centre_gap=0)
     assert len(kept) > 2  # mean-shift scatters modes along the shell
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+
+def test_mean_shift_in_batches_equals_all_at_once_and_holds_few_pairs(monkeypatch):
+    from scipy.spatial import cKDTree
+
+    from vpdetect.localize.cluster import mean_shift, window_capacity
+
+    rng = np.random.default_rng(4)
+    # A thick, non-hollow foreground slab: every voxel of a noisy block, many seeds.
+    block = np.argwhere(rng.random((12, 30, 30)) < 0.7).astype(np.float64)
+    seeds = block[rng.choice(len(block), 400, replace=False)] + rng.random((400, 3))
+    whole = mean_shift(block, seeds, 3.0, max_pairs=10**9)
+    largest = []
+
+    class Recording(cKDTree):
+        def sparse_distance_matrix(self, other, max_distance, *args, **kwargs):
+            result = super().sparse_distance_matrix(other, max_distance, *args, **kwargs)
+            largest.append(len(result))
+            return result
+
+    import scipy.spatial
+
+    monkeypatch.setattr(scipy.spatial, "cKDTree", Recording)
+    capacity = window_capacity(3.0)
+    batched = mean_shift(block, seeds, 3.0, max_pairs=20 * capacity)
+    np.testing.assert_array_equal(batched, whole)
+    assert max(largest) <= 20 * capacity
+
+
+def test_window_capacity_bounds_any_window():
+    from scipy.spatial import cKDTree
+
+    from vpdetect.localize.cluster import window_capacity
+
+    lattice = np.argwhere(np.ones((15, 15, 15), bool)).astype(np.float64)
+    tree = cKDTree(lattice)
+    centres = 7 + np.random.default_rng(0).random((200, 3))
+    most = max(len(tree.query_ball_point(c, 4.0)) for c in centres)
+    assert most <= window_capacity(4.0) < 2 * most
+
+
+def test_a_component_with_a_huge_box_is_seeded_on_a_grid():
+    from vpdetect.localize.cluster import distance_transform_seeds, grid_seeds
+
+    # A thin diagonal sheet through a large box: its distance transform would fill the box.
+    zz, yy = np.meshgrid(np.arange(60), np.arange(60), indexing="ij")
+    sheet = np.stack([zz.ravel(), yy.ravel(), (zz + yy).ravel()], axis=1)
+    seeds = distance_transform_seeds(sheet, 2.5, max_box_voxels=1000)
+    np.testing.assert_array_equal(seeds, grid_seeds(sheet, 2.5))
+    cells = {tuple(c) for c in np.floor(sheet / 2.5).astype(int)}
+    assert len(seeds) == len(cells)
+    # every seed is the mean of its cell's voxels, so it lies inside that cell
+    assert all(tuple(np.floor(s / 2.5).astype(int)) in cells for s in seeds)

@@ -253,3 +253,44 @@ def test_tuned_postprocessing_in_the_card_sets_defaults_and_options_win():
     assert (given.threshold, given.bandwidth, given.merge_radius, given.min_size) == (0.3, 4.0, None, 20)
     plain = LocalizeOptions().with_model_defaults({})
     assert plain.min_size == DEFAULT_MIN_SIZE and plain.bandwidth is None
+
+
+def test_contrast_option_and_detection_flip_a_negated_tomogram(tmp_path, rng):
+    # The tiny localizer sees bright balls; its card says it expects bright particles.
+    volume = scene(rng)
+    model = intensity_localizer(tmp_path / "bright.pt", volume)
+    from vpdetect.nn.checkpoint import load_model, save_model
+
+    net, model_card = load_model(model)
+    save_model(model, net, {**model_card, "contrast": "bright"})
+    write_mrc(tmp_path / "dark.mrc", -volume, voxel_size=10.0)
+    for contrast in ("dark", "auto"):
+        out = tmp_path / f"{contrast}.csv"
+        result = run("localize", tmp_path / "dark.mrc", "--model", model, "-o", out, "--contrast", contrast)
+        assert result.exit_code == 0, result.output
+        assert_centres(read_particles(out), CENTRES)
+    wrong = tmp_path / "wrong.csv"
+    assert run("localize", tmp_path / "dark.mrc", "--model", model, "-o", wrong, "--contrast", "bright").exit_code == 0
+    assert len(read_particles(wrong)) != len(CENTRES)
+    bad = run("localize", tmp_path / "dark.mrc", "--model", model, "-o", tmp_path / "x.csv", "--contrast", "grey")
+    assert bad.exit_code == 2 and "--contrast" in bad.output and not (tmp_path / "x.csv").exists()
+
+
+def test_a_tomogram_at_half_the_voxel_size_is_resampled_and_coordinates_map_back(data):
+    tmp_path, _, model = data
+    # the same scene drawn at 5 A: twice the voxels, centres at 2 c
+    rng = np.random.default_rng(3)
+    fine = scene(rng, centres=[tuple(2.0 * v for v in c) for c in CENTRES], shape=tuple(2 * n for n in SHAPE))
+    z, y, x = np.indices(fine.shape)
+    fine[:] = rng.normal(0.0, 0.1, fine.shape)
+    for c in CENTRES:
+        fine[(z - 2 * c[0]) ** 2 + (y - 2 * c[1]) ** 2 + (x - 2 * c[2]) ** 2 <= (2 * RADIUS) ** 2] = 1.0
+    write_mrc(tmp_path / "fine.mrc", fine, voxel_size=5.0)
+    out = tmp_path / "fine.csv"
+    result = run("localize", tmp_path / "fine.mrc", "--model", model, "-o", out, "--save-map", tmp_path / "m.mrc")
+    assert result.exit_code == 0, result.output
+    table = read_particles(out)
+    assert_centres(table, [tuple(2.0 * v for v in c) for c in CENTRES], tolerance=0.5 * 2)  # 0.5 model voxel
+    assert read_tomogram(tmp_path / "m.mrc").data.shape == fine.shape
+    kept = tmp_path / "kept.csv"
+    assert run("localize", tmp_path / "fine.mrc", "--model", model, "-o", kept, "--no-rescale").exit_code == 0

@@ -270,3 +270,51 @@ def test_bundled_default_models_load_for_their_stage():
     assert len(card["class_names"]) == classifier.n_classes > 2
     with pytest.raises(VPDetectError, match="localizer"):
         load_model(models.default_model_path("localizer"), stage="classifier")
+
+
+def test_conv_path_feeds_contiguous_views_to_every_convolution(monkeypatch):
+    # cuDNN copies a non-contiguous input once per call; with a batch of two the channel
+    # slice buffer[:, :n_in] is not contiguous, so the conv path must go sample by sample.
+    seen = []
+    real_conv, real_input, real_weight = F.conv3d, torch.nn.grad.conv3d_input, torch.nn.grad.conv3d_weight
+
+    def conv(x, w, *args, **kwargs):
+        seen.append(x.is_contiguous() and w.is_contiguous())
+        return real_conv(x, w, *args, **kwargs)
+
+    def grad_input(shape, w, g, *args, **kwargs):
+        seen.append(g.is_contiguous() and w.is_contiguous())
+        return real_input(shape, w, g, *args, **kwargs)
+
+    def grad_weight(x, shape, g, *args, **kwargs):
+        seen.append(x.is_contiguous() and g.is_contiguous())
+        return real_weight(x, shape, g, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv3d", conv)
+    monkeypatch.setattr(torch.nn.grad, "conv3d_input", grad_input)
+    monkeypatch.setattr(torch.nn.grad, "conv3d_weight", grad_weight)
+    torch.manual_seed(0)
+    net = MSDNet(width=3, depth=3, max_dilation=3)
+    net.method = "conv"
+    net(torch.randn(2, 1, 6, 6, 6)).sum().backward()
+    # 3 layers x 3 channels x 2 samples, forward and twice backward (+ the final 1x1 conv)
+    assert len(seen) >= 3 * 3 * 2 * 3 and all(seen)
+
+
+def test_reduced_precision_training_accumulates_gradients_in_float32():
+    from vpdetect.nn.msdnet import gradient_dtype
+
+    assert gradient_dtype(torch.bfloat16) == torch.float32
+    assert gradient_dtype(torch.float16) == torch.float32
+    assert gradient_dtype(torch.float64) == torch.float64
+    # A bfloat16 backward through the buffer runs and lands near the float32 gradients.
+    torch.manual_seed(1)
+    net = MSDNet(width=2, depth=8, max_dilation=3)
+    x = torch.randn(1, 1, 8, 8, 8)
+    reference = torch.autograd.grad(net(x).square().mean(), list(net.layer_weights))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = net(x).float().square().mean()
+    grads = torch.autograd.grad(loss, list(net.layer_weights))
+    assert all(g.dtype == torch.float32 for g in grads)
+    for g, r in zip(grads, reference, strict=True):
+        assert torch.linalg.norm(g - r) <= 0.1 * torch.linalg.norm(r)

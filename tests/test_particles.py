@@ -26,7 +26,9 @@ from vpdetect.io.particles import (
     zxz_to_relion,
 )
 
-SUFFIX = {"relion4": ".star", "relion5": ".star", "csv": ".csv", "shrec": ".txt"}
+SUFFIX = {"relion4": ".star", "relion5": ".star", "csv": ".csv", "shrec": ".txt", "dynamo": ".tbl", "imod": ".mod"}
+# Formats that carry classes by name, angles and scores (Dynamo and IMOD: tests/test_dynamo_imod.py).
+FULL_FORMATS = ("relion4", "relion5", "csv", "shrec")
 TOMO_SIZE = (64, 48, 32)
 
 
@@ -100,7 +102,7 @@ def test_from_arrays_len_and_coords():
 # --------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("first,second", list(itertools.product(FORMATS, FORMATS)))
+@pytest.mark.parametrize("first,second", list(itertools.product(FULL_FORMATS, FULL_FORMATS)))
 def test_round_trip_between_formats(tmp_path, rng, first, second):
     table = sample_table(rng)
     path1 = tmp_path / f"a{SUFFIX[first]}"
@@ -256,9 +258,9 @@ def test_missing_file_and_unknown_format(tmp_path):
         read_particles(tmp_path / "absent.star")
     (tmp_path / "a.csv").write_text("x,y,z\n1,2,3\n")
     with pytest.raises(VPDetectError, match="unknown particle format"):
-        read_particles(tmp_path / "a.csv", fmt="dynamo")
+        read_particles(tmp_path / "a.csv", fmt="pytom")
     with pytest.raises(VPDetectError, match="extension"):
-        write_particles(tmp_path / "out.tbl", ParticleTable.from_arrays([[1, 2, 3]]))
+        write_particles(tmp_path / "out.xyz", ParticleTable.from_arrays([[1, 2, 3]]))
     with pytest.raises(VPDetectError, match="whitespace"):
         write_particles(tmp_path / "o.txt", ParticleTable.from_arrays([[1, 2, 3]], class_name=["two words"]))
     assert not (tmp_path / "o.txt").exists()

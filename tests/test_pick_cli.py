@@ -165,7 +165,6 @@ def test_pick_wrong_models_and_empty_tomogram(scenes, rng):
 
 
 def test_pick_normalises_each_tomogram_once_for_both_stages(scenes, monkeypatch):
-    import vpdetect.localize.pipeline
     import vpdetect.preprocess
 
     calls = []
@@ -176,7 +175,6 @@ def test_pick_normalises_each_tomogram_once_for_both_stages(scenes, monkeypatch)
         return original(volume)
 
     monkeypatch.setattr(vpdetect.preprocess, "zscore_params", counting)
-    monkeypatch.setattr(vpdetect.localize.pipeline, "zscore_params", counting)
     result = run_cli(
         "pick", scenes["tomos"] / "TS_00.mrc", "--localizer", scenes["localizer"],
         "--classifier", scenes["classifier"], "-o", scenes["root"] / "once.csv", *LOCALIZE_ARGS,

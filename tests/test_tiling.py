@@ -154,3 +154,95 @@ def test_released_pages_keep_their_data(tmp_path):
     in_memory = np.ones((8, 8, 8))
     release_pages(in_memory, 8)  # nothing to release, nothing breaks
     assert in_memory.sum() == 512
+
+
+# --------------------------------------------------------------------------- tile size and memory
+
+
+def paper_localizer():
+    return MSDNet(in_channels=1, n_classes=2, width=2, depth=49, max_dilation=7)  # 99 maps per voxel
+
+
+def test_tile_memory_estimate_by_hand():
+    from vpdetect.localize.tiling import tile_memory_bytes
+
+    net = paper_localizer()
+    # 512^3 voxels x (99 maps x 2 bytes + float32 input, logits and probabilities: 4 x 5)
+    assert tile_memory_bytes(net, (512, 512, 512), 1, 2) == 512**3 * (99 * 2 + 20)
+    assert tile_memory_bytes(net, (512, 512, 512), 1, 2) / 1e9 == pytest.approx(29.3, abs=0.1)
+    assert tile_memory_bytes(net, (10, 20, 30), 3, 4) == 3 * 6000 * (99 * 4 + 20)
+
+
+def test_a_tile_too_large_for_the_gpu_is_refused_naming_one_that_fits():
+    from vpdetect.localize.tiling import choose_tile, tile_memory_bytes
+
+    net = paper_localizer()
+    free = 20 * 10**9
+    with pytest.raises(VPDetectError, match=r"--tile 512 .* 29\.3 GB .* 20\.0 GB free; use --tile 432 or less"):
+        choose_tile(net, (512, 512, 512), "cuda:0", 1, 2, tile=512, free=free)
+    message = ""
+    try:
+        choose_tile(net, (512, 512, 512), "cuda:0", 1, 2, tile=512, free=free)
+    except VPDetectError as exc:
+        message = str(exc)
+    fits = int(message.rsplit("--tile ", 1)[1].split()[0])
+    assert fits % 8 == 0
+    assert tile_memory_bytes(net, (fits,) * 3, 1, 2) <= 0.9 * free < tile_memory_bytes(net, (fits + 8,) * 3, 1, 2)
+    assert choose_tile(net, (512, 512, 512), "cuda:0", 1, 2, tile=fits, free=free) == fits
+    # A tile is never larger than the tomogram: --tile 4096 on a thin slab costs the slab only.
+    assert choose_tile(net, (40, 64, 64), "cuda:0", 1, 2, tile=4096, free=free) == 4096
+    with pytest.raises(VPDetectError, match="smaller --batch-size"):
+        choose_tile(net, (512, 512, 512), "cpu", 8, 4, tile=256, free=free)
+
+
+def test_default_tile_cpu_fixed_gpu_from_free_memory():
+    from vpdetect.localize.tiling import DEFAULT_TILE, choose_tile, tile_memory_bytes
+
+    net = paper_localizer()
+    assert choose_tile(net, (512, 512, 512), "cpu", 1, 4, free=10**12) == DEFAULT_TILE
+    # A 141 GB GPU takes a 512^3 tomogram in one tile (fp32 maps: ~53 GB, under half the memory).
+    assert choose_tile(net, (512, 512, 512), "cuda:0", 1, 4, free=141 * 10**9) == 512
+    tile = choose_tile(net, (512, 512, 512), "cuda:0", 1, 4, free=16 * 10**9)
+    assert tile_memory_bytes(net, (tile,) * 3, 1, 4) <= 8 * 10**9 < tile_memory_bytes(net, (tile + 8,) * 3, 1, 4)
+
+
+def test_localize_refuses_a_tile_too_large_before_any_work(monkeypatch):
+    from vpdetect.io.mrc import Tomogram
+    from vpdetect.localize import tiling
+    from vpdetect.localize.pipeline import LocalizeOptions, segment_volume
+
+    monkeypatch.setattr(tiling, "available_memory", lambda device: 10**6)
+    net = small_net()
+    tomo = Tomogram(np.random.default_rng(0).normal(size=(32, 32, 32)).astype(np.float32))
+    card = {"stage": "localizer", "class_names": ["background", "particle"], "normalisation": "zscore"}
+    with pytest.raises(VPDetectError, match="--tile 32 .* use --tile 24 or less"):
+        segment_volume(tomo, net, card, LocalizeOptions(tile=32))
+
+
+def test_statistics_read_a_bounded_number_of_voxels_at_once(rng):
+    from vpdetect.preprocess import volume_stats
+
+    class Recording:
+        """A volume that records how many voxels each read returns."""
+
+        def __init__(self, data):
+            self.data, self.shape, self.dtype, self.reads = data, data.shape, data.dtype, []
+
+        def __getitem__(self, key):
+            block = self.data[key]
+            self.reads.append(block.size)
+            return block
+
+    # uint16-like data: a large offset must not cancel the variance away
+    volume = (30000 + rng.normal(0, 3, size=(6, 40, 50))).astype(np.float32)
+    recording = Recording(volume)
+    mean, std = volume_stats(recording, block_voxels=700)
+    assert max(recording.reads) == 2000  # one plane (40 x 50) when a plane exceeds the block
+    wide = volume.astype(np.float64)
+    assert mean == pytest.approx(wide.mean(), rel=1e-12) and std == pytest.approx(wide.std(), rel=1e-9)
+    recording = Recording(volume)
+    volume_stats(recording, block_voxels=4000)
+    assert max(recording.reads) == 4000 and len(recording.reads) == 3  # two planes per read
+    with pytest.raises(VPDetectError, match="NaN"):
+        volume[5, 39, 49] = np.nan
+        volume_stats(volume, block_voxels=700)

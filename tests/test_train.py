@@ -192,19 +192,21 @@ def test_coordinate_table_targets_in_angstrom():
 # --------------------------------------------------------------------------- crops
 
 
-def test_augmentation_never_mixes_z(rng):
+def test_augmentation_flips_only_so_the_missing_wedge_stays_in_x_z(rng):
     image = rng.normal(size=(4, 6, 6)).astype(np.float32)
     labels = np.arange(4 * 36).reshape(4, 6, 6)
+    z, y, x = np.indices(labels.shape)
     seen = set()
-    for seed in range(40):
+    for seed in range(60):
         img, lab = augment(image, labels, np.random.default_rng(seed))
-        # Every z-plane comes from the same z-plane; image and labels move together.
-        assert np.array_equal(lab // 36, np.broadcast_to(np.arange(4)[:, None, None], (4, 6, 6)))
-        flat = image.reshape(-1)
-        assert np.array_equal(img, flat[lab])
-        seen.add(lab[0].tobytes())
-    assert len(seen) == 8  # the 8 symmetries of the square in the y-x plane
-
+        assert np.array_equal(img, image.reshape(-1)[lab])  # image and labels move together
+        src_z, src_y, src_x = lab // 36, (lab // 6) % 6, lab % 6
+        # each axis is kept or reversed, never exchanged with another (no x-y turns)
+        flips = tuple(not np.array_equal(src, own) for src, own in ((src_z, z), (src_y, y), (src_x, x)))
+        for src, own, n, flipped in ((src_z, z, 4, flips[0]), (src_y, y, 6, flips[1]), (src_x, x, 6, flips[2])):
+            assert np.array_equal(src, n - 1 - own if flipped else own)
+        seen.add(flips)
+    assert len(seen) == 8
 
 def test_cut_crop_pads_outside():
     volume = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
@@ -416,3 +418,29 @@ def test_relion5_table_without_tomogram_block_uses_the_tomogram_size(tmp_path):
     # x = -50/10 + 30/2, y = 20/10 + 24/2, z = 0 + 20/2, stored [z, y, x].
     np.testing.assert_allclose(av.centres_zyx, [[10.0, 14.0, 10.0]])
     assert av.label_map[10, 14, 10] == 1
+
+
+def test_deterministic_training_repeats_and_leaves_the_flags_as_they_were(shrec_dir):
+    volumes, names = _volumes(shrec_dir)
+    seen = []
+
+    def run():
+        cfg = _config(names, steps_per_epoch=2, crop_size=10, val_crops=2, deterministic=True)
+        trainer = Trainer(cfg, CropDataset(volumes, 10, seed=3), CropDataset(volumes, 10, seed=3, stream=1))
+        fit(trainer, on_step=lambda step, loss: seen.append(
+            (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)))
+        return _weights(trainer.model)
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    assert torch.equal(run(), run())
+    assert seen and all(flags == (True, True, False) for flags in seen)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before
+
+
+def test_cli_deterministic_is_recorded(shrec_dir, tmp_path):
+    out = tmp_path / "det.pt"
+    result = CliRunner().invoke(app, ["train", "localizer", "--data", str(shrec_dir), "--out", str(out),
+                                      *TINY, "--epochs", "1", "--deterministic"])
+    assert result.exit_code == 0, result.output
+    assert read_model_card(out)["provenance"]["deterministic"] is True

@@ -32,6 +32,7 @@ NON_PARTICLE_CLASS = "non-particle"
 # Boxes per forward pass when the options do not say: MSDNet segments every voxel, box classifiers do not.
 DEFAULT_BATCH = {"msdnet": 8, "boxes": 64}
 OUTPUT_COLUMNS = ("class_name", "class_number", "vote_fraction", "vote_margin")
+CLASS_DTYPES = {"class_name": object, "class_number": "int64", "vote_fraction": float, "vote_margin": float}
 # A tomogram and a classifier whose voxel sizes differ by more than this get a warning.
 VOXEL_SIZE_TOLERANCE = 0.1
 
@@ -44,7 +45,7 @@ class ClassifyOptions:
     search_radius: float = 3.0  # voxels; how far from a background centre to look for the particle
     drop_unknown: bool = False  # drop "unknown" / "non-particle" particles instead of labelling them
     box_size: int | None = None  # None: the model card's crop_size
-    precision: str = "auto"  # CUDA autocast: auto (bf16 where supported), fp32, bf16, fp16; CPU is fp32
+    precision: str = "auto"  # a vpdetect.nn.precision name (CUDA only; the CPU is fp32)
 
 
 def classifier_classes(card: dict) -> list[str]:
@@ -91,7 +92,7 @@ def classify_table(
     "classify_load" (normalisation statistics) and "classify" (boxes, network, votes).
     """
     from vpdetect.nn.checkpoint import is_box_arch
-    from vpdetect.preprocess import zscore_params
+    from vpdetect.preprocess import streamed_zscore_params
 
     options = options or ClassifyOptions()
     class_names = classifier_classes(card)
@@ -128,7 +129,7 @@ def classify_table(
     _warn_voxel_size_mismatch(tomo.voxel_size or table.voxel_size, card.get("voxel_size"))
 
     started = time.perf_counter()
-    mean, std = stats if stats is not None else zscore_params(tomo.data)
+    mean, std = stats if stats is not None else streamed_zscore_params(tomo.data)
     normalised_at = time.perf_counter()
     kept = data.iloc[np.flatnonzero(inside)].reset_index(drop=True)
     label = _label_boxes if boxes else _segment_and_vote
@@ -155,18 +156,24 @@ def classify_table(
     )
 
 
-def _over_batches(volume, coords, box, mean, std, model, options, batch_size, progress, probabilities, votes_of):
+def with_empty_classes(table):
+    """A table with no particles still gets the class columns, so every output has one layout."""
+    import pandas as pd
+
+    data = table.data.copy()
+    for column, dtype in CLASS_DTYPES.items():
+        data[column] = pd.Series([], dtype=dtype)
+    return dataclasses.replace(table, data=data)
+
+
+def _over_batches(volume, coords, box, mean, std, model, batch_size, progress, probabilities, votes_of):
     """Extract, predict and reduce the boxes batch by batch: a list of Votes, one per coordinate.
 
-    `probabilities(model, inputs, device, cast)` gives the network's softmax for a batch of
-    boxes on the CPU; `votes_of(probs)` turns it into one Vote per box.
+    `probabilities(model, inputs)` gives the network's softmax for a batch of boxes (on the
+    CPU); `votes_of(probs)` turns it into one Vote per box.
     """
     import torch
 
-    from vpdetect.localize.tiling import autocast_dtype
-
-    device = next(model.parameters()).device
-    cast = autocast_dtype(str(device), options.precision)
     model.eval()
     votes = []
     # no_grad rather than inference_mode: the CPU engine's worker threads update
@@ -175,23 +182,24 @@ def _over_batches(volume, coords, box, mean, std, model, options, batch_size, pr
         for start in range(0, len(coords), batch_size):
             chunk = coords[start : start + batch_size]
             inputs = torch.from_numpy(extract_boxes(volume, chunk, box, mean, std)).unsqueeze(1)
-            votes.extend(votes_of(probabilities(model, inputs, device, cast)))
+            votes.extend(votes_of(probabilities(model, inputs)))
             if progress is not None:
                 progress(len(chunk))
     return votes
 
 
-def _autocast_predict(model, inputs, device, cast):
-    import torch
-
-    inputs = inputs.to(device, non_blocking=True)
-    with torch.autocast(device_type=device.type, dtype=cast, enabled=cast is not None):
-        return model.predict(inputs)
-
-
 def _label_boxes(volume, coords, box, mean, std, model, n_classes, options, batch_size, progress):
     """One softmax per box, one forward per batch of boxes: (class, probability, lead) per box."""
     import torch
+
+    from vpdetect.nn.precision import inference_arithmetic, resolve_precision
+
+    device = next(model.parameters()).device
+    arithmetic = resolve_precision(options.precision, device)
+
+    def probabilities(model, inputs):
+        with inference_arithmetic(arithmetic, device):
+            return model.predict(inputs.to(device, non_blocking=True))
 
     def votes_of(probs):
         top = torch.topk(probs, k=min(2, n_classes), dim=1).values.cpu().numpy().astype(np.float64)
@@ -199,8 +207,7 @@ def _label_boxes(volume, coords, box, mean, std, model, n_classes, options, batc
         runner_up = top[:, 1] if top.shape[1] > 1 else np.zeros(len(top))
         return [Vote(int(w), float(t), float(t - r)) for w, t, r in zip(winners, top[:, 0], runner_up, strict=True)]
 
-    return _over_batches(volume, coords, box, mean, std, model, options, batch_size, progress,
-                         _autocast_predict, votes_of)
+    return _over_batches(volume, coords, box, mean, std, model, batch_size, progress, probabilities, votes_of)
 
 
 def _segment_and_vote(volume, coords, box, mean, std, model, n_classes, options, batch_size, progress):
@@ -209,17 +216,15 @@ def _segment_and_vote(volume, coords, box, mean, std, model, n_classes, options,
 
     from vpdetect.nn.engine import fast_predict
 
-    def probabilities(model, inputs, device, cast):
-        if device.type == "cpu":
-            return fast_predict(model, inputs)  # matrix-multiply engine, float32
-        return _autocast_predict(model, inputs, device, cast)
+    def probabilities(model, inputs):
+        # CPU: the matrix-multiply engine (float32); CUDA: cuDNN in `precision`.
+        return fast_predict(model, inputs, options.precision)
 
     def votes_of(probs):
         labels = probs.argmax(dim=1).to(torch.int16).cpu().numpy()
         return [_vote_one(box_labels, probs[i], n_classes, options.search_radius) for i, box_labels in enumerate(labels)]
 
-    return _over_batches(volume, coords, box, mean, std, model, options, batch_size, progress,
-                         probabilities, votes_of)
+    return _over_batches(volume, coords, box, mean, std, model, batch_size, progress, probabilities, votes_of)
 
 
 def _vote_one(labels, probs, n_classes, search_radius):

@@ -35,6 +35,7 @@ from vpdetect.cli.batch import (
     start_run,
     verbose_option,
 )
+from vpdetect.cli.geometry import coords_pixel_size_option, load_tomograms, tomograms_star_option
 from vpdetect.cli.localize import pixel_size_option, precision_option
 from vpdetect.errors import VPDetectError
 
@@ -50,17 +51,23 @@ def resolve_tomogram(
     recorded_path: str | None,
     table_path: Path,
     tomo_dir: Path | None,
+    tomograms=None,
 ) -> Path:
     """Where the tomogram of a table's rows lies.
 
     Looked up by name in --tomo-dir first (users moving data say so there), then
-    at the path localize recorded, then by name next to the table; a table
-    without tomogram names sitting in a SHREC folder uses its reconstruction.mrc.
+    at tomograms.star's rlnTomoReconstructedTomogram, then at the path localize
+    recorded, then by name next to the table; a table without tomogram names
+    sitting in a SHREC folder uses its reconstruction.mrc.
     """
     table_dir = table_path.resolve().parent
     looked: list[str] = []
     if tomo_dir is not None and name is not None:
         found = _find_by_name(name, tomo_dir, looked)
+        if found is not None:
+            return found
+    if tomograms is not None and name is not None:
+        found = tomograms.tomogram_path(name)
         if found is not None:
             return found
     if recorded_path:
@@ -128,6 +135,8 @@ class ClassifyJob:
     tomo_dir: str | None = None
     pixel_size: float | None = None
     show_progress: bool = True
+    tomograms_star: str | None = None
+    coords_pixel_size: float | None = None
 
 
 def classify_task(source: Path, output: Path, device: str, job: ClassifyJob) -> dict:
@@ -136,7 +145,12 @@ def classify_task(source: Path, output: Path, device: str, job: ClassifyJob) -> 
 
     from vpdetect.classify.pipeline import classify_table, tomogram_groups
     from vpdetect.io.mrc import read_mrc_header, read_tomogram
-    from vpdetect.io.particles import ParticleTable, read_particles, write_particles
+    from vpdetect.io.particles import (
+        ParticleTable,
+        check_table_against_tomogram,
+        read_particles,
+        write_particles,
+    )
 
     start = time.perf_counter()
     tomogram = Path(job.tomogram) if job.tomogram is not None else None
@@ -144,7 +158,10 @@ def classify_task(source: Path, output: Path, device: str, job: ClassifyJob) -> 
     if tomogram is not None:
         z, y, x = read_mrc_header(tomogram)["shape"]
         tomo_size = (x, y, z)
-    particles = read_particles(source, fmt=job.input_format, voxel_size=job.pixel_size, tomo_size=tomo_size)
+    tomograms = load_tomograms(job.tomograms_star)
+    particles = read_particles(
+        source, fmt=job.input_format, voxel_size=job.pixel_size, tomo_size=tomo_size, tomograms=tomograms
+    )
     if len(particles) == 0:
         raise VPDetectError(f"{source} holds no particles: nothing to classify")
     groups = tomogram_groups(particles.data)
@@ -156,7 +173,7 @@ def classify_task(source: Path, output: Path, device: str, job: ClassifyJob) -> 
     tomo_dir = Path(job.tomo_dir) if job.tomo_dir is not None else None
     paths = [
         tomogram if tomogram is not None else resolve_tomogram(
-            name, _recorded_path(particles.data, rows), source, tomo_dir
+            name, _recorded_path(particles.data, rows), source, tomo_dir, tomograms
         )
         for name, rows in groups
     ]
@@ -168,9 +185,15 @@ def classify_task(source: Path, output: Path, device: str, job: ClassifyJob) -> 
         for (name, rows), path in zip(groups, paths, strict=True):
             progress.update(bar, description=f"classifying {name or path.stem}")
             tomo = read_tomogram(path, voxel_size=job.pixel_size)
+            check_table_against_tomogram(particles, name or tomo.name, tomo.shape_xyz, tomo.voxel_size, source.name)
             data = particles.data.iloc[rows].copy()
             data["_row"] = rows  # restores the input order after grouping
-            part = ParticleTable(data=data, voxel_size=particles.voxel_size, tomo_size=particles.tomo_size)
+            geometry = particles.geometry.get(name)
+            part = ParticleTable(
+                data=data,
+                voxel_size=geometry.voxel_size if geometry is not None else particles.voxel_size,
+                tomo_size=geometry.voxel_shape if geometry is not None else particles.tomo_size,
+            )
             results.append(
                 classify_table(tomo, part, net, card, job.options, progress=lambda n: progress.advance(bar, n))
             )
@@ -182,8 +205,9 @@ def classify_task(source: Path, output: Path, device: str, job: ClassifyJob) -> 
         data=merged,
         voxel_size=job.pixel_size or particles.voxel_size or results[0].voxel_size,
         tomo_size=sizes.pop() if len(sizes) == 1 else particles.tomo_size,
+        geometry=particles.geometry,
     )
-    written = write_particles(output, out, fmt=job.fmt)
+    written = write_particles(output, out, fmt=job.fmt, coords_pixel_size=job.coords_pixel_size)
     log.info(
         "%s: classified %d particle(s) in %d tomogram(s): %s -> %s (%s)",
         source.name, len(merged), len(groups), class_summary(merged), output, written,
@@ -236,10 +260,10 @@ def classify(
         "Folder for the outputs, <table>_classes<suffix> each (default: beside each table)."
     ),
     output_format: str = typer.Option(
-        None, "--format", help="Output format: relion4, relion5, csv or shrec; default: from the extension."
+        None, "--format", help="Output format: relion4, relion5, csv, shrec, dynamo or imod; default: from the extension."
     ),
     input_format: str = typer.Option(
-        None, "--input-format", help="Format of the tables (relion4, relion5, csv, shrec); default: detected."
+        None, "--input-format", help="Format of the tables (relion4, relion5, csv, shrec, dynamo, imod); default: detected."
     ),
     search_radius: float = search_radius_option(),
     drop_unknown: bool = drop_unknown_option(),
@@ -251,6 +275,8 @@ def classify(
     devices: str = devices_option(),
     precision: str = precision_option(),
     pixel_size: float = pixel_size_option(),
+    tomograms_star: Path = tomograms_star_option(),
+    coords_pixel_size: float = coords_pixel_size_option(),
     overwrite: bool = overwrite_option(),
     shard: str = shard_option(),
     verbose: bool = verbose_option(),
@@ -260,7 +286,7 @@ def classify(
     """Classify each particle: label a subtomogram around it (MSDNet: segment, keep the central particle, vote)."""
     from vpdetect.classify.pipeline import ClassifyOptions
     from vpdetect.io.particles import FORMATS
-    from vpdetect.localize.tiling import autocast_dtype
+    from vpdetect.nn.precision import check_precision
 
     settings, resolved_device = start_run(
         verbose=verbose, quiet=quiet, log_file=log_file, device=device, devices=devices
@@ -268,7 +294,7 @@ def classify(
     fmt = format_name(output_format)
     if input_format is not None and input_format.lower() not in FORMATS:
         raise VPDetectError(f"unknown input format {input_format!r}; choose one of {', '.join(FORMATS)}")
-    autocast_dtype(resolved_device, precision.lower())  # validates the name
+    precision = check_precision(precision)
     model_path = resolve_model_path(model, "classifier")
     # A wrong model fails once, before any input (checked on the CPU when workers take the GPUs).
     load_stage_model(model_path, "classifier", "cpu" if devices else resolved_device)
@@ -281,10 +307,14 @@ def classify(
         tomogram=str(tomogram) if tomogram is not None else None,
         tomo_dir=str(tomo_dir) if tomo_dir is not None else None,
         pixel_size=pixel_size, show_progress=not quiet and devices is None,
+        tomograms_star=str(tomograms_star) if tomograms_star is not None else None,
+        coords_pixel_size=coords_pixel_size,
     )
+    load_tomograms(tomograms_star)  # a bad tomograms.star fails once, before any input
     parameters = asdict(options) | {
         "format": fmt, "input_format": input_format, "tomogram": tomogram, "tomo_dir": tomo_dir,
         "pixel_size": pixel_size, "model": model_path,
+        "tomograms_star": tomograms_star, "coords_pixel_size": coords_pixel_size,
     }
     run_command_batch(
         "classify", tables, functools.partial(classify_task, job=job),

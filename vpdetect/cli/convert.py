@@ -7,9 +7,10 @@ from pathlib import Path
 import typer
 
 from vpdetect.cli.app import app, console, user_errors
+from vpdetect.cli.geometry import coords_pixel_size_option, load_tomograms, tomograms_star_option
 from vpdetect.errors import VPDetectError
 
-FORMAT_HELP = "relion4, relion5, csv or shrec"
+FORMAT_HELP = "relion4, relion5, csv, shrec, dynamo or imod"
 
 
 def tomogram_geometry(
@@ -54,13 +55,17 @@ def convert(
     pixel_size: float = typer.Option(
         None, "--pixel-size", help="Voxel size in Angstrom, overriding the file and the MRC header."
     ),
+    tomograms_star: Path = tomograms_star_option(),
+    coords_pixel_size: float = coords_pixel_size_option(),
 ) -> None:
     """Convert a particle table between RELION 4/5 STAR, CSV and SHREC particle_locations.txt."""
     from vpdetect.io.particles import read_particles, write_particles
 
     size, voxel, name = tomogram_geometry(tomogram, tomo_size, pixel_size)
-    table = read_particles(source, fmt=input_format, voxel_size=voxel, tomo_size=size)
+    table = read_particles(
+        source, fmt=input_format, voxel_size=voxel, tomo_size=size, tomograms=load_tomograms(tomograms_star)
+    )
     if name is not None and "tomo_name" not in table.data.columns:
         table.data["tomo_name"] = name
-    written = write_particles(target, table, fmt=to)
+    written = write_particles(target, table, fmt=to, coords_pixel_size=coords_pixel_size)
     console.print(f"wrote {len(table)} particles to {target} ({written})")

@@ -49,7 +49,7 @@ def evaluate(
         None, "--confusion-csv", help="shrec: write the confusion matrix with full class names to this CSV file."
     ),
     input_format: str = typer.Option(
-        None, "--format", help="Format of PRED (relion4, relion5, csv, shrec); default: detected."
+        None, "--format", help="Format of PRED (relion4, relion5, csv, shrec, dynamo, imod); default: detected."
     ),
     pixel_size: float = typer.Option(
         None, "--pixel-size",

@@ -33,6 +33,12 @@ from vpdetect.cli.batch import (
     start_run,
     verbose_option,
 )
+from vpdetect.cli.geometry import (
+    coords_pixel_size_option,
+    load_tomograms,
+    place_in_project,
+    tomograms_star_option,
+)
 from vpdetect.errors import VPDetectError
 
 log = logging.getLogger("vpdetect.localize")
@@ -42,7 +48,6 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_OPENING_RADIUS = 1
 DEFAULT_MIN_SIZE = 10
 DEFAULT_BANDWIDTH = 5.0
-DEFAULT_TILE = 128
 DEFAULT_BATCH_SIZE = 1
 
 
@@ -104,7 +109,9 @@ def max_centre_gap_option():
 
 def tile_option():
     return typer.Option(
-        DEFAULT_TILE, "--tile", min=8, help="Edge (voxels) of the cubic tiles fed to the network."
+        None, "--tile", min=8,
+        help="Edge (voxels) of the cubic tiles fed to the network (default: 128 on the CPU; on a GPU "
+        "the largest whose feature maps fit half its free memory). Tiles too large for the memory are refused.",
     )
 
 
@@ -122,12 +129,30 @@ def batch_size_option():
 def precision_option():
     return typer.Option(
         "auto", "--precision",
-        help="Network arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA only).",
+        help="Network arithmetic on CUDA: auto (TF32 on Ampere and newer GPUs, else fp32), fp32, "
+        "tf32, bf16 or fp16. The CPU always computes in fp32.",
     )
 
 
 def pixel_size_option():
     return typer.Option(None, "--pixel-size", help="Voxel size in Angstrom, overriding the MRC header.")
+
+
+def contrast_option():
+    return typer.Option(
+        "auto", "--contrast",
+        help="Particle contrast in the tomogram: dark (dense matter dark, as reconstructed), bright "
+        "(contrast-inverted) or auto (detected from the skewness of band-passed copies; logged).",
+    )
+
+
+def rescale_option():
+    return typer.Option(
+        True, "--rescale/--no-rescale",
+        help="Resample a tomogram whose voxel size differs from the model's by more than 10 % to the "
+        "model's (Fourier cropping/padding; coordinates are mapped back). Sizes in voxels (bandwidth, "
+        "min size) are then the model grid's.",
+    )
 
 
 def mask_option():
@@ -150,7 +175,7 @@ def table_output_option():
 
 def table_format_option():
     return typer.Option(
-        None, "--format", help="relion4 (default), relion5, csv or shrec; with -o, default from its extension."
+        None, "--format", help="relion4 (default), relion5, csv, shrec, dynamo or imod; with -o, default from its extension."
     )
 
 
@@ -162,16 +187,18 @@ def build_localize_options(
     particle_diameter: float | None = None,
     min_size: int | None = None,
     max_centre_gap: float | None = None,
-    tile: int = DEFAULT_TILE,
+    tile: int | None = None,
     halo: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "cpu",
     precision: str = "auto",
     z_range: tuple[int, int] | None = None,
+    contrast: str = "auto",
+    rescale: bool = True,
 ):
     """A validated `LocalizeOptions` from CLI values (`device` already resolved)."""
     from vpdetect.localize.pipeline import LocalizeOptions
-    from vpdetect.localize.tiling import autocast_dtype
+    from vpdetect.nn.precision import check_precision
 
     if bandwidth is not None and particle_diameter is not None:
         raise VPDetectError("give --bandwidth or --particle-diameter, not both")
@@ -179,7 +206,9 @@ def build_localize_options(
         raise VPDetectError(f"--bandwidth must be positive, got {bandwidth}")
     if z_range is not None and (z_range[0] is None or z_range[0] > z_range[1] or z_range[0] < 0):
         raise VPDetectError(f"--z-range takes Z0 <= Z1 (0-based slices), got {z_range}")
-    autocast_dtype(device, precision.lower())  # validates the name
+    precision = check_precision(precision)
+    if contrast not in ("dark", "bright", "auto"):
+        raise VPDetectError(f"--contrast must be dark, bright or auto, got {contrast!r}")
     return LocalizeOptions(
         threshold=threshold,
         opening_radius=opening_radius,
@@ -193,6 +222,8 @@ def build_localize_options(
         device=device,
         precision=precision.lower(),
         z_range=tuple(z_range) if z_range is not None else None,
+        contrast=contrast,
+        rescale=rescale,
     )
 
 
@@ -211,6 +242,8 @@ class LocalizeJob:
     mask: str | None = None
     pixel_size: float | None = None
     show_progress: bool = True
+    tomograms_star: str | None = None
+    coords_pixel_size: float | None = None
 
 
 def map_path(job: LocalizeJob, source: Path) -> Path | None:
@@ -245,15 +278,20 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         )
     timings["load"] += opened
     table = particles_from_map(prob, tomo, options, roi, timings)
+    table = place_in_project(table, tomo, source, load_tomograms(job.tomograms_star))
 
     start = time.perf_counter()
     saved_map = map_path(job, source)
     if saved_map is not None:
         saved_map.parent.mkdir(parents=True, exist_ok=True)
+        if prob.shape != tomo.data.shape:  # computed on the model's grid: back onto the tomogram's
+            from vpdetect.resample import linear_resample
+
+            prob = linear_resample(prob, tomo.data.shape)
         small = prob.size <= 64 * 1024**2
         write_mrc(saved_map, np.asarray(prob, dtype=np.float32) if small else prob, voxel_size=tomo.voxel_size)
     try:
-        written = write_particles(output, table, fmt=job.fmt)
+        written = write_particles(output, table, fmt=job.fmt, coords_pixel_size=job.coords_pixel_size)
     except BaseException:
         if saved_map is not None:  # a map without its table is not a result
             saved_map.unlink(missing_ok=True)
@@ -309,6 +347,10 @@ def localize(
     devices: str = devices_option(),
     precision: str = precision_option(),
     pixel_size: float = pixel_size_option(),
+    tomograms_star: Path = tomograms_star_option(),
+    coords_pixel_size: float = coords_pixel_size_option(),
+    contrast: str = contrast_option(),
+    rescale: bool = rescale_option(),
     overwrite: bool = overwrite_option(),
     shard: str = shard_option(),
     verbose: bool = verbose_option(),
@@ -325,6 +367,7 @@ def localize(
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
         max_centre_gap=max_centre_gap,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
+        contrast=contrast, rescale=rescale,
     )
     model_path = resolve_model_path(model, "localizer")
     # A wrong model fails once, before any input (checked on the CPU when workers take the GPUs).
@@ -340,9 +383,13 @@ def localize(
         save_map=str(save_map) if save_map is not None else None, save_map_is_dir=save_map_is_dir,
         mask=str(mask) if mask is not None else None, pixel_size=pixel_size,
         show_progress=not quiet and devices is None,
+        tomograms_star=str(tomograms_star) if tomograms_star is not None else None,
+        coords_pixel_size=coords_pixel_size,
     )
+    load_tomograms(tomograms_star)  # a bad tomograms.star fails once, before any input
     parameters = options.as_dict() | {
         "format": fmt, "mask": mask, "save_map": save_map, "pixel_size": pixel_size, "model": model_path,
+        "tomograms_star": tomograms_star, "coords_pixel_size": coords_pixel_size,
     }
     run_command_batch(
         "localize", tomograms, functools.partial(localize_task, job=job),

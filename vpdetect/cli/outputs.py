@@ -15,7 +15,9 @@ from vpdetect.errors import VPDetectError
 from vpdetect.io.atomic import check_output_dir
 from vpdetect.io.mrc import tomogram_name
 
-FORMAT_SUFFIX = {"relion4": ".star", "relion5": ".star", "csv": ".csv", "shrec": ".txt"}
+FORMAT_SUFFIX = {
+    "relion4": ".star", "relion5": ".star", "csv": ".csv", "shrec": ".txt", "dynamo": ".tbl", "imod": ".mod",
+}
 
 
 def sidecar_path(output: Path) -> Path:

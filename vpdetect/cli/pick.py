@@ -29,10 +29,17 @@ from vpdetect.cli.batch import (
     verbose_option,
 )
 from vpdetect.cli.classify import class_summary, drop_unknown_option, search_radius_option
+from vpdetect.cli.geometry import (
+    coords_pixel_size_option,
+    load_tomograms,
+    place_in_project,
+    tomograms_star_option,
+)
 from vpdetect.cli.localize import (
     bandwidth_option,
     batch_size_option,
     build_localize_options,
+    contrast_option,
     halo_option,
     mask_option,
     max_centre_gap_option,
@@ -41,6 +48,7 @@ from vpdetect.cli.localize import (
     particle_diameter_option,
     pixel_size_option,
     precision_option,
+    rescale_option,
     table_format_option,
     table_output_option,
     threshold_option,
@@ -49,9 +57,6 @@ from vpdetect.cli.localize import (
 )
 
 log = logging.getLogger("vpdetect.pick")
-
-CLASS_COLUMNS = {"class_name": object, "class_number": "int64", "vote_fraction": float, "vote_margin": float}
-
 
 @dataclass(frozen=True)
 class PickJob:
@@ -65,25 +70,19 @@ class PickJob:
     mask: str | None = None
     pixel_size: float | None = None
     show_progress: bool = True
-
-
-def _with_empty_classes(table):
-    """A table with no particles still gets the class columns, so every output has one layout."""
-    import pandas as pd
-
-    data = table.data.copy()
-    for column, dtype in CLASS_COLUMNS.items():
-        data[column] = pd.Series([], dtype=dtype)
-    return replace(table, data=data)
+    tomograms_star: str | None = None
+    coords_pixel_size: float | None = None
 
 
 def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     """Localize and classify one tomogram file, write its table; returns provenance extras."""
-    from vpdetect.classify.pipeline import classify_table
+    from vpdetect.classify.pipeline import classify_table, with_empty_classes
     from vpdetect.io.mrc import read_roi, read_tomogram
     from vpdetect.io.particles import write_particles
     from vpdetect.localize.pipeline import (
+        NORMALISATION,
         format_timings,
+        model_input,
         particles_from_map,
         segment_volume,
         tomogram_stats,
@@ -94,16 +93,21 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     localizer, localizer_card = load_stage_model(job.localizer_path, "localizer", device)
     classifier, classifier_card = load_stage_model(job.classifier_path, "classifier", device)
     roi = read_roi(job.mask, tomo.data.shape) if job.mask is not None else None
-    # One pass over the tomogram gives the normalisation both stages use.
-    stats = tomogram_stats(tomo.data)
-    opened = time.perf_counter() - start
     options = replace(job.localize_options, device=device).with_model_defaults(localizer_card)
+    prepared = model_input(tomo, localizer_card, options)
+    # One pass over the tomogram serves both stages when they normalise alike on the same grid.
+    method = classifier_card.get("normalisation", NORMALISATION)
+    if prepared.scale_zyx is None and method == localizer_card.get("normalisation", NORMALISATION):
+        stats = (prepared.centre, abs(prepared.scale))
+    else:
+        stats = tomogram_stats(tomo.data, method)
+    opened = time.perf_counter() - start
 
     with progress_bar(job.show_progress) as bar:
         tiles = bar.add_task(f"{tomo.name}: localize", total=None)
         prob, timings = segment_volume(
             tomo, localizer, localizer_card, options,
-            progress=lambda done, total: bar.update(tiles, completed=done, total=total), stats=stats,
+            progress=lambda done, total: bar.update(tiles, completed=done, total=total), prepared=prepared,
         )
         timings["load"] += opened
         found = particles_from_map(prob, tomo, options, roi, timings)
@@ -115,10 +119,11 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
                 progress=lambda n: bar.advance(boxes, n), timings=timings,
             )
         else:
-            table = _with_empty_classes(found)
+            table = with_empty_classes(found)
 
     start = time.perf_counter()
-    written = write_particles(output, table, fmt=job.fmt)
+    table = place_in_project(table, tomo, source, load_tomograms(job.tomograms_star))
+    written = write_particles(output, table, fmt=job.fmt, coords_pixel_size=job.coords_pixel_size)
     timings["write"] = time.perf_counter() - start
     counts = table.data["class_name"].value_counts().to_dict()
     log.info("%s: %s -> %s (%s)", tomo.name, class_summary(table.data), output, written)
@@ -174,6 +179,10 @@ def pick(
     devices: str = devices_option(),
     precision: str = precision_option(),
     pixel_size: float = pixel_size_option(),
+    tomograms_star: Path = tomograms_star_option(),
+    coords_pixel_size: float = coords_pixel_size_option(),
+    contrast: str = contrast_option(),
+    rescale: bool = rescale_option(),
     overwrite: bool = overwrite_option(),
     shard: str = shard_option(),
     verbose: bool = verbose_option(),
@@ -192,6 +201,7 @@ def pick(
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
         max_centre_gap=max_centre_gap,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
+        contrast=contrast, rescale=rescale,
     )
     classify_options = ClassifyOptions(
         batch_size=box_batch_size, search_radius=search_radius, drop_unknown=drop_unknown,
@@ -207,9 +217,13 @@ def pick(
         localize_options=localize_options, classify_options=classify_options, fmt=fmt,
         mask=str(mask) if mask is not None else None, pixel_size=pixel_size,
         show_progress=not quiet and devices is None,
+        tomograms_star=str(tomograms_star) if tomograms_star is not None else None,
+        coords_pixel_size=coords_pixel_size,
     )
+    load_tomograms(tomograms_star)  # a bad tomograms.star fails once, before any input
     parameters = localize_options.as_dict() | {
         "classify": asdict(classify_options), "format": fmt, "mask": mask, "pixel_size": pixel_size,
+        "tomograms_star": tomograms_star, "coords_pixel_size": coords_pixel_size,
     }
     run_command_batch(
         "pick", tomograms, functools.partial(pick_task, job=job),

@@ -26,7 +26,9 @@ def simulate(
     n_tomograms: int = typer.Option(1, "--n-tomograms", "-n", help="Number of tomograms to simulate."),
     preset: str = typer.Option(
         "shrec21", "--preset",
-        help="shrec21: SHREC'21-like 512^3, 200-voxel slab, crowded, SNR 0.5; easy: small, clean, quick.",
+        help="shrec21: SHREC'21-like 512^3, 200-voxel slab, crowded, SNR 0.5; easy: small, clean, quick; "
+        "generalist: 192x192x96, every tomogram draws SNR, defocus, tilts, filter, contrast, crowding, "
+        "context and procedural shapes (options given here fix the drawn value).",
     ),
     shape: tuple[int, int, int] = typer.Option(
         None, "--shape", help="Volume size in voxels, X Y Z (default: the preset's)."
@@ -53,6 +55,12 @@ def simulate(
     defocus: tuple[float, float] = typer.Option(
         None, "--defocus", help="Range (micrometres, underfocus) the defocus is drawn from per tomogram."
     ),
+    contrast: str = typer.Option(
+        None, "--contrast", help="dark (dense particles dark, as reconstructed) or bright (contrast-inverted)."
+    ),
+    recon_filter: str = typer.Option(
+        None, "--recon-filter", help="Weighted back-projection filter: ramp, shepp-logan, cosine or hann (default ramp)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing model folders' files."),
 ) -> None:
     """Simulate crowded cryo-ET tomograms with ground truth, in the SHREC layout.
@@ -74,7 +82,7 @@ def simulate(
         overrides["shape_xyz"] = tuple(int(v) for v in shape)
     if slab_thickness is not None:
         overrides["slab_thickness"] = slab_thickness
-    elif shape is not None:
+    elif shape is not None and preset != "generalist":
         # keep the preset's slab unless it no longer fits the requested depth
         from vpdetect.simulate.pipeline import PRESETS
 
@@ -92,6 +100,10 @@ def simulate(
         overrides["tilt_step"] = tilt_step
     if defocus is not None:
         overrides["defocus_range_um"] = tuple(defocus)
+    if contrast is not None:
+        overrides["contrast"] = contrast
+    if recon_filter is not None:
+        overrides["recon_filter"] = recon_filter
     params = preset_params(preset, **overrides)
     params.validate()
 

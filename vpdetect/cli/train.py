@@ -14,12 +14,15 @@ Writes, beside `--out MODEL.pt` (the best model by validation MIoU, or macro F1 
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from pathlib import Path
 
 import typer
 
 from vpdetect.cli.app import app, console, user_errors
+from vpdetect.cli.geometry import load_tomograms, tomograms_star_option
 from vpdetect.errors import VPDetectError
 from vpdetect.io.atomic import check_output_dir
 
@@ -45,7 +48,7 @@ def side_paths(out: Path) -> dict[str, Path]:
     }
 
 
-def _load_sources(folders, tomograms, tables, radius, radius_unit, pixel_size, what: str):
+def _load_sources(folders, tomograms, tables, radius, radius_unit, pixel_size, what: str, tomo_set=None):
     from vpdetect.train.data import load_coordinate_volume, load_shrec_folder, parse_radii
 
     sources = [load_shrec_folder(folder, voxel_size=pixel_size) for folder in folders]
@@ -59,12 +62,34 @@ def _load_sources(folders, tomograms, tables, radius, radius_unit, pixel_size, w
         if default_r is None and not per_class:
             raise VPDetectError("coordinate-only data needs --radius (R, or CLASS=R per class)")
         for tomo, table in zip(tomograms, tables, strict=True):
-            sources.append(load_coordinate_volume(tomo, table, default_r, per_class, radius_unit, pixel_size))
+            sources.append(
+                load_coordinate_volume(tomo, table, default_r, per_class, radius_unit, pixel_size, tomo_set)
+            )
     return sources
+
+
+def _leaves_process_group(func):
+    """Leave a torchrun process group however the command ends: an error (bad data, a
+    diverged loss, which every rank sees together) must not skip `destroy_process_group`."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from vpdetect.train.loop import current_dist_info, shutdown_distributed
+
+        finished = False
+        try:
+            result = func(*args, **kwargs)
+            finished = True
+            return result
+        finally:
+            shutdown_distributed(current_dist_info(), finished)
+
+    return wrapper
 
 
 @app.command()
 @user_errors
+@_leaves_process_group
 def train(
     stage: str = typer.Argument(..., help="Which network to train: localizer or classifier."),
     data: list[Path] = typer.Option(
@@ -86,6 +111,7 @@ def train(
     pixel_size: float = typer.Option(
         None, "--pixel-size", min=0.0, help="Voxel size in Angstrom, overriding the MRC headers."
     ),
+    tomograms_star: Path = tomograms_star_option(),
     out: Path = typer.Option(
         ..., "--out", "-o", help="Model file to write (the best epoch by validation MIoU, or macro F1 for boxes)."
     ),
@@ -144,15 +170,36 @@ def train(
         16, "--val-crops", min=0,
         help="Validation crops per epoch (fixed); box classifiers validate on every validation particle.",
     ),
-    seed: int = typer.Option(0, "--seed", help="Random seed: same data, options and seed give the same model."),
+    seed: int = typer.Option(
+        0, "--seed",
+        help="Random seed: same data, options and seed give the same model (on a GPU with --deterministic).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision on CUDA (bfloat16, or float16)."),
+    deterministic: bool = typer.Option(
+        False, "--deterministic",
+        help="Deterministic GPU kernels only, so a GPU run repeats exactly (slower; the CPU always repeats).",
+    ),
     workers: int = typer.Option(0, "--workers", min=0, help="Data-loader worker processes."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in MODEL.last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over even if this run's files exist."),
     time_limit: float = typer.Option(
         None, "--time-limit", min=0.0, help="Stop after this many minutes (finished epochs are kept; --resume later)."
+    ),
+    normalisation: str = typer.Option(
+        None, "--normalisation",
+        help="Input normalisation, recorded in the model: robust (median/MAD, clipped; default for localizers) "
+        "or zscore (mean/std; default for classifiers).",
+    ),
+    contrast: str = typer.Option(
+        "auto", "--contrast",
+        help="Contrast of the training tomograms without a simulation record: dark (dense matter dark, as "
+        "reconstructed), bright (inverted) or auto (detected per tomogram). Bright ones are negated: "
+        "the model expects dark input.",
+    ),
+    init: Path = typer.Option(
+        None, "--init", help="Start from this model's weights (same architecture): fine-tuning."
     ),
 ) -> None:
     """Train a localizer (particle vs background) or a classifier (one class per particle type)."""
@@ -171,6 +218,15 @@ def train(
         raise VPDetectError("no training data: give --data DIR or --tomogram T.mrc --table T.star")
     if radius_unit not in ("angstrom", "voxel"):
         raise VPDetectError(f"--radius-unit must be angstrom or voxel, got {radius_unit!r}")
+    from vpdetect.preprocess import CONTRASTS, MODEL_CONTRAST, NORMALISATIONS
+
+    normalisation = normalisation or ("robust" if stage == "localizer" else "zscore")
+    if normalisation not in NORMALISATIONS:
+        raise VPDetectError(f"--normalisation must be {' or '.join(NORMALISATIONS)}, got {normalisation!r}")
+    if contrast not in (*CONTRASTS, "auto"):
+        raise VPDetectError(f"--contrast must be dark, bright or auto, got {contrast!r}")
+    if init is not None and resume:
+        raise VPDetectError("--init starts a new run; it cannot be combined with --resume")
     paths = side_paths(out)
     check_output_dir(out.parent)
     if resume and not paths["last"].is_file():
@@ -206,8 +262,11 @@ def train(
 
     if threads:
         torch.set_num_threads(threads)
+    if deterministic:
+        # cuBLAS reads this once, when it starts: before any CUDA work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist_info = init_distributed(device)
-    torch_device = torch.device(resolve_device(device, dist_info.local_rank))
+    torch_device = torch.device(dist_info.device or resolve_device(device))
     main_process = dist_info.is_main
     defaults = STAGE_DEFAULTS[stage] | (BOX_DEFAULTS if boxes else {})
 
@@ -215,14 +274,21 @@ def train(
         if main_process:
             console.print(message, highlight=False)
 
-    sources = _load_sources(data, tomogram, table, radius, radius_unit, pixel_size, "training")
-    val_sources = _load_sources(val, val_tomogram, val_table, radius, radius_unit, pixel_size, "validation")
+    tomo_set = load_tomograms(tomograms_star)
+    sources = _load_sources(data, tomogram, table, radius, radius_unit, pixel_size, "training", tomo_set)
+    val_sources = _load_sources(
+        val, val_tomogram, val_table, radius, radius_unit, pixel_size, "validation", tomo_set
+    )
     names_seen = [n for av in sources + val_sources for n in list(av.id_names.values()) + av.centre_names]
     select = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     excluded = [e.strip() for e in exclude.split(",") if e.strip()]
     mapping = build_class_mapping(names_seen, stage, select, parse_merge(merge), excluded)
-    volumes = [prepare_volume(av, mapping) for av in sources]
-    val_volumes = [prepare_volume(av, mapping) for av in val_sources]
+    volumes = [prepare_volume(av, mapping, normalisation, contrast, MODEL_CONTRAST) for av in sources]
+    val_volumes = [prepare_volume(av, mapping, normalisation, contrast, MODEL_CONTRAST) for av in val_sources]
+    flipped = [tv.name for tv in volumes + val_volumes if tv.contrast != MODEL_CONTRAST]
+    if flipped:
+        say(f"{len(flipped)} tomogram(s) with bright contrast negated for training: {', '.join(flipped[:8])}"
+            + (" ..." if len(flipped) > 8 else ""))
 
     alpha_spec = alpha if alpha is not None else defaults["alpha"]
     radii = merged_radii(sources, mapping)
@@ -251,6 +317,7 @@ def train(
         val_crops=val_crops,
         workers=workers,
         amp=amp,
+        deterministic=deterministic,
         class_names=mapping.class_names,
         arch=arch,
         width_divisor=width_divisor,
@@ -276,6 +343,14 @@ def train(
         val_set = CropDataset(val_volumes or volumes, crop_size, seed, config.particle_share, augment=False, stream=1)
 
     trainer = Trainer(config, train_set, val_set, torch_device, dist_info)
+    if init is not None:
+        start_model, start_card = load_model(init, stage=stage)
+        if start_model.arch() != trainer.model.arch():
+            raise VPDetectError(
+                f"--init model {init} has architecture {start_model.arch()}, this run {trainer.model.arch()}"
+            )
+        trainer.model.load_state_dict(start_model.state_dict())
+        say(f"starting from the weights of {init}")
     if resume:
         model, _ = load_model(paths["last"], stage=stage)
         state = read_training_state(paths["last"])
@@ -297,7 +372,8 @@ def train(
         return {
             "stage": stage,
             "class_names": mapping.class_names,
-            "normalisation": "zscore",
+            "normalisation": normalisation,
+            "contrast": MODEL_CONTRAST,
             "voxel_size": voxel_sizes[0] if voxel_sizes else None,
             "crop_size": crop_size,
             **({} if boxes else {"halo": trainer.model.halo}),
@@ -307,8 +383,10 @@ def train(
                 **({"max_shift": max_shift, "background_share": background_share,
                     "sampling": "class-balanced", "augmentation": "flips of z, y, x"} if boxes else {}),
                 "data": data_names,
+                "init": str(init) if init is not None else None,
                 "validation": [str(p) for p in val] + [str(p) for p in val_tomogram],
                 "seed": seed,
+                "deterministic": deterministic,
                 "epochs": trainer.epoch,
                 "epochs_planned": epochs,
                 "steps_per_epoch": steps_per_epoch,
@@ -393,11 +471,6 @@ def train(
                 f"{'finished' if status == 'done' else 'stopped (time limit)'} after epoch {trainer.epoch}; "
                 f"best epoch {best['epoch']} ({best_text}) -> {out}"
             )
-    if dist_info.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _write_log_and_curves(history: list[dict], paths: dict[str, Path], title: str) -> None:

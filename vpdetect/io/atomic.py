@@ -28,6 +28,13 @@ def check_output_dir(directory: str | os.PathLike) -> None:
     raise VPDetectError(f"output directory does not exist: {directory}")
 
 
+def new_file_mode() -> int:
+    """The permissions `open()` gives a new file under the current umask (0644 under 022)."""
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it onto `path` on success.
@@ -45,6 +52,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp makes the file private (0600); a result gets what any new file would.
+        if tmp.is_file():
+            os.chmod(tmp, new_file_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -1,4 +1,4 @@
-"""Tomogram I/O: MRC/REC files as float32 arrays indexed [z, y, x].
+"""Tomogram I/O: MRC/REC files as arrays indexed [z, y, x] (float32, or memory maps).
 
 Large files are memory-mapped; slightly malformed headers are retried in
 mrcfile's permissive mode with a warning. A header voxel size of 0 or 1
@@ -96,12 +96,15 @@ def read_tomogram(
     allow_2d: bool = False,
     keep_dtype: bool = False,
 ) -> Tomogram:
-    """Read an MRC/REC volume as float32 [z, y, x].
+    """Read an MRC/REC volume [z, y, x]: float32 in memory, or a memory map in the file's dtype.
 
     `voxel_size` (Angstrom) overrides the header. `mmap=None` memory-maps files
-    larger than MMAP_THRESHOLD_BYTES; a memory-mapped float32 file is returned
-    as a read-only view without copying. `keep_dtype=True` keeps the file's own
-    data type instead of float32 (a memory-mapped file is then never copied).
+    larger than MMAP_THRESHOLD_BYTES; a memory-mapped file is returned as a
+    read-only view in its own dtype (int8, int16, uint16, float16 or float32),
+    never copied: a float32 copy of a large int8 tomogram would take four times
+    the file's size in memory. Readers convert what they read (tiles, boxes,
+    statistics blocks) to float32 themselves (`vpdetect.preprocess`).
+    `keep_dtype=True` keeps the file's own dtype when reading into memory too.
     """
     path = Path(path)
     if not path.exists():
@@ -128,8 +131,8 @@ def read_tomogram(
                 f"vpdetect uses x ({sizes[0]:g} A) for all axes",
                 stacklevel=2,
             )
-        if mmap and (keep_dtype or data.dtype == np.float32):
-            array = data  # zero-copy view of the memory map
+        if mmap:
+            array = data  # zero-copy view of the memory map, in the file's dtype
         else:
             array = np.array(data, dtype=None if keep_dtype else np.float32)
     except VPDetectError:

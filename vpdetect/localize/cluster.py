@@ -12,7 +12,10 @@ directly. Only components too large for one particle are mean-shifted, seeded
 by the local maxima of their distance transform (particle centres are the
 points deepest inside touching blobs), with a k-d tree for the windows.
 
-Memory (issue 9): the map is read slab by slab along z (it may be a float16
+Memory: mean-shift moves its seeds in batches bounded by MAX_PAIRS neighbour
+pairs (a window holds at most the voxels of a ball of the bandwidth), and a
+component with a huge bounding box is seeded on a grid instead of from a
+distance transform of the box. The map is read slab by slab along z (it may be a float16
 memmap); only the sparse foreground (coordinates, probabilities, labels) is
 kept. The opening is computed per slab with a margin of twice its radius, which
 gives exactly the whole-volume result; components are labelled per slab and
@@ -30,6 +33,13 @@ SLAB_VOXELS = 1 << 24
 # Mean-shift stops when every window centre moves less than this (voxels).
 SHIFT_TOLERANCE = 1e-2
 MAX_SHIFT_ITERATIONS = 50
+# (seed, voxel) pairs mean-shift holds at once (~40 bytes each with temporaries: ~0.7 GB).
+# A large foreground region that is not hollow (a carbon edge, thick ice) has ~10^6 seeds
+# of several hundred voxels each: all at once that was 10^8-10^9 pairs.
+MAX_PAIRS = 1 << 24
+# A component whose bounding box exceeds this many voxels is seeded on a grid, not from its
+# distance transform (~30 bytes per box voxel).
+MAX_SEED_BOX_VOXELS = 1 << 24
 
 PARTICLE_COLUMNS = ["x", "y", "z", "cluster_size", "score"]
 
@@ -194,17 +204,21 @@ def _link_planes(lower: np.ndarray, upper: np.ndarray, edges_a: list, edges_b: l
                 edges_b.append(b[touching])
 
 
-def distance_transform_seeds(coords: np.ndarray, spacing: float) -> np.ndarray:
+def distance_transform_seeds(coords: np.ndarray, spacing: float,
+                             max_box_voxels: int = MAX_SEED_BOX_VOXELS) -> np.ndarray:
     """Seeds for mean-shift inside one component: local maxima of its distance transform.
 
     `coords` are the component's voxels [z, y, x]; maxima on plateaus are
     thinned to one per cube of side `spacing` so that a ridge does not give
-    hundreds of seeds.
+    hundreds of seeds. A component whose bounding box exceeds `max_box_voxels`
+    (a carbon edge across the tomogram) gets `grid_seeds` instead.
     """
     from scipy import ndimage
 
     origin = coords.min(axis=0) - 1
     shape = coords.max(axis=0) - origin + 2
+    if int(np.prod(shape)) > max_box_voxels:
+        return grid_seeds(coords, spacing)
     crop = np.zeros(shape, dtype=bool)
     local = coords - origin
     crop[local[:, 0], local[:, 1], local[:, 2]] = True
@@ -216,44 +230,69 @@ def distance_transform_seeds(coords: np.ndarray, spacing: float) -> np.ndarray:
     return (seeds[np.sort(first)] + origin).astype(np.float64)
 
 
+def grid_seeds(coords: np.ndarray, spacing: float) -> np.ndarray:
+    """One seed per occupied cube of side `spacing`: the mean of its voxels (memory ~ voxels)."""
+    cells = np.floor(coords / max(spacing, 1.0)).astype(np.int64)
+    _, cell_of = np.unique(cells, axis=0, return_inverse=True)
+    cell_of = cell_of.reshape(-1)
+    counts = np.bincount(cell_of)
+    return np.stack([np.bincount(cell_of, weights=coords[:, a]) for a in range(3)], axis=1) / counts[:, None]
+
+
+def window_capacity(bandwidth: float) -> int:
+    """The most distinct voxels a window of radius `bandwidth` can hold, wherever its centre:
+    the lattice points of a ball half a voxel diagonal larger, about a lattice point."""
+    r = float(bandwidth) + np.sqrt(3.0) / 2
+    n = int(np.ceil(r))
+    z, y, x = np.mgrid[-n : n + 1, -n : n + 1, -n : n + 1]
+    return int(np.count_nonzero(z * z + y * y + x * x <= r * r))
+
+
 def mean_shift(
     points: np.ndarray,
     seeds: np.ndarray,
     bandwidth: float,
     tolerance: float = SHIFT_TOLERANCE,
     max_iterations: int = MAX_SHIFT_ITERATIONS,
+    max_pairs: int = MAX_PAIRS,
 ) -> np.ndarray:
     """Flat-kernel mean-shift: move each seed to the mean of the points within `bandwidth` until it stops.
 
-    All seeds move at once: one k-d tree over the points, one sparse distance
-    matrix per iteration. A seed whose window is empty stays where it is.
+    `points` are distinct voxel positions. Seeds move in batches, each with one sparse
+    distance matrix per iteration against one k-d tree over the points; a batch holds at
+    most `max_pairs` (seed, point) pairs, because a window holds at most
+    `window_capacity(bandwidth)` voxels. Seeds move independently, so the batches give
+    exactly the all-at-once result. A seed whose window is empty stays where it is.
     """
     from scipy.spatial import cKDTree
 
     tree = cKDTree(points)
     modes = np.array(seeds, dtype=np.float64)
-    active = np.arange(len(modes))
-    for _ in range(max_iterations):
-        if active.size == 0:
-            break
-        pairs = cKDTree(modes[active]).sparse_distance_matrix(
-            tree, bandwidth, output_type="ndarray"
-        )
-        seed_index, point_index = pairs["i"], pairs["j"]
-        counts = np.bincount(seed_index, minlength=active.size)
-        sums = np.stack(
-            [
-                np.bincount(seed_index, weights=points[point_index, axis], minlength=active.size)
-                for axis in range(3)
-            ],
-            axis=1,
-        )
-        has_points = counts > 0
-        new = modes[active].copy()
-        new[has_points] = sums[has_points] / counts[has_points, None]
-        shift = np.linalg.norm(new - modes[active], axis=1)
-        modes[active] = new
-        active = active[(shift >= tolerance) & has_points]
+    batch = max(1, int(max_pairs) // window_capacity(bandwidth))
+    for start in range(0, len(modes), batch):
+        active = np.arange(start, min(start + batch, len(modes)))
+        for _ in range(max_iterations):
+            if active.size == 0:
+                break
+            pairs = cKDTree(modes[active]).sparse_distance_matrix(
+                tree, bandwidth, output_type="ndarray"
+            )
+            seed_index, point_index = pairs["i"], pairs["j"]
+            del pairs
+            counts = np.bincount(seed_index, minlength=active.size)
+            sums = np.stack(
+                [
+                    np.bincount(seed_index, weights=points[point_index, axis], minlength=active.size)
+                    for axis in range(3)
+                ],
+                axis=1,
+            )
+            has_points = counts > 0
+            new = modes[active].copy()
+            new[has_points] = sums[has_points] / counts[has_points, None]
+            shift = np.linalg.norm(new - modes[active], axis=1)
+            modes[active] = new
+            active = active[(shift >= tolerance) & has_points]
     return modes
 
 

@@ -2,9 +2,10 @@
 
 `localize_volume` is the whole stage for library callers; `segment_volume`
 and `particles_from_map` are its two halves, which `vpdetect localize` (that
-may save the map) and `vpdetect pick` (that hands the map's normalisation,
-`tomogram_stats`, on to stage 2) call themselves. No file is read or written
-here: the CLI opens the tomogram and writes the table.
+may save the map) and `vpdetect pick` call themselves. `model_input` brings
+the tomogram to the model: its voxel size (Fourier resampling), its
+normalisation and its contrast. No file is read or written here: the CLI
+opens the tomogram and writes the table.
 """
 
 from __future__ import annotations
@@ -20,14 +21,28 @@ from vpdetect.errors import VPDetectError
 from vpdetect.localize.cluster import find_particles
 from vpdetect.localize.tiling import (
     DEFAULT_HALO_CAP,
-    DEFAULT_TILE,
     MAP_IN_MEMORY_VOXELS,
-    PageReleasingVolume,
     allocate_map,
+    choose_tile,
     predict_map,
 )
 from vpdetect.nn.checkpoint import check_inference_card
-from vpdetect.preprocess import zscore_params
+from vpdetect.preprocess import (
+    CONTRASTS,
+    NORMALISATION,
+    clip_of,
+    contrast_sign,
+    detect_contrast,
+    robust_from_sample,
+    streamed_zscore_params,
+)
+from vpdetect.resample import (
+    fourier_resample,
+    grid_scale,
+    nearest_resample,
+    resampled_shape,
+    rescale_factor,
+)
 
 log = logging.getLogger("vpdetect.localize")
 
@@ -47,10 +62,18 @@ class LocalizeOptions:
 
     bandwidth: mean-shift bandwidth in voxels; None = particle_diameter / 2 in
     voxels when a diameter (Angstrom) is given, else DEFAULT_BANDWIDTH.
+    tile: tile edge in voxels; None = DEFAULT_TILE on the CPU, on a GPU the largest that
+    fits half its free memory (`tiling.choose_tile`, which also refuses a tile too large).
     halo: context voxels per tile side; None = min(model.halo, DEFAULT_HALO_CAP).
     z_range: first and last slice (0-based, inclusive) to search, or None.
     device: a concrete torch device string ("cpu", "cuda:0").
-    precision: "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16".
+    precision: a `vpdetect.nn.precision` name (auto, fp32, tf32, bf16, fp16; CUDA only).
+    contrast: the tomogram's particle contrast, "dark", "bright" or "auto"
+    (detected); a tomogram of the other sign than the model expects is negated.
+    rescale: resample a tomogram whose voxel size differs from the model's by
+    more than 10 % to the model's (coordinates are mapped back). When that
+    happens, bandwidth, min size and the other sizes in voxels are the model
+    grid's (as `vpdetect tune` chose them); --particle-diameter stays in Angstrom.
     """
 
     threshold: float | None = None
@@ -61,13 +84,15 @@ class LocalizeOptions:
     merge_radius: float | None = None
     # Drop hollow components (membranes) whose centroid is this far outside them; None = bandwidth.
     max_centre_gap: float | None = None
-    tile: int = DEFAULT_TILE
+    tile: int | None = None
     halo: int | None = None
     batch_size: int = 1
     device: str = "cpu"
     precision: str = "auto"
     z_range: tuple[int, int] | None = None
     max_map_in_memory_voxels: int = MAP_IN_MEMORY_VOXELS
+    contrast: str = "auto"
+    rescale: bool = True
 
     def resolved_bandwidth(self, voxel_size: float | None) -> float:
         """The bandwidth in voxels for a tomogram of the given voxel size (Angstrom)."""
@@ -105,6 +130,14 @@ class LocalizeOptions:
                 updates["merge_radius"] = float(tuned["merge_radius"])
         return replace(self, **updates)
 
+    def resolved_tile(self, model, volume_shape, free: int | None = None) -> int:
+        """The tile edge for a volume on this device, checked against the free memory."""
+        from vpdetect.nn.precision import resolve_precision
+
+        bytes_per_value = resolve_precision(self.precision, self.device).dtype.itemsize
+        return choose_tile(model, tuple(volume_shape), self.device, self.batch_size, bytes_per_value,
+                           self.tile, free)
+
     def resolved_halo(self, model) -> int:
         return int(min(model.halo, DEFAULT_HALO_CAP) if self.halo is None else self.halo)
 
@@ -127,9 +160,9 @@ def minimum_size(card: dict, model) -> int:
     return int(crop) if crop else 2 * int(min(model.halo, DEFAULT_HALO_CAP)) + 1
 
 
-def check_volume(tomo, model, card: dict) -> None:
+def check_volume(volume: np.ndarray, model, card: dict) -> None:
     """One-line errors for volumes the localizer cannot use (too small, not 3D)."""
-    shape = tuple(tomo.data.shape)
+    shape = tuple(volume.shape)
     if len(shape) != 3:
         raise VPDetectError(f"expected a 3D tomogram, got an array of shape {shape}")
     needed = minimum_size(card, model)
@@ -150,30 +183,69 @@ def _search_slices(shape_z: int, z_range: tuple[int, int] | None, context: int) 
     return max(0, z0 - context), min(shape_z, z1 + 1 + context)
 
 
-def _finer_rows(volume: np.ndarray) -> np.ndarray:
-    """The same voxels with 8x more, thinner rows along axis 0 (no copy) when the shape allows.
-
-    Statistics do not depend on the shape, and `zscore_params` reads 32 rows at
-    a time in float64: thinner rows keep that working set small on big volumes.
-    """
-    z, y, x = volume.shape
-    if y % 8 or not volume.flags.c_contiguous:
-        return volume
-    return volume.reshape(z * 8, y // 8, x)
-
-
-def tomogram_stats(volume: np.ndarray) -> tuple[float, float]:
-    """The z-score (mean, std) of a whole tomogram, read slab by slab.
+def tomogram_stats(volume: np.ndarray, method: str = NORMALISATION) -> tuple[float, float]:
+    """The (centre, scale) of a whole tomogram for a normalisation method, read block by block.
 
     Pages of a memory-mapped file are released as the sweep passes, so a
-    tomogram larger than memory costs no more than a few slabs. `vpdetect pick`
-    computes these once and hands them to both stages.
+    tomogram larger than memory costs no more than a few blocks. The robust
+    statistics come from a strided sample after that checked sweep.
     """
-    streamed = PageReleasingVolume(_finer_rows(volume))
-    try:
-        return zscore_params(streamed)
-    finally:
-        streamed.release()
+    mean, std = streamed_zscore_params(volume)
+    if method == "robust":
+        return robust_from_sample(volume, std)
+    return mean, std
+
+
+@dataclass
+class ModelInput:
+    """The tomogram as the localizer sees it: at the model's voxel size, normalised and with
+    the model's contrast. `scale_zyx` is original voxels per model voxel (None: not resampled)."""
+
+    volume: np.ndarray
+    centre: float
+    scale: float  # negative when the contrast is flipped
+    clip: float | None
+    contrast: str
+    contrast_score: float | None
+    scale_zyx: tuple[float, float, float] | None
+
+
+def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None = None) -> ModelInput:
+    """Resample (if the voxel sizes differ), measure the normalisation and decide the contrast."""
+    start = time.perf_counter()
+    volume = tomo.data
+    scale_zyx = None
+    factor = rescale_factor(tomo.voxel_size, card.get("voxel_size")) if options.rescale else None
+    if factor is not None:
+        shape = resampled_shape(volume.shape, factor)
+        volume = fourier_resample(volume, shape)
+        scale_zyx = tuple(float(v) for v in grid_scale(tomo.data.shape, shape))
+        log.info(
+            "%s: voxel size %.3g A, model %.3g A: resampled by %.3f to %d x %d x %d voxels (--no-rescale to keep it)",
+            tomo.name, tomo.voxel_size, card["voxel_size"], factor, shape[2], shape[1], shape[0],
+        )
+        if timings is not None:
+            timings["rescale"] = time.perf_counter() - start
+    start = time.perf_counter()
+    method = card.get("normalisation", NORMALISATION)
+    centre, scale = tomogram_stats(volume, method)
+    # Models of version 0.1 record no contrast: they get the tomogram as it is.
+    expected = card.get("contrast")
+    score = None
+    if options.contrast not in (*CONTRASTS, "auto"):
+        raise VPDetectError(f"contrast must be dark, bright or auto, got {options.contrast!r}")
+    if expected is None:
+        contrast = options.contrast
+    elif options.contrast == "auto":
+        contrast, score = detect_contrast(volume)
+        log.info("%s: particles look %s (contrast score %+.2f; --contrast to set it)", tomo.name, contrast, score)
+    else:
+        contrast = options.contrast
+    if expected is not None:
+        scale *= contrast_sign(contrast, expected)
+    if timings is not None:
+        timings["load"] = timings.get("load", 0.0) + time.perf_counter() - start
+    return ModelInput(volume, centre, scale, clip_of(method), contrast, score, scale_zyx)
 
 
 def segment_volume(
@@ -182,33 +254,38 @@ def segment_volume(
     card: dict,
     options: LocalizeOptions,
     progress: Callable[[int, int], None] | None = None,
-    stats: tuple[float, float] | None = None,
+    prepared: ModelInput | None = None,
 ) -> tuple[np.ndarray, dict]:
     """The foreground probability map of a tomogram (float16; a disk-backed memmap when large).
 
-    With a z range only the needed slices (plus one halo of context) go
-    through the network; the rest of the map is 0. `stats` reuses (mean, std)
-    from `tomogram_stats`. Returns (map, timings) with "load" (normalisation
-    statistics), "network" and "stitch" seconds.
+    The map is on the model's grid (`model_input`): the tomogram's own unless
+    it was resampled to the model's voxel size; `particles_from_map` maps
+    coordinates back. With a z range only the needed slices (plus one halo of
+    context) go through the network; the rest of the map is 0. `prepared`
+    reuses a `model_input` result. Returns (map, timings) with "load"
+    (statistics and contrast), "rescale" (if resampled), "network" and "stitch" seconds.
     """
     check_localizer(card)
-    check_volume(tomo, model, card)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    volume = tomo.data
-    mean, std = stats if stats is not None else tomogram_stats(volume)
-    timings["load"] = time.perf_counter() - start
+    timings: dict[str, float] = {"load": 0.0}
+    prepared = prepared or model_input(tomo, card, options, timings)
+    volume = prepared.volume
+    check_volume(volume, model, card)
 
     halo = options.resolved_halo(model)
-    z_lo, z_hi = _search_slices(volume.shape[0], options.z_range, halo)
+    z_range = _model_z_range(options.z_range, prepared.scale_zyx)
+    z_lo, z_hi = _search_slices(volume.shape[0], z_range, halo)
+    # Before the map is allocated: a tile too large for the device fails at once, in one line.
+    tile = options.resolved_tile(model, (z_hi - z_lo, *volume.shape[1:]))
+    log.debug("%s: tiles of %d voxels, halo %d, batch %d on %s", tomo.name, tile, halo,
+              options.batch_size, options.device)
     prob = allocate_map(volume.shape, np.float16, options.max_map_in_memory_voxels)
     model.to(options.device)
     predict_map(
         model,
         volume[z_lo:z_hi],
-        mean,
-        std,
-        tile=options.tile,
+        prepared.centre,
+        prepared.scale,
+        tile=tile,
         halo=halo,
         batch_size=options.batch_size,
         device=options.device,
@@ -216,8 +293,16 @@ def segment_volume(
         out=prob[z_lo:z_hi],
         precision=options.precision,
         timings=timings,
+        clip=prepared.clip,
     )
     return prob, timings
+
+
+def _model_z_range(z_range, scale_zyx):
+    """A z range of the tomogram's slices on the model grid (widened to whole slices)."""
+    if z_range is None or scale_zyx is None:
+        return z_range
+    return (int(np.floor(z_range[0] / scale_zyx[0])), int(np.ceil(z_range[1] / scale_zyx[0])))
 
 
 def particles_from_map(
@@ -232,7 +317,13 @@ def particles_from_map(
     from vpdetect.io.particles import ParticleTable
 
     start = time.perf_counter()
-    bandwidth = options.resolved_bandwidth(tomo.voxel_size)
+    # A map of another shape is on the model grid: sizes there, coordinates mapped back.
+    scale_zyx = None if prob.shape == tomo.data.shape else grid_scale(tomo.data.shape, prob.shape)
+    voxel_size = tomo.voxel_size
+    if scale_zyx is not None:
+        roi = nearest_resample(roi, prob.shape) if roi is not None else None
+        voxel_size = tomo.voxel_size * float(np.mean(scale_zyx)) if tomo.voxel_size else None
+    bandwidth = options.resolved_bandwidth(voxel_size)
     found = find_particles(
         prob,
         threshold=options.threshold,
@@ -240,10 +331,16 @@ def particles_from_map(
         bandwidth=bandwidth,
         min_size=options.min_size,
         roi=roi,
-        z_range=options.z_range,
+        z_range=_model_z_range(options.z_range, scale_zyx),
         merge_radius=options.merge_radius,
         max_centre_gap=options.max_centre_gap,
     )
+    if scale_zyx is not None:
+        for axis, column in enumerate(("z", "y", "x")):
+            found[column] = found[column] * scale_zyx[axis]
+        if options.z_range is not None:  # the widened model-grid range may reach past the asked one
+            z0, z1 = options.z_range
+            found = found[(found["z"] >= z0 - 0.5) & (found["z"] <= z1 + 0.5)]
     found.insert(3, "tomo_name", tomo.name)
     found.insert(4, "tomo_path", str(tomo.path.resolve()) if tomo.path is not None else "")
     table = ParticleTable(

@@ -31,9 +31,14 @@ import numpy as np
 from vpdetect.errors import VPDetectError
 from vpdetect.preprocess import normalise
 
-# Defaults measured on the paper-sized localizer (see README, performance).
+# CPU defaults measured on the paper-sized localizer (see README, performance).
 DEFAULT_TILE = 128
 DEFAULT_HALO_CAP = 24
+# GPU default (to be measured by `make gpu-check`): the largest tile whose feature maps take
+# at most this share of the GPU's free memory, up to the whole tomogram.
+GPU_MEMORY_SHARE = 0.5
+# A tile is refused when its estimate exceeds this share of the free memory.
+MEMORY_LIMIT_SHARE = 0.9
 # Maps larger than this many voxels live in a disk-backed memmap instead of memory.
 MAP_IN_MEMORY_VOXELS = 256 * 1024**2
 
@@ -170,36 +175,106 @@ class PageReleasingVolume:
         release_pages(self.volume, self.shape[0])
 
 
+def tile_shape(volume_shape: tuple[int, ...], tile: int) -> tuple[int, int, int]:
+    """The input shape of every tile of a volume: `tile` along each axis, or the axis if shorter."""
+    return tuple(min(int(tile), int(n)) for n in volume_shape)  # type: ignore[return-value]
+
+
+def tile_memory_bytes(model, shape: tuple[int, int, int], batch_size: int, bytes_per_value: int) -> int:
+    """Memory one network call on `batch_size` tiles of `shape` needs, roughly: the MSDNet
+    feature buffer (every map of every voxel) in the network's dtype, plus float32 input,
+    logits and probabilities. The buffer dominates: ~100 maps per voxel."""
+    voxels = int(np.prod(shape)) * int(batch_size)
+    n_maps = int(getattr(model, "n_feature_maps", 1))
+    n_classes = int(getattr(model, "n_classes", 2))
+    return voxels * (n_maps * int(bytes_per_value) + 4 * (1 + 2 * n_classes))
+
+
+def available_memory(device: str) -> int | None:
+    """Free bytes for the network: the GPU's free memory, or the machine's available memory
+    (None when it cannot be told)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _largest_tile(model, volume_shape, batch_size: int, bytes_per_value: int, budget: float) -> int:
+    """The largest tile edge (a multiple of 8, at least 8) whose call fits `budget` bytes."""
+    edge = max(int(n) for n in volume_shape)
+    while edge > 8 and tile_memory_bytes(model, tile_shape(volume_shape, edge), batch_size,
+                                         bytes_per_value) > budget:
+        edge = (edge - 1) // 8 * 8 if edge % 8 else edge - 8
+    return max(edge, 8)
+
+
+def choose_tile(model, volume_shape, device: str, batch_size: int, bytes_per_value: int,
+                tile: int | None = None, free: int | None = None) -> int:
+    """The tile edge to use, checked against the memory there is.
+
+    `tile=None`: DEFAULT_TILE on the CPU; on a GPU the largest tile whose call takes at most
+    GPU_MEMORY_SHARE of the free memory (whole-tomogram tiles on big GPUs: no halo recomputed).
+    A tile whose estimate exceeds MEMORY_LIMIT_SHARE of the free memory is refused in one line
+    (a 512^3 tile of a paper-sized localizer needs ~27 GB in bf16), naming one that fits.
+    `free` overrides the measured free memory (bytes).
+    """
+    import torch
+
+    free = available_memory(device) if free is None else free
+    on_gpu = torch.device(device).type == "cuda"
+    if tile is None:
+        if not on_gpu or free is None:
+            return DEFAULT_TILE
+        return _largest_tile(model, volume_shape, batch_size, bytes_per_value, GPU_MEMORY_SHARE * free)
+    if tile < 1:
+        raise VPDetectError(f"tile size must be positive, got {tile}")
+    need = tile_memory_bytes(model, tile_shape(volume_shape, tile), batch_size, bytes_per_value)
+    if free is not None and need > MEMORY_LIMIT_SHARE * free:
+        fits = _largest_tile(model, volume_shape, batch_size, bytes_per_value, MEMORY_LIMIT_SHARE * free)
+        where = "GPU" if on_gpu else "machine"
+        raise VPDetectError(
+            f"--tile {tile}{f' x {batch_size} per batch' if batch_size > 1 else ''} needs about {_gigabytes(need)} for the network's "
+            f"{getattr(model, 'n_feature_maps', 1)} feature maps per voxel on {device}, but the {where} has "
+            f"{_gigabytes(free)} free; use --tile {fits} or less"
+            + (" or a smaller --batch-size" if batch_size > 1 else "")
+        )
+    return int(tile)
+
+
+def _gigabytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def _batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
     for start in range(0, len(tiles), size):
         yield tiles[start : start + size]
 
 
-def autocast_dtype(device: str, precision: str):
-    """The autocast dtype for a device and a precision name ("auto", "fp32", "bf16", "fp16"), or None."""
-    import torch
-
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise VPDetectError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
-    if not str(device).startswith("cuda") or precision == "fp32":
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "auto" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def predictor(model) -> Callable:
-    """The fastest `predict` for a model: vpdetect's inference engine for an MSDNet
-    (same probabilities as `MSDNet.predict`), else the module's own `predict`."""
+def predictor(model, precision: str = "auto", device: str = "cpu") -> Callable:
+    """The fastest `predict` for a model in `precision`: vpdetect's inference engine for an
+    MSDNet (same probabilities as `MSDNet.predict`), else the module's own `predict`."""
     from vpdetect.nn.msdnet import MSDNet
+    from vpdetect.nn.precision import inference_arithmetic, resolve_precision
 
     if isinstance(model, MSDNet):
         from vpdetect.nn.engine import fast_predict
 
-        return functools.partial(fast_predict, model)
-    return model.predict
+        return functools.partial(fast_predict, model, precision=precision)
+    arithmetic = resolve_precision(precision, device)
+
+    def predict(x):
+        with inference_arithmetic(arithmetic, device):
+            return model.predict(x)
+
+    return predict
 
 
 def predict_map(
@@ -215,6 +290,7 @@ def predict_map(
     out: np.ndarray | None = None,
     precision: str = "auto",
     timings: dict | None = None,
+    clip: float | None = None,
 ) -> np.ndarray:
     """Foreground probability map [z, y, x] of `volume` by tiled inference.
 
@@ -236,20 +312,17 @@ def predict_map(
     elif tuple(out.shape) != tuple(volume.shape):
         raise ValueError(f"map shape {out.shape} differs from the volume's {volume.shape}")
     tiles = tile_layout(tuple(volume.shape), tile, halo)
-    cast = autocast_dtype(device, precision)
     timings = {} if timings is None else timings
     timings.setdefault("network", 0.0)
     timings.setdefault("stitch", 0.0)
     model.eval()
-    predict = predictor(model)
+    predict = predictor(model, precision, device)
     done = 0
     with torch.inference_mode():
         for batch in _batches(tiles, batch_size):
             start = time.perf_counter()
-            crops = np.stack([normalise(volume[t.source], mean, std) for t in batch])[:, None]
-            x = torch.from_numpy(crops).to(device)
-            with torch.autocast(device_type=torch.device(device).type, dtype=cast, enabled=cast is not None):
-                probs = predict(x)
+            crops = np.stack([normalise(volume[t.source], mean, std, clip) for t in batch])[:, None]
+            probs = predict(torch.from_numpy(crops).to(device))
             foreground = probs[:, 1:].sum(dim=1).float().cpu().numpy()
             middle = time.perf_counter()
             for t, fg in zip(batch, foreground, strict=True):

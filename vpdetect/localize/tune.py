@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 # A small grid: each threshold x bandwidth x merge point costs one clustering.
-DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6)
+DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
 DEFAULT_BANDWIDTHS = (5.0, 7.0, 9.0)
 # Merge radius as a multiple of the bandwidth.
 DEFAULT_MERGE_FACTORS = (0.75, 1.0, 1.25)
-DEFAULT_MIN_SIZES = (10, 20, 40)
+DEFAULT_MIN_SIZES = (5, 10, 20, 40)
 
 
 @dataclass

@@ -155,7 +155,7 @@ STAGE_COMMANDS = {"localizer": "localize", "classifier": "classify"}
 
 def check_inference_card(card: dict, stage: str) -> None:
     """Refuse a card of another stage, or one expecting an input normalisation vpdetect does not apply."""
-    from vpdetect.preprocess import NORMALISATION
+    from vpdetect.preprocess import CONTRASTS, NORMALISATION, NORMALISATIONS
 
     found = card.get("stage")
     if found != stage:
@@ -163,10 +163,12 @@ def check_inference_card(card: dict, stage: str) -> None:
             f"this is a {found or 'unknown-stage'} model; {STAGE_COMMANDS[stage]} needs a {stage} model"
         )
     normalisation = card.get("normalisation", NORMALISATION)
-    if normalisation != NORMALISATION:
+    if normalisation not in NORMALISATIONS:
         raise VPDetectError(
-            f"model expects {normalisation!r} input normalisation; vpdetect applies {NORMALISATION!r}"
+            f"model expects {normalisation!r} input normalisation; vpdetect applies {' or '.join(NORMALISATIONS)}"
         )
+    if card.get("contrast", "dark") not in CONTRASTS:
+        raise VPDetectError(f"model expects input contrast {card['contrast']!r}; vpdetect knows dark or bright")
 
 
 def read_model_card(path) -> dict:
@@ -237,6 +239,7 @@ def format_model_card(card: dict) -> str:
     names = card.get("class_names", [])
     lines.append(f"  classes: {', '.join(f'{i}={n}' for i, n in enumerate(names))}")
     lines.append(f"  normalisation: {card.get('normalisation', '?')}")
+    lines.append(f"  contrast: {card.get('contrast', 'not recorded (tomograms used as given)')}")
     voxel = card.get("voxel_size")
     lines.append(f"  voxel size: {'unknown' if voxel is None else f'{voxel:.3f} A'}")
     if card.get("crop_size") is not None:

@@ -29,11 +29,12 @@ its own planes (torch releases the GIL inside ops), with a barrier per layer.
 That beats per-op OpenMP threading, whose barrier in every small op is slow
 when the cores are shared.
 
-CUDA path: cuDNN `conv3d` through `model.predict` with `cudnn.benchmark` on.
-`precision` None (default) keeps the caller's autocast (none = float32 with
-TF32); else it is one of the CLI's `--precision` names, applied with an
-autocast of its own: "auto" (bfloat16 where supported, else float16), "bf16",
-"fp16", "fp32". The CPU path is always float32 whatever `precision` says.
+CUDA path: cuDNN `conv3d` through `model.predict`. `precision` None (default)
+keeps the caller's autocast and cuDNN flags; else it is one of the CLI's
+`--precision` names (`vpdetect.nn.precision`: auto, fp32, tf32, bf16, fp16),
+resolved for the compute capability of the model's GPU and applied, with cuDNN
+autotuning, for the duration of each call only. The CPU path is always float32
+whatever `precision` says.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ import torch.nn.functional as F
 
 from vpdetect.errors import VPDetectError
 from vpdetect.nn.msdnet import NEGATIVE_SLOPE, MSDNet
+from vpdetect.nn.precision import PRECISIONS as PRECISION_NAMES
+from vpdetect.nn.precision import check_precision, inference_arithmetic, resolve_precision
 
 # Columns (voxels incl. pitch padding) per matrix multiply: small enough that the
 # tap outputs (27*w rows) and the inputs of a slab stay in L2/L3, large enough
@@ -55,7 +58,7 @@ SLAB_COLUMNS = 20_000
 # Work units per thread and layer (see `_CpuPlan`).
 CHUNKS_PER_THREAD = 2
 
-PRECISIONS = (None, "auto", "fp32", "bf16", "fp16")
+PRECISIONS = (None, *PRECISION_NAMES)
 
 
 class InferenceEngine:
@@ -64,7 +67,7 @@ class InferenceEngine:
     The engine snapshots the model's weights when built (or when `refresh()`
     is called); `fast_predict` refreshes automatically when they change.
     `threads` (CPU) defaults to `torch.get_num_threads()` at predict time;
-    `precision` (None = the caller's autocast, "auto", "fp32", "bf16", "fp16")
+    `precision` (None = the caller's autocast, else a `vpdetect.nn.precision` name)
     applies on CUDA only.
     """
 
@@ -83,6 +86,7 @@ class InferenceEngine:
         self.precision = _checked_precision(precision)
         self.slab_columns = int(slab_columns)
         self._plans: dict[tuple[int, int, int, int], _CpuPlan] = {}
+        self._arithmetic = None  # (precision, device) -> Arithmetic, resolved on first use
         self.refresh()
 
     @property
@@ -140,17 +144,16 @@ class InferenceEngine:
         return plan
 
     def _predict_cuda(self, x: torch.Tensor) -> torch.Tensor:
-        # Autotuned algorithms pay off: tiles repeat the same shape many times.
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.allow_tf32 = True
-        x = x.to(self.device, non_blocking=True)
+        # A plain copy: the tiles come from pageable memory, where non_blocking gains nothing.
+        x = x.to(self.device)
         if self.precision is None:
-            return self.model.predict(x)  # under the caller's autocast, if any
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        if dtype is None:  # auto
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # This autocast replaces any the caller has open: `precision` decides alone.
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            return self.model.predict(x)  # under the caller's autocast and cuDNN flags
+        key = (self.precision, self.device)
+        if self._arithmetic is None or self._arithmetic[0] != key:
+            self._arithmetic = (key, resolve_precision(self.precision, self.device))
+        # Scoped: cuDNN flags and this autocast hold for this call only (and replace any
+        # autocast the caller has open: `precision` decides alone).
+        with inference_arithmetic(self._arithmetic[1], self.device):
             return self.model.predict(x)
 
 
@@ -176,17 +179,14 @@ def fast_predict(model: MSDNet, x: torch.Tensor, precision: str | None = None) -
     """Drop-in for `model.predict(x)`: softmax probabilities (N, n_classes, D, H, W), float32.
 
     CPU: the matrix-multiply engine (float32). CUDA: cuDNN under the caller's
-    autocast (precision None) or under `precision` ("auto", "fp32", "bf16",
-    "fp16"). The engine (repacked weights, buffers for the last two input
-    shapes) is kept per model and rebuilt when the model's weights change.
+    autocast (precision None) or under `precision` (a `vpdetect.nn.precision`
+    name). The engine (repacked weights, buffers for the last two input shapes) is kept per model and rebuilt when the model's weights change.
     """
     return engine_for(model, precision).predict(x)
 
 
 def _checked_precision(precision: str | None) -> str | None:
-    if precision not in PRECISIONS:
-        raise VPDetectError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
-    return precision
+    return None if precision is None else check_precision(precision)
 
 
 def _weights_fingerprint(model: MSDNet) -> tuple:

@@ -28,7 +28,10 @@ input and weight gradients of each layer (conv: `torch.nn.grad.conv3d_*`;
 gemm: two matrix multiplies with the tap-shifted output gradient) and takes
 LeakyReLU's derivative from the sign of the stored outputs (a LeakyReLU
 output is positive exactly when its input is). Memory: the buffer plus one
-gradient buffer of the same size, instead of a concatenated copy per layer.
+float32 gradient buffer of the same size (float32 under autocast too: it sums
+contributions of every later layer), instead of a concatenated copy per layer.
+The "conv" path runs sample by sample so that each convolution reads a
+contiguous view of the buffer.
 """
 
 from __future__ import annotations
@@ -119,7 +122,9 @@ def _layer_gemm_backward(source, weight, dilations, grad_pre, grad_source):
             shifted[(slice(None), j, k, *src)] = grad_pre[(slice(None), j, *dst)]
     shifted = shifted.reshape(n, w * 27, -1)
     flat_grad = grad_source.view(n, c, -1)
-    flat_grad.baddbmm_(_weight_matrix(weight).t().expand(n, c, w * 27), shifted)
+    # grad_source may be float32 while the operands are in the autocast dtype.
+    flat_grad.baddbmm_(_weight_matrix(weight).t().to(flat_grad.dtype).expand(n, c, w * 27),
+                       shifted.to(flat_grad.dtype))
     grad_matrix = torch.bmm(shifted, source.reshape(n, c, -1).transpose(1, 2)).sum(dim=0)  # (27w, C)
     return grad_matrix.reshape(w, 27, c).permute(0, 2, 1).reshape(weight.shape)
 
@@ -154,9 +159,19 @@ def _fill_buffer(
         if gemm:
             _layer_gemm(source, weight, bias, dilations[i], out)
         else:
-            for j, dil in enumerate(dilations[i]):
-                out[:, j : j + 1] = F.conv3d(source, weight[j : j + 1], bias[j : j + 1], padding=dil, dilation=dil)
+            # Sample by sample: buffer[n:n+1, :n_in] is contiguous, buffer[:, :n_in] is not
+            # when N > 1 (cuDNN would copy it once per output channel).
+            for n in range(buffer.shape[0]):
+                for j, dil in enumerate(dilations[i]):
+                    out[n : n + 1, j : j + 1] = F.conv3d(
+                        source[n : n + 1], weight[j : j + 1], bias[j : j + 1], padding=dil, dilation=dil
+                    )
         F.leaky_relu(out, NEGATIVE_SLOPE, inplace=True)
+
+
+def gradient_dtype(buffer_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the backward pass accumulates the feature gradients in: at least float32."""
+    return torch.promote_types(buffer_dtype, torch.float32)
 
 
 class _DenseStack(torch.autograd.Function):
@@ -190,8 +205,9 @@ class _DenseStack(torch.autograd.Function):
         c = ctx.in_channels
         width = len(dilations[0]) if dilations else 0
         gemm = _use_gemm(buffer.device, ctx.method)
-        # Gradients from later layers accumulate into earlier channels in place.
-        grad = grad_buffer.to(buffer.dtype).clone()
+        # Gradients from later layers accumulate into earlier channels in place, in float32
+        # even under autocast: a bf16 sum over ~100 layers would lose the small terms.
+        grad = grad_buffer.to(gradient_dtype(buffer.dtype), copy=True)
         grad_weights: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
         grad_biases: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
         with torch.autocast(device_type=buffer.device.type, enabled=False):
@@ -201,23 +217,27 @@ class _DenseStack(torch.autograd.Function):
                 out = buffer[:, n_in : n_in + width]
                 # LeakyReLU'(pre) from its output: 1 where positive, else the slope.
                 slope = (out > 0).to(buffer.dtype) * (1.0 - NEGATIVE_SLOPE) + NEGATIVE_SLOPE
-                grad_pre = grad[:, n_in : n_in + width] * slope
+                grad_pre32 = grad[:, n_in : n_in + width] * slope
+                grad_pre = grad_pre32.to(buffer.dtype)  # the convolutions run in the buffer's dtype
                 weight = weights[i].to(buffer.dtype)
                 gw = torch.zeros_like(weights[i])
                 if gemm:
                     gw += _layer_gemm_backward(source, weight, dilations[i], grad_pre, grad[:, :n_in]).to(gw.dtype)
                 else:
-                    for j, dil in enumerate(dilations[i]):
-                        g = grad_pre[:, j : j + 1]
-                        grad[:, :n_in] += torch.nn.grad.conv3d_input(
-                            source.shape, weight[j : j + 1], g, padding=dil, dilation=dil
-                        )
-                        gw[j : j + 1] = torch.nn.grad.conv3d_weight(
-                            source, weight[j : j + 1].shape, g, padding=dil, dilation=dil
-                        ).to(gw.dtype)
+                    # Per sample and channel, so that every operand is a contiguous view.
+                    for n in range(buffer.shape[0]):
+                        sample = source[n : n + 1]
+                        for j, dil in enumerate(dilations[i]):
+                            g = grad_pre[n : n + 1, j : j + 1].contiguous()
+                            grad[n : n + 1, :n_in] += torch.nn.grad.conv3d_input(
+                                sample.shape, weight[j : j + 1], g, padding=dil, dilation=dil
+                            )
+                            gw[j : j + 1] += torch.nn.grad.conv3d_weight(
+                                sample, weight[j : j + 1].shape, g, padding=dil, dilation=dil
+                            ).to(gw.dtype)
                 grad_weights[i] = gw
-                grad_biases[i] = grad_pre.sum(dim=(0, 2, 3, 4)).to(biases[i].dtype)
-        grad_input = grad[:, :c]
+                grad_biases[i] = grad_pre32.sum(dim=(0, 2, 3, 4)).to(biases[i].dtype)
+        grad_input = grad[:, :c].to(buffer.dtype)
         return (grad_input, None, None, None, *grad_weights, *grad_biases)
 
 

@@ -38,6 +38,9 @@ ICE_MEAN_FREE_PATH_NM = 350.0
 # y-slices reconstructed separately from signal and noise to set and measure the SNR.
 SNR_SAMPLE_SLICES = 24
 Y_CHUNK = 32
+# Windows on the ramp filter of weighted back-projection (f = |k| / Nyquist):
+# ramp 1, shepp-logan sinc(f/2), cosine cos(pi f/2), hann (1 + cos(pi f))/2.
+RECONSTRUCTION_FILTERS = ("ramp", "shepp-logan", "cosine", "hann")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class MicroscopeParams:
     max_shift_nm: float = 1.0  # projection shifts uniform in [-max, max] along u and v
     ctf: bool = True
     ice_attenuation: bool = True
+    recon_filter: str = "ramp"  # one of RECONSTRUCTION_FILTERS
 
     def validate(self) -> None:
         if not (-90.0 < self.tilt_min < self.tilt_max < 90.0) and not (
@@ -75,6 +79,10 @@ class MicroscopeParams:
             raise VPDetectError(f"amplitude contrast must be in [0, 1), got {self.amplitude_contrast:g}")
         if self.b_factor_nm2 < 0 or self.max_shift_nm < 0:
             raise VPDetectError("B-factor and projection shifts must be non-negative")
+        if self.recon_filter not in RECONSTRUCTION_FILTERS:
+            raise VPDetectError(
+                f"unknown reconstruction filter {self.recon_filter!r} (known: {', '.join(RECONSTRUCTION_FILTERS)})"
+            )
         if self.snr is not None and not (self.snr > 0 and np.isfinite(self.snr)):
             raise VPDetectError(f"SNR must be a positive number, got {self.snr}")
 
@@ -158,7 +166,21 @@ def project(slab: np.ndarray, backprojector, n_tilts: int) -> np.ndarray:
     return images
 
 
-def ramp_filter(images: np.ndarray, angles_deg: np.ndarray) -> np.ndarray:
+def filter_window(size: int, name: str) -> np.ndarray:
+    """The apodisation window of a reconstruction filter on an rfft grid of `size` samples."""
+    f = np.fft.rfftfreq(size) * 2.0  # |k| / Nyquist in [0, 1]
+    if name == "ramp":
+        return np.ones_like(f)
+    if name == "shepp-logan":
+        return np.sinc(f / 2.0)
+    if name == "cosine":
+        return np.cos(np.pi * f / 2.0)
+    if name == "hann":
+        return 0.5 * (1.0 + np.cos(np.pi * f))
+    raise VPDetectError(f"unknown reconstruction filter {name!r}")
+
+
+def ramp_filter(images: np.ndarray, angles_deg: np.ndarray, window: str = "ramp") -> np.ndarray:
     """Weight projections [tilt, v, u] for back-projection.
 
     The ramp |k| along u comes from the discrete spatial ramp kernel
@@ -172,7 +194,7 @@ def ramp_filter(images: np.ndarray, angles_deg: np.ndarray) -> np.ndarray:
     kernel[0] = 0.25
     odd = n % 2 == 1
     kernel[odd] = -1.0 / (np.pi * n[odd]) ** 2
-    response = np.real(np.fft.rfft(kernel))
+    response = np.real(np.fft.rfft(kernel)) * filter_window(size, window)
     steps = np.deg2rad(np.gradient(np.asarray(angles_deg, dtype=np.float64))) if len(angles_deg) > 1 else np.ones(1)
     spectrum = np.fft.rfft(images, n=size, axis=-1)
     spectrum *= response[None, None, :]
@@ -260,9 +282,9 @@ def image_and_reconstruct(
     noise = (rng.standard_normal(images.shape, dtype=np.float32) * noise_sd[:, None, None]).astype(np.float32)
 
     report("filtering", 0, 1)
-    signal_filtered = ramp_filter(images, angles)
+    signal_filtered = ramp_filter(images, angles, params.recon_filter)
     del images
-    noise_filtered = ramp_filter(noise, angles)
+    noise_filtered = ramp_filter(noise, angles, params.recon_filter)
     del noise
 
     # Signal and noise reconstructed separately on a sample of y-slices (WBP is

@@ -18,6 +18,7 @@ import numpy as np
 
 from vpdetect.errors import VPDetectError
 from vpdetect.io.particles import ParticleTable
+from vpdetect.simulate.generalist import RANDOMIZABLE, Context, add_context, draw_tomogram
 from vpdetect.simulate.microscope import MicroscopeParams, image_and_reconstruct
 from vpdetect.simulate.phantoms import (
     ParticleClass,
@@ -66,6 +67,9 @@ class SimulationParams:
     ice_density: float = 0.93 / 0.42  # ice in units of protein contrast (0.93 vs 1.35 g/cm^3)
     defocus_range_um: tuple[float, float] = (2.0, 5.0)
     microscope: MicroscopeParams = field(default_factory=MicroscopeParams)
+    contrast: str = "dark"  # "bright" negates the reconstruction (a contrast-inverted tomogram)
+    # Parameters drawn per tomogram (see `vpdetect.simulate.generalist.RANDOMIZABLE`).
+    randomize: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Raise VPDetectError with one line naming the first impossible parameter."""
@@ -73,7 +77,7 @@ class SimulationParams:
             raise VPDetectError(f"shape must be three positive sizes (x y z), got {tuple(self.shape_xyz)}")
         if self.slab_thickness <= 0:
             raise VPDetectError(f"slab thickness must be positive, got {self.slab_thickness}")
-        if self.slab_thickness > self.shape_xyz[2]:
+        if self.slab_thickness > self.shape_xyz[2] and "slab_thickness" not in self.randomize:
             raise VPDetectError(
                 f"slab thickness {self.slab_thickness} exceeds the volume depth z = {self.shape_xyz[2]}"
             )
@@ -108,6 +112,11 @@ class SimulationParams:
         if dmin <= 0 or dmax < dmin:
             raise VPDetectError(f"defocus range must be positive and ordered, got {dmin}..{dmax} um")
         dataclasses.replace(self.microscope, defocus_um=dmin).validate()
+        if self.contrast not in ("dark", "bright"):
+            raise VPDetectError(f"contrast must be dark or bright, got {self.contrast!r}")
+        unknown = sorted(set(self.randomize) - set(RANDOMIZABLE))
+        if unknown:
+            raise VPDetectError(f"cannot randomize {unknown[0]!r} (known: {', '.join(RANDOMIZABLE)})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,6 +141,22 @@ PRESETS: dict[str, dict] = {
         "defocus_range_um": (2.0, 3.0),
         "microscope": MicroscopeParams(snr=4.0, max_shift_nm=0.0, tilt_min=-60, tilt_max=60, tilt_step=3.0),
     },
+    # Training data for a localizer that must work on anyone's data: every
+    # tomogram draws SNR, defocus, tilts, filter, contrast, crowding, context
+    # and procedural particle shapes (`vpdetect.simulate.generalist`).
+    "generalist": {
+        "shape_xyz": (192, 192, 96),
+        "slab_thickness": 80,
+        "randomize": RANDOMIZABLE,
+    },
+}
+
+# Which randomized parameter an explicit setting fixes.
+FIXES = {
+    "snr": "snr", "tilt_min": "tilt_range", "tilt_max": "tilt_range", "tilt_step": "tilt_step",
+    "defocus_range_um": "defocus", "recon_filter": "recon_filter", "contrast": "contrast",
+    "n_proteins": "crowding", "proteins_per_mvox": "crowding", "slab_thickness": "slab_thickness",
+    "n_vesicles": "vesicles", "n_fiducials": "fiducials", "b_factor_nm2": "b_factor", "max_shift_nm": "shifts",
 }
 
 
@@ -144,6 +169,8 @@ def preset_params(name: str, **overrides) -> SimulationParams:
     micro = {k: overrides.pop(k) for k in list(overrides) if k in microscope_fields}
     values.update({k: v for k, v in overrides.items()})
     values["microscope"] = dataclasses.replace(values.get("microscope", MicroscopeParams()), **micro)
+    fixed = {FIXES[k] for k in [*overrides, *micro] if k in FIXES}
+    values["randomize"] = tuple(n for n in values.get("randomize", ()) if n not in fixed)
     return SimulationParams(preset=name, **values)
 
 
@@ -164,10 +191,11 @@ class SimulationResult:
     metadata: dict
 
 
-def class_table(params: SimulationParams) -> list[dict]:
-    """The classes a tomogram may contain, with their class_mask labels and geometry."""
+def class_table(params: SimulationParams, extra: Sequence[ParticleClass] = ()) -> list[dict]:
+    """The classes a tomogram may contain, with their class_mask labels and geometry
+    (`extra`: procedurally generated protein classes, after the selected `syn-*` ones)."""
     rows = []
-    proteins = [c for c in protein_classes() if c.name in params.classes]
+    proteins = [c for c in protein_classes() if c.name in params.classes] + list(extra)
     for label, particle_class in enumerate(proteins, start=1):
         rows.append(_class_row(particle_class, label, params.voxel_size_nm))
     label = len(proteins)
@@ -219,11 +247,18 @@ def simulate_tomogram(
     entropy = [int(seed)] if np.isscalar(seed) else [int(s) for s in seed]
     if any(s < 0 for s in entropy):
         raise VPDetectError(f"seed must be non-negative, got {seed}")
-    draws_seq, scene_seq, microscope_seq = np.random.SeedSequence(entropy).spawn(3)
+    # A fourth stream for the randomised presets: spawn(4)[:3] equals spawn(3), so
+    # fixed-parameter tomograms are unchanged by its existence.
+    draws_seq, scene_seq, microscope_seq, randomize_seq = np.random.SeedSequence(entropy).spawn(4)
     draws = np.random.default_rng(draws_seq)
+    extra: list[ParticleClass] = []
+    context, randomized = Context(), None
+    if params.randomize:
+        params, extra, context, randomized = draw_tomogram(params, np.random.default_rng(randomize_seq))
+        params.validate()
     nx, ny, nz = (int(v) for v in params.shape_xyz)
     slab_mvox = nx * ny * params.slab_thickness / 1e6
-    table = class_table(params)
+    table = class_table(params, extra)
     labels_by_name = {row["name"]: row["label"] for row in table}
 
     # per-tomogram draws (as SHREC'21 varies defocus and composition per tomogram)
@@ -259,7 +294,7 @@ def simulate_tomogram(
         classes.append(fiducial_class(params.fiducial_radius_nm, params.fiducial_contrast))
         labels.append(labels_by_name[FIDUCIAL_LABEL_NAME])
         counts.append(n_fiducials)
-    proteins = [c for c in protein_classes() if c.name in params.classes]
+    proteins = [c for c in protein_classes() if c.name in params.classes] + extra
     if proteins:
         per_class = draws.multinomial(n_proteins, np.full(len(proteins), 1.0 / len(proteins)))
         for particle_class, count in zip(proteins, per_class, strict=True):
@@ -274,12 +309,15 @@ def simulate_tomogram(
     scene = build_scene(params.shape_xyz, params.slab_thickness, classes, labels, counts,
                         np.random.default_rng(scene_seq), params.voxel_size_nm, strict=explicit)
 
+    add_context(scene.density, scene.slab, context)
     say("imaging and reconstructing")
     microscope = dataclasses.replace(params.microscope, defocus_um=defocus)
     reconstruction, acquisition = image_and_reconstruct(
         scene.density, scene.slab, microscope, np.random.default_rng(microscope_seq), params.voxel_size_nm,
         progress=lambda stage, done, total: say(stage) if done == 0 else None,
     )
+    if params.contrast == "bright":
+        np.negative(reconstruction, out=reconstruction)
 
     grandmodel = _grandmodel(scene, params.ice_density)
     particles = ParticleTable(
@@ -299,7 +337,7 @@ def simulate_tomogram(
             "euler": "ZXZ degrees (phi, theta, psi): x_world = c + R p_body, R = Rz(phi) Rx(theta) Rz(psi), "
                      "intrinsic z-x'-z'' (= extrinsic z, x, z by psi, theta, phi)",
             "tilt_axis": "y; tilting in the x-z plane, u = (x-cx) cos(t) + (z-cz) sin(t)",
-            "contrast": "reconstruction: CTF not corrected, dense particles dark, zero mean unit variance; "
+            "contrast": f"reconstruction: CTF not corrected, dense particles {params.contrast}, zero mean unit variance; "
                         "grandmodel: ice inside the slab plus particle density above ice (protein = 1)",
             "occupancy": "id k = line k (1-based) of particle_locations.txt",
         },
@@ -319,7 +357,10 @@ def simulate_tomogram(
             **acquisition,
         },
         "snr_measured": acquisition["snr_measured"],
+        "contrast": params.contrast,
     }
+    if randomized is not None:
+        metadata["randomized"] = randomized
     return SimulationResult(
         reconstruction=reconstruction,
         grandmodel=grandmodel,

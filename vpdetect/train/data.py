@@ -26,7 +26,13 @@ import numpy as np
 
 from vpdetect.errors import VPDetectError
 from vpdetect.nn.losses import IGNORE_INDEX
-from vpdetect.preprocess import normalise, zscore_params
+from vpdetect.preprocess import (
+    clip_of,
+    contrast_sign,
+    detect_contrast,
+    normalisation_params,
+    normalise,
+)
 
 BACKGROUND = "background"
 # Not particles to pick: vesicles are membranes, excluded from targets unless asked for.
@@ -49,6 +55,7 @@ class AnnotatedVolume:
     voxel_size: float | None = None
     radii_vox: dict[str, float] = field(default_factory=dict)  # effective radius per class, voxels
     source: str = ""
+    contrast: str | None = None  # "dark"/"bright" when known (a simulation record), else None
 
 
 def equivalent_radius(n_voxels: float) -> float:
@@ -194,10 +201,23 @@ class TrainingVolume:
     centres_zyx: np.ndarray  # (n, 3) int centres of target particles
     centre_classes: np.ndarray  # (n,) target index of each centre (>= 1)
     voxel_size: float | None = None
+    clip: float | None = None  # clip after normalising (robust normalisation)
+    contrast: str = "dark"  # the tomogram's own contrast (std < 0 when it is flipped)
 
 
-def prepare_volume(av: AnnotatedVolume, mapping: ClassMapping) -> TrainingVolume:
-    """Map source ids to target classes and compute the tomogram's normalisation."""
+def prepare_volume(
+    av: AnnotatedVolume,
+    mapping: ClassMapping,
+    normalisation: str = "zscore",
+    contrast: str = "auto",
+    expected_contrast: str = "dark",
+) -> TrainingVolume:
+    """Map source ids to target classes and compute the tomogram's normalisation.
+
+    The tomogram's contrast is its simulation record's, else `contrast`
+    ("auto": detected); one whose contrast is not `expected_contrast` (what
+    the model will expect) is negated through a negative scale.
+    """
     if av.label_map.shape != av.volume.shape:
         raise VPDetectError(
             f"{av.source or av.name}: labels {av.label_map.shape} and tomogram {av.volume.shape} differ in shape"
@@ -212,7 +232,9 @@ def prepare_volume(av: AnnotatedVolume, mapping: ClassMapping) -> TrainingVolume
     keep = classes > 0
     centres = np.rint(np.asarray(av.centres_zyx, dtype=np.float64).reshape(-1, 3)[keep]).astype(np.int64)
     try:
-        mean, std = zscore_params(av.volume)
+        mean, std = normalisation_params(av.volume, normalisation)
+        own = av.contrast or (detect_contrast(av.volume)[0] if contrast == "auto" else contrast)
+        std *= contrast_sign(own, expected_contrast)
     except VPDetectError as exc:
         raise VPDetectError(f"{av.name}: {exc}") from None
     return TrainingVolume(
@@ -224,6 +246,8 @@ def prepare_volume(av: AnnotatedVolume, mapping: ClassMapping) -> TrainingVolume
         centres_zyx=centres,
         centre_classes=classes[keep],
         voxel_size=av.voxel_size,
+        clip=clip_of(normalisation),
+        contrast=own,
     )
 
 
@@ -253,17 +277,17 @@ def cut_crop(volume: np.ndarray, corner: Sequence[int], size: int, fill) -> np.n
 
 
 def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A random flip of y and/or x and a rotation by k*90 degrees about z.
+    """A random flip of each of z, y and x (eight variants).
 
-    z is never mixed with y or x: the missing wedge stays oriented along z.
+    A single-axis tilt series about y misses a wedge of the kx-kz plane around
+    kx; flipping any axis maps that wedge onto itself, while a 90-degree turn
+    about z (swapping x and y) would move it to the ky-kz plane, where real
+    data never have it. So no turns: flips only.
     """
-    k = int(rng.integers(4))
-    flips = rng.random(2) < 0.5
-    axes = tuple(a for a, f in zip((1, 2), flips, strict=True) if f)
+    flips = rng.random(3) < 0.5
+    axes = tuple(a for a, f in zip((0, 1, 2), flips, strict=True) if f)
     if axes:
         image, labels = np.flip(image, axes), np.flip(labels, axes)
-    if k:
-        image, labels = np.rot90(image, k, axes=(1, 2)), np.rot90(labels, k, axes=(1, 2))
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
 
 
@@ -335,7 +359,7 @@ class CropDataset:
         tv = self.volumes[v]
         # Slicing reads only the crop from a memory-mapped tomogram.
         raw = cut_crop(tv.volume, corner, self.crop_size, fill=tv.mean)
-        image = normalise(raw, tv.mean, tv.std)
+        image = normalise(raw, tv.mean, tv.std, tv.clip)
         labels = cut_crop(tv.targets, corner, self.crop_size, fill=IGNORE_INDEX).astype(np.int64)
         if self.augment:
             image, labels = augment(image, labels, rng)
@@ -417,6 +441,8 @@ def load_shrec_folder(folder, voxel_size: float | None = None) -> AnnotatedVolum
         voxel_size=tomo.voxel_size,
         radii_vox=radii,
         source=str(folder),
+        # vpdetect's simulations before the contrast record were all dark
+        contrast=simulation.get("contrast", "dark") if simulation else None,
     )
 
 
@@ -498,17 +524,23 @@ def load_coordinate_volume(
     radius_per_class: Mapping[str, float],
     radius_unit: str = "angstrom",
     voxel_size: float | None = None,
+    tomograms=None,
 ) -> AnnotatedVolume:
-    """A tomogram plus a STAR/CSV/SHREC particle table (rows of other tomograms are dropped)."""
+    """A tomogram plus a STAR/CSV/SHREC particle table (rows of other tomograms are dropped);
+    `tomograms` (RELION 5 tomograms.star) places the table's binned coordinates."""
     from vpdetect.io.mrc import read_tomogram, tomogram_name
-    from vpdetect.io.particles import read_particles
+    from vpdetect.io.particles import check_table_against_tomogram, read_particles
 
     tomo = read_tomogram(tomogram_path, voxel_size=voxel_size)
-    # The tomogram's size centres RELION 5 coordinates when the table has no tomogram block.
-    table = read_particles(table_path, voxel_size=voxel_size, tomo_size=tomo.shape_xyz)
-    frame = table.data
     name = tomogram_name(tomogram_path)
-    if "tomo_name" in frame.columns and frame["tomo_name"].nunique() > 1:
+    if tomograms is not None:
+        name = tomograms.match(name, tomogram_path)
+    # The tomogram's size centres RELION 5 coordinates when the table has no tomogram block.
+    size = None if tomograms is not None else tomo.shape_xyz
+    table = read_particles(table_path, voxel_size=voxel_size, tomo_size=size, tomograms=tomograms)
+    check_table_against_tomogram(table, name, tomo.shape_xyz, tomo.voxel_size, str(table_path))
+    frame = table.data
+    if "tomo_name" in frame.columns and (frame["tomo_name"].nunique() > 1 or tomograms is not None):
         frame = frame[frame["tomo_name"].astype(str) == name]
         if frame.empty:
             raise VPDetectError(f"{table_path} has no particles of tomogram {name!r}")

@@ -9,11 +9,19 @@ only rank 0 is meant to report and save.
 
 Reproducibility: the network is initialised from the seed, crops are a pure
 function of (seed, index), and the optimizer/schedule state travels in the
-checkpoint, so a resumed run continues exactly where it stopped.
+checkpoint, so a resumed run continues exactly where it stopped. On the CPU
+that gives the same model bit for bit; cuDNN picks its algorithms by timing
+and some of them sum in a varying order, so on a GPU the same model needs
+`deterministic=True` (deterministic algorithms only; slower).
+
+Distributed runs take every stop decision together: the time limit and a
+diverged loss are all-reduced, so no rank leaves while another waits in an
+all-reduce (a hang).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -28,6 +36,7 @@ import torch.distributed as dist
 from vpdetect.errors import VPDetectError
 from vpdetect.nn.losses import IGNORE_INDEX, focal_loss
 from vpdetect.nn.msdnet import MSDNet
+from vpdetect.nn.precision import training_autocast_dtype
 from vpdetect.train.data import CropDataset, shard_indices
 
 
@@ -53,6 +62,7 @@ class TrainConfig:
     val_crops: int = 16
     workers: int = 0
     amp: bool = False
+    deterministic: bool = False
     class_names: list[str] = field(default_factory=lambda: ["background", "particle"])
     # "msdnet" segments crops; the others (vpdetect.nn.classifiers) label whole boxes of crop_size.
     arch: str = "msdnet"
@@ -83,10 +93,38 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: str | None = None  # this process's device under torchrun
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def distributed_device(device_spec: str, local_rank: int, cuda_available: bool,
+                       gpu_count: int) -> tuple[str, str]:
+    """(device, backend) of one torchrun process: GPU `local_rank` with NCCL, else the CPU with gloo.
+
+    `cuda:N` is refused: torchrun starts one process per GPU and each must take its own
+    (LOCAL_RANK); choose the GPUs with CUDA_VISIBLE_DEVICES instead.
+    """
+    spec = (device_spec or "auto").strip().lower()
+    if spec.startswith("cuda:"):
+        raise VPDetectError(
+            f"--device {device_spec} under torchrun would put every process on one GPU; "
+            "pass --device cuda (each process takes GPU LOCAL_RANK) and pick GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    if spec == "cpu" or (spec == "auto" and not cuda_available):
+        return "cpu", "gloo"
+    if spec not in ("auto", "cuda"):
+        raise VPDetectError(f"unknown device {device_spec!r}: use cpu, cuda, cuda:N or auto")
+    if not cuda_available:
+        raise VPDetectError(f"device {device_spec} requested but CUDA is not available on this machine")
+    if local_rank >= gpu_count:
+        raise VPDetectError(
+            f"torchrun process with LOCAL_RANK {local_rank} has no GPU of its own ({gpu_count} visible); "
+            "start at most one process per GPU"
+        )
+    return f"cuda:{local_rank}", "nccl"
 
 
 def init_distributed(device_spec: str = "auto") -> DistInfo:
@@ -96,12 +134,53 @@ def init_distributed(device_spec: str = "auto") -> DistInfo:
         return DistInfo()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    available = torch.cuda.is_available()
+    device, backend = distributed_device(
+        device_spec, local_rank, available, torch.cuda.device_count() if available else 0
+    )
     if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device_spec in ("auto", "cuda")
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank=rank, world=world, local_rank=local_rank)
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def current_dist_info() -> DistInfo:
+    """This process's place in the process group it has joined (a lone process: rank 0 of 1)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return DistInfo()
+    return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(),
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown_distributed(info: DistInfo, finished: bool) -> None:
+    """Leave the process group: after a barrier when every rank finished, at once after an error
+    (the other ranks fail the same way: stop decisions are shared)."""
+    if info.world <= 1 or not dist.is_available() or not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """Deterministic kernels only (and no cuDNN autotuning) inside the block, when `enabled`."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    # cuBLAS reads this when it starts; the CLI sets it before any CUDA work.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
 
 
 def hardware_description(device: torch.device, world: int) -> str:
@@ -145,9 +224,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, step_size=config.lr_step, gamma=config.lr_factor
         )
-        self.amp_dtype = None
-        if config.amp and self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bfloat16 where the GPU has it natively, else float16 (vpdetect.nn.precision).
+        self.amp_dtype = training_autocast_dtype(self.device) if config.amp else None
         # Loss scaling is only needed for float16; bfloat16 has float32's range.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.alpha = (
@@ -183,6 +261,20 @@ class Trainer:
         dist.all_reduce(tensor)
         return tensor.cpu().numpy()
 
+    def _stop_flags(self, deadline: float | None, loss: torch.Tensor | None = None) -> tuple[bool, bool]:
+        """(past the deadline, loss not finite) on any rank."""
+        over = deadline is not None and time.monotonic() > deadline
+        diverged = loss is not None and not bool(torch.isfinite(loss.detach()))
+        if self.dist.world > 1:
+            over, diverged = (bool(v > 0) for v in self._all_reduce([float(over), float(diverged)]))
+        return over, diverged
+
+    def past_deadline(self, deadline: float | None) -> bool:
+        """Whether any rank is past `deadline` (all ranks take part when distributed)."""
+        if deadline is None:
+            return False
+        return self._stop_flags(deadline)[0]
+
     def crops_per_epoch(self) -> int:
         return self.config.steps_per_epoch * self.config.batch_size * self.dist.world
 
@@ -199,20 +291,24 @@ class Trainer:
         self.net.train()
         total, steps = 0.0, 0
         for images, targets in self._loader(self.train_data, indices):
-            if deadline is not None:
-                over = self._all_reduce([float(time.monotonic() > deadline)])[0] > 0
-                if over:
-                    return None
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 logits = self.net(images)
             loss = focal_loss(logits, targets, self.alpha, cfg.gamma)
-            if not torch.isfinite(loss):
+            # Decided by all ranks together (one all-reduce): a rank that stops alone would
+            # leave the others waiting in DDP's gradient all-reduce.
+            over, diverged = self._stop_flags(deadline, loss)
+            if diverged:
                 raise VPDetectError(
-                    f"training diverged (loss {loss.item()}) in epoch {self.epoch + 1}; lower --lr"
+                    f"training diverged (loss {loss.item()} on rank {self.dist.rank}) in epoch "
+                    f"{self.epoch + 1}; lower --lr"
+                    if not math.isfinite(loss.item()) else
+                    f"training diverged on another process in epoch {self.epoch + 1}; lower --lr"
                 )
+            if over:
+                return None
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -355,7 +451,15 @@ def fit(
     on_epoch_end: Callable[[dict, bool], None] | None = None,
     time_limit_s: float | None = None,
 ) -> str:
-    """Train until `config.epochs` epochs are done ("done") or the time limit ("time limit")."""
+    """Train until `config.epochs` epochs are done ("done") or the time limit ("time limit").
+
+    Every rank takes the time-limit decision together (`Trainer.past_deadline`).
+    """
+    with deterministic_algorithms(trainer.config.deterministic):
+        return _fit(trainer, on_epoch_start, on_step, on_epoch_end, time_limit_s)
+
+
+def _fit(trainer, on_epoch_start, on_step, on_epoch_end, time_limit_s) -> str:
     started = time.monotonic()
     deadline = started + time_limit_s if time_limit_s else None
     while trainer.epoch < trainer.config.epochs:
@@ -375,7 +479,7 @@ def fit(
         trainer.history.append(record)
         if on_epoch_end is not None:
             on_epoch_end(record, improved)
-        if deadline is not None and time.monotonic() > deadline:
+        if trainer.past_deadline(deadline):
             return "time limit"
     return "done"
 

@@ -7,15 +7,18 @@ Canonical columns of `ParticleTable.data`: `x, y, z` (voxels of the tomogram,
 in degrees, see `euler`); other columns are carried through.
 
 Modules: `table` (the table), `euler` (angle conventions), `relion` (STAR, RELION 4
-and 5), `csv_table`, `shrec_list` (SHREC particle_locations.txt) and `formats`
-(format choice, `read_particles`, `write_particles`).
+and 5), `tomograms_star` (RELION 5 tomograms.star), `dynamo` (`.tbl`), `imod` (`.mod`),
+`csv_table`, `shrec_list` (SHREC particle_locations.txt) and `formats` (format choice,
+`read_particles`, `write_particles`).
 """
 
 from vpdetect.io.particles.euler import (
+    dynamo_to_zxz,
     matrix_to_zxz,
     relion_matrix,
     relion_to_zxz,
     zxz_matrix,
+    zxz_to_dynamo,
     zxz_to_relion,
 )
 from vpdetect.io.particles.formats import (
@@ -33,10 +36,18 @@ from vpdetect.io.particles.table import (
     TomogramGeometry,
     class_numbers,
 )
+from vpdetect.io.particles.tomograms_star import (
+    TomogramSet,
+    assign_tomogram,
+    check_table_against_tomogram,
+    check_tomogram_header,
+    read_tomograms_star,
+)
 
 __all__ = [
     "ANGLE_COLUMNS", "CANONICAL_ORDER", "DEFAULT_TOMO_NAME", "FORMATS", "ParticleTable",
-    "TomogramGeometry", "check_format", "class_numbers", "detect_format", "matrix_to_zxz",
-    "read_particles", "relion_matrix", "relion_to_zxz", "write_particles", "zxz_matrix",
-    "zxz_to_relion",
+    "TomogramGeometry", "TomogramSet", "assign_tomogram", "check_format", "check_table_against_tomogram",
+    "check_tomogram_header", "class_numbers", "dynamo_to_zxz", "detect_format", "matrix_to_zxz",
+    "read_particles", "read_tomograms_star", "relion_matrix", "relion_to_zxz", "write_particles", "zxz_matrix",
+    "zxz_to_dynamo", "zxz_to_relion",
 ]

@@ -36,6 +36,12 @@ def _angles(rotation: Rotation, seq: str, shape) -> tuple[np.ndarray, np.ndarray
     return tuple(angles[:, i].reshape(shape) for i in range(3))  # type: ignore[return-value]
 
 
+def _inverse_angles(seq_in: str, seq_out: str, a, b, c) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Angles in `seq_out` of the inverse of the rotation with angles a, b, c in `seq_in`."""
+    rotation, shape = _rotation(seq_in, a, b, c)
+    return _angles(rotation.inv(), seq_out, shape)
+
+
 def zxz_matrix(phi, theta, psi) -> np.ndarray:
     """Active rotation matrices Rz(phi) Rx(theta) Rz(psi) for angles in degrees, shape (..., 3, 3)."""
     rotation, shape = _rotation("ZXZ", phi, theta, psi)
@@ -57,11 +63,25 @@ def matrix_to_zxz(matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def zxz_to_relion(phi, theta, psi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """vpdetect ZXZ angles -> RELION (rot, tilt, psi) describing the same rotation."""
-    rotation, shape = _rotation("ZXZ", phi, theta, psi)
-    return _angles(rotation.inv(), "ZYZ", shape)
+    return _inverse_angles("ZXZ", "ZYZ", phi, theta, psi)
 
 
 def relion_to_zxz(rot, tilt, psi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """RELION (rot, tilt, psi) -> vpdetect ZXZ angles describing the same rotation."""
-    rotation, shape = _rotation("ZYZ", rot, tilt, psi)
-    return _angles(rotation.inv(), "ZXZ", shape)
+    return _inverse_angles("ZYZ", "ZXZ", rot, tilt, psi)
+
+
+# Dynamo's (tdrot, tilt, narot): dynamo_euler2matrix(tdrot, tilt, narot) is
+# Rz(narot) Rx(tilt) Rz(tdrot) (scipy's extrinsic "zxz"), and like RELION's matrix it
+# is the inverse of the active rotation, so phi, theta, psi = -tdrot, -tilt, -narot
+# up to the choice among equivalent triplets.
+
+
+def zxz_to_dynamo(phi, theta, psi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """vpdetect ZXZ angles -> Dynamo (tdrot, tilt, narot) describing the same rotation."""
+    return _inverse_angles("ZXZ", "zxz", phi, theta, psi)
+
+
+def dynamo_to_zxz(tdrot, tilt, narot) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dynamo (tdrot, tilt, narot) -> vpdetect ZXZ angles describing the same rotation."""
+    return _inverse_angles("zxz", "ZXZ", tdrot, tilt, narot)

@@ -14,11 +14,15 @@ import pandas as pd
 
 from vpdetect.errors import VPDetectError
 from vpdetect.io.particles.csv_table import read_csv, write_csv
+from vpdetect.io.particles.dynamo import read_dynamo, write_dynamo
+from vpdetect.io.particles.imod import read_imod, write_imod
 from vpdetect.io.particles.relion import read_star, write_star
 from vpdetect.io.particles.shrec_list import read_shrec, write_shrec
 from vpdetect.io.particles.table import ParticleTable
 
-FORMATS = ("relion4", "relion5", "csv", "shrec")
+FORMATS = ("relion4", "relion5", "csv", "shrec", "dynamo", "imod")
+# Formats known by their extension alone (Dynamo tables are text, IMOD models binary).
+BINARY_SUFFIXES = {".tbl": "dynamo", ".mod": "imod"}
 
 
 def _sniff_text(path: Path) -> str:
@@ -43,17 +47,19 @@ def detect_format(path: str | os.PathLike, for_writing: bool = False) -> str:
     path = Path(path)
     suffix = path.suffix.lower()
     if for_writing:
-        by_suffix = {".star": "relion4", ".csv": "csv", ".txt": "shrec"}
+        by_suffix = {".star": "relion4", ".csv": "csv", ".txt": "shrec", **BINARY_SUFFIXES}
         if suffix not in by_suffix:
             raise VPDetectError(
                 f"cannot tell the output format of {path.name} from its extension; "
-                f"use .star, .csv or .txt, or name one of {', '.join(FORMATS)}"
+                f"use .star, .csv, .txt, .tbl or .mod, or name one of {', '.join(FORMATS)}"
             )
         return by_suffix[suffix]
     if suffix == ".star":
         return "star"
     if suffix == ".csv":
         return "csv"
+    if suffix in BINARY_SUFFIXES:
+        return BINARY_SUFFIXES[suffix]
     return _sniff_text(path)
 
 
@@ -72,12 +78,15 @@ def read_particles(
     fmt: str | None = None,
     voxel_size: float | None = None,
     tomo_size: tuple[int, int, int] | None = None,
+    tomograms=None,
 ) -> ParticleTable:
-    """Read a particle table; `fmt` (relion4|relion5|csv|shrec) forces the format.
+    """Read a particle table; `fmt` (one of FORMATS) forces the format.
 
     `voxel_size` (Angstrom) overrides the file's pixel size (and is what centred
     Angstrom coordinates are divided by). `tomo_size` (x, y, z) is used when the
     file does not carry one; a file whose size differs from it is refused.
+    `tomograms` (a `TomogramSet` read from RELION 5's tomograms.star) gives every
+    tomogram's bin-1 size, pixel size and binning.
     """
     path = Path(path)
     fmt = check_format(fmt)
@@ -89,9 +98,13 @@ def read_particles(
         raise VPDetectError(f"pixel size must be a positive number, got {voxel_size}")
     kind = fmt if fmt is not None else detect_format(path)
     if kind in ("relion4", "relion5", "star"):
-        table = read_star(path, prefer=fmt, voxel_size=voxel_size, tomo_size=tomo_size)
+        table = read_star(path, prefer=fmt, voxel_size=voxel_size, tomo_size=tomo_size, tomograms=tomograms)
     elif kind == "csv":
         table = read_csv(path)
+    elif kind == "dynamo":
+        table = read_dynamo(path)
+    elif kind == "imod":
+        table = read_imod(path)
     else:
         table = read_shrec(path)
     if voxel_size is not None:
@@ -120,14 +133,30 @@ def _check_coordinates(table: ParticleTable, path: Path) -> None:
         table.data[column] = values
 
 
-def write_particles(path: str | os.PathLike, table: ParticleTable, fmt: str | None = None) -> str:
-    """Write `table` atomically; `fmt` None = from the extension. Returns the format written."""
+def write_particles(
+    path: str | os.PathLike, table: ParticleTable, fmt: str | None = None,
+    coords_pixel_size: float | None = None,
+) -> str:
+    """Write `table` atomically; `fmt` None = from the extension. Returns the format written.
+
+    `coords_pixel_size` (Angstrom; RELION 4 style only) writes the coordinates at that
+    pixel size with rlnMicrographName, for Warp's ts_export_particles.
+    """
     path = Path(path)
     fmt = check_format(fmt) or detect_format(path, for_writing=True)
+    if coords_pixel_size is not None:
+        if not (np.isfinite(coords_pixel_size) and coords_pixel_size > 0):
+            raise VPDetectError(f"--coords-pixel-size must be a positive number, got {coords_pixel_size}")
+        if fmt != "relion4":
+            raise VPDetectError(f"--coords-pixel-size applies to relion4 output, not {fmt}")
     if fmt == "csv":
         write_csv(path, table)
     elif fmt == "shrec":
         write_shrec(path, table)
+    elif fmt == "dynamo":
+        write_dynamo(path, table)
+    elif fmt == "imod":
+        write_imod(path, table)
     else:
-        write_star(path, table, relion5=(fmt == "relion5"))
+        write_star(path, table, relion5=(fmt == "relion5"), coords_pixel_size=coords_pixel_size)
     return fmt

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,15 @@ from vpdetect.io.particles.table import (
     ANGLE_COLUMNS,
     DEFAULT_TOMO_NAME,
     ParticleTable,
+    TomogramGeometry,
     check_words,
     class_numbers,
     extra_columns,
     one_line,
     text,
 )
+
+log = logging.getLogger("vpdetect.io")
 
 # STAR labels vpdetect maps onto canonical columns.
 STAR_COORDS_PX = ("rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ")
@@ -38,6 +42,9 @@ STAR_SUBTOMO_ANGLES = ("rlnTomoSubtomogramRot", "rlnTomoSubtomogramTilt", "rlnTo
 STAR_SIZES = ("rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ")
 STAR_PIXEL = "rlnTomoTiltSeriesPixelSize"
 STAR_BINNING = "rlnTomoTomogramBinning"
+STAR_RECONSTRUCTED = "rlnTomoReconstructedTomogram"
+STAR_MICROGRAPH = "rlnMicrographName"
+WARP_SUFFIX = ".tomostar"  # Warp names a tilt series' settings NAME.tomostar
 STAR_SCORE = "rlnAutopickFigureOfMerit"
 STAR_CLASS_NUMBER = "rlnClassNumber"
 # RELION has no label for a class's name; a vpd-prefixed label keeps it readable
@@ -53,7 +60,7 @@ STAR_CONSUMED = set(STAR_COORDS_PX + STAR_COORDS_ANGST + STAR_ANGLES + STAR_SUBT
 }
 
 
-def _star_blocks(path: Path) -> dict[str, pd.DataFrame]:
+def star_blocks(path: Path) -> dict[str, pd.DataFrame]:
     import starfile
 
     try:
@@ -95,9 +102,11 @@ def _lookup(meta: pd.DataFrame | None, key: str, label: str, keys: pd.Series, pa
 
 
 def read_star(
-    path: Path, prefer: str | None, voxel_size: float | None, tomo_size
+    path: Path, prefer: str | None, voxel_size: float | None, tomo_size, tomograms=None
 ) -> ParticleTable:
-    blocks = _star_blocks(path)
+    """Particles of a STAR file; `tomograms` (a TomogramSet of tomograms.star) gives
+    each tomogram's size, pixel size and binning, overriding the file's own blocks."""
+    blocks = star_blocks(path)
     candidates = [
         (name, frame) for name, frame in blocks.items()
         if set(STAR_COORDS_PX) <= set(frame.columns) or set(STAR_COORDS_ANGST) <= set(frame.columns)
@@ -126,15 +135,21 @@ def read_star(
         text(particles["rlnTomoName"]) if "rlnTomoName" in particles.columns
         else pd.Series([DEFAULT_TOMO_NAME] * n)
     )
+    if tomograms is not None:
+        for tomo in dict.fromkeys(tomo_names):
+            tomograms.lookup(tomo)  # every particle's tomogram must be there, by name
+        tomo_meta = tomograms.frame()
     groups = (
         text(particles["rlnOpticsGroup"]) if "rlnOpticsGroup" in particles.columns
         else pd.Series(["1"] * n)
     )
-    # Pixel size of the tilt series: optics block (per optics group), else the tomogram block.
-    pixel = _lookup(optics, "rlnOpticsGroup", STAR_PIXEL, groups, path)
+    # Pixel size of the tilt series: tomograms.star, else the optics block (per optics
+    # group), else the file's tomogram block.
+    pixel = None if tomograms is not None else _lookup(optics, "rlnOpticsGroup", STAR_PIXEL, groups, path)
     if pixel is None:
         pixel = _lookup(tomo_meta, "rlnTomoName", STAR_PIXEL, tomo_names, path)
     binning = _lookup(tomo_meta, "rlnTomoName", STAR_BINNING, tomo_names, path)
+    binning_known = binning is not None
     binning = np.ones(n) if binning is None else pd.to_numeric(pd.Series(binning), errors="coerce").to_numpy(float)
     if not np.all(np.isfinite(binning) & (binning > 0)):
         raise VPDetectError(f"{path}: {STAR_BINNING} must be positive numbers")
@@ -142,8 +157,9 @@ def read_star(
         pixel = pd.to_numeric(pd.Series(pixel), errors="coerce").to_numpy(float)
         if not np.all(np.isfinite(pixel) & (pixel > 0)):
             raise VPDetectError(f"{path}: {STAR_PIXEL} must be positive numbers")
+        bin1_pixel = pixel
         pixel = pixel * binning  # Angstrom per voxel of the (binned) tomogram
-    sizes = None
+    sizes = bin1_sizes = None
     size_columns = [_lookup(tomo_meta, "rlnTomoName", s, tomo_names, path) for s in STAR_SIZES]
     if all(column is not None for column in size_columns):
         sizes = np.stack(
@@ -152,6 +168,7 @@ def read_star(
         ).reshape(n, 3)
         if not np.all(np.isfinite(sizes) & (sizes > 0)):
             raise VPDetectError(f"{path}: {'/'.join(STAR_SIZES)} must be positive numbers")
+        bin1_sizes = sizes
         sizes = sizes / binning[:, None]  # voxels of the binned tomogram
 
     use_centred = set(STAR_COORDS_ANGST) <= set(particles.columns) and not (
@@ -177,6 +194,11 @@ def read_star(
                     f"({'/'.join(STAR_SIZES)} in a tomogram block, or --tomogram / --tomo-size)"
                 )
             sizes = np.tile(np.asarray(tomo_size, dtype=np.float64), (n, 1))
+        if not binning_known and n:
+            log.info(
+                "%s: no %s (no --tomograms-star): taking %s as the tomogram's voxel size (binning 1)",
+                path.name, STAR_BINNING, STAR_PIXEL,
+            )
         angst = np.stack([_numeric_column(particles, c, path) for c in STAR_COORDS_ANGST], axis=1)
         coords = angst / scale[:, None] + sizes / 2.0
     else:
@@ -220,7 +242,20 @@ def read_star(
         size_xyz = tuple(int(round(v)) for v in sizes[0])
     if n == 0:  # no particle to look metadata up for: take single-row blocks as they are
         voxel, size_xyz = _empty_table_geometry(optics, tomo_meta)
-    return ParticleTable(data=data, voxel_size=voxel, tomo_size=size_xyz)  # type: ignore[arg-type]
+    geometry = {}
+    if tomograms is not None:
+        geometry = {tomo: tomograms.lookup(tomo) for tomo in dict.fromkeys(tomo_names)}
+    elif binning_known and bin1_sizes is not None and pixel is not None:
+        # The file's own tomogram block (vpdetect writes one): keep it for writing back exactly.
+        paths = _lookup(tomo_meta, "rlnTomoName", STAR_RECONSTRUCTED, tomo_names, path)
+        for i in {tomo: i for i, tomo in reversed(list(enumerate(tomo_names)))}.values():
+            geometry[tomo_names[i]] = TomogramGeometry(
+                size=tuple(float(v) for v in bin1_sizes[i]),  # type: ignore[arg-type]
+                pixel_size=float(voxel_size / binning[i] if voxel_size is not None else bin1_pixel[i]),
+                binning=float(binning[i]),
+                path=(str(paths[i]) or None) if paths is not None else None,
+            )
+    return ParticleTable(data=data, voxel_size=voxel, tomo_size=size_xyz, geometry=geometry)  # type: ignore[arg-type]
 
 
 def _empty_table_geometry(optics, tomo_meta) -> tuple[float | None, tuple[int, int, int] | None]:
@@ -238,46 +273,90 @@ def _empty_table_geometry(optics, tomo_meta) -> tuple[float | None, tuple[int, i
 
 
 
-def write_star(path: Path, table: ParticleTable, relion5: bool) -> None:
+def _geometries(table: ParticleTable, names: list[str], need_size: bool) -> dict[str, TomogramGeometry | None]:
+    """Each tomogram's geometry: the table's (tomograms.star), else bin 1 at the table's voxel size."""
+    fallback = None
+    if table.voxel_size is not None and (table.tomo_size is not None or not need_size):
+        fallback = TomogramGeometry.unbinned(table.voxel_size, table.tomo_size or (0, 0, 0))
+    return {name: table.geometry.get(name, fallback) for name in names}
+
+
+def _per_particle(values: dict[str, float], tomo_names: np.ndarray) -> np.ndarray:
+    return np.asarray([values[name] for name in tomo_names], dtype=np.float64).reshape(-1)
+
+
+def _number_or_int(value: float):
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def write_star(
+    path: Path, table: ParticleTable, relion5: bool, coords_pixel_size: float | None = None
+) -> None:
+    """STAR in RELION 5 (centred Angstrom) or RELION 4 (bin-1 pixels) style.
+
+    `coords_pixel_size` writes rlnCoordinateX/Y/Z at that pixel size instead, with
+    rlnMicrographName = NAME.tomostar: what Warp's ts_export_particles reads
+    (`--coords_angpix`, zero at the first voxel's centre).
+    """
     import starfile
 
     data = table.data
     n = len(data)
-    tomo_names = (
-        text(data["tomo_name"]).to_numpy() if "tomo_name" in data.columns
-        else np.asarray([DEFAULT_TOMO_NAME] * n)
-    )
+    tomo_names = table.tomo_names()
     check_words(tomo_names, "tomogram name")
-    voxel = table.voxel_size
+    unique_names = list(dict.fromkeys(tomo_names.tolist())) or [DEFAULT_TOMO_NAME]
     particles = pd.DataFrame({"rlnTomoName": tomo_names})
     coords = table.coords_xyz()
     blocks: dict[str, pd.DataFrame] = {}
+    geometries = _geometries(table, unique_names, need_size=relion5)
     if relion5:
-        if voxel is None or table.tomo_size is None:
+        if any(g is None for g in geometries.values()):
             raise VPDetectError(
                 "RELION 5 coordinates need the tomogram size and pixel size "
-                "(give --tomogram, or --tomo-size and --pixel-size)"
+                "(give --tomogram or --tomograms-star, or --tomo-size and --pixel-size)"
             )
-        size = np.asarray(table.tomo_size, dtype=np.float64)
-        # Inverse of the reader: centred_A = (x_voxel - size/2) * voxel_size (RELION's centre = size/2).
-        centred = (coords - size / 2.0) * voxel
+        size = np.asarray([geometries[t].size for t in tomo_names], dtype=np.float64).reshape(n, 3)
+        binning = _per_particle({t: g.binning for t, g in geometries.items()}, tomo_names)
+        pixel = _per_particle({t: g.pixel_size for t, g in geometries.items()}, tomo_names)
+        # Inverse of the reader: centred_A = (x_voxel * binning - size_bin1 / 2) * pixel_bin1.
+        centred = (coords * binning[:, None] - size / 2.0) * pixel[:, None]
         for i, label in enumerate(STAR_COORDS_ANGST):
             particles[label] = centred[:, i]
-        unique_names = list(dict.fromkeys(tomo_names.tolist())) or [DEFAULT_TOMO_NAME]
-        blocks["global"] = pd.DataFrame({
-            "rlnTomoName": unique_names,
-            STAR_PIXEL: [float(voxel)] * len(unique_names),
-            STAR_BINNING: [1.0] * len(unique_names),
-            **{label: [int(v)] * len(unique_names) for label, v in zip(STAR_SIZES, table.tomo_size, strict=True)},
-        })
-    else:
+    elif coords_pixel_size is not None:
+        voxel = {t: (g.voxel_size if g is not None else None) for t, g in geometries.items()}
+        if any(v is None for v in voxel.values()):
+            raise VPDetectError("--coords-pixel-size needs the tomogram's voxel size (give --pixel-size)")
+        scaled = coords * (_per_particle(voxel, tomo_names) / coords_pixel_size)[:, None]
         for i, label in enumerate(STAR_COORDS_PX):
-            particles[label] = coords[:, i]
-    if voxel is not None:
-        blocks["optics"] = pd.DataFrame({
-            "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"], STAR_PIXEL: [float(voxel)],
+            particles[label] = scaled[:, i]
+        particles[STAR_MICROGRAPH] = [f"{t}{WARP_SUFFIX}" for t in tomo_names]
+        geometries = {t: TomogramGeometry((0, 0, 0), float(coords_pixel_size)) for t in unique_names}
+    else:
+        # RELION 4: bin-1 pixels where the binning is known (else the tomogram's voxels).
+        binning = _per_particle({t: g.binning if g is not None else 1.0 for t, g in geometries.items()}, tomo_names)
+        for i, label in enumerate(STAR_COORDS_PX):
+            particles[label] = coords[:, i] * binning
+    if relion5 or (table.geometry and coords_pixel_size is None):
+        # The tomograms.star layout, so that the file alone places its particles again.
+        rows = [(t, geometries[t]) for t in unique_names if geometries[t] is not None]
+        blocks["global"] = pd.DataFrame({
+            "rlnTomoName": [t for t, _ in rows],
+            STAR_PIXEL: [g.pixel_size for _, g in rows],
+            STAR_BINNING: [g.binning for _, g in rows],
+            **{label: [_number_or_int(g.size[i]) for _, g in rows] for i, label in enumerate(STAR_SIZES)},
         })
-        particles["rlnOpticsGroup"] = np.ones(n, dtype=np.int64)
+        if any(g.path for _, g in rows):
+            blocks["global"][STAR_RECONSTRUCTED] = [g.path or "None" for _, g in rows]
+    pixels = {t: g.pixel_size for t, g in geometries.items() if g is not None}
+    if len(pixels) == len(geometries):
+        # One optics group per tilt-series pixel size (RELION reads the pixel size per group).
+        groups = {value: k for k, value in enumerate(dict.fromkeys(pixels.values()), start=1)}
+        blocks["optics"] = pd.DataFrame({
+            "rlnOpticsGroup": list(groups.values()),
+            "rlnOpticsGroupName": [f"opticsGroup{k}" for k in groups.values()],
+            STAR_PIXEL: [float(v) for v in groups],
+        })
+        particles["rlnOpticsGroup"] = np.asarray([groups[pixels[t]] for t in tomo_names], dtype=np.int64)
     if table.has_angles:
         rot, tilt, psi = zxz_to_relion(*(data[c].to_numpy(dtype=np.float64) for c in ANGLE_COLUMNS))
         particles[STAR_ANGLES[0]], particles[STAR_ANGLES[1]], particles[STAR_ANGLES[2]] = rot, tilt, psi

@@ -1,0 +1,134 @@
+"""The `generalist` simulator preset: randomised tomograms, every draw recorded, reproducible."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import vpdetect.cli  # noqa: F401  registers the commands
+from vpdetect.cli.app import app
+from vpdetect.simulate.generalist import (
+    DIAMETER_NM,
+    RANDOMIZABLE,
+    SHAPE_FAMILIES,
+    Context,
+    add_context,
+    random_protein_class,
+)
+from vpdetect.simulate.microscope import RECONSTRUCTION_FILTERS, filter_window
+from vpdetect.simulate.phantoms import render
+from vpdetect.simulate.pipeline import preset_params, simulate_tomogram
+
+SMALL = {"shape_xyz": (64, 64, 40), "slab_thickness": 32}
+
+
+def small_generalist(**overrides):
+    return preset_params("generalist", **{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize("family", SHAPE_FAMILIES)
+def test_procedural_shapes_are_solid_centred_and_within_the_size_range(family):
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        particle = random_protein_class(rng, family, f"gen-{family}-{i}")
+        density, mask = render(particle, (10.0, 20.0, 30.0))
+        centre = mask.shape[0] // 2
+        assert mask.sum() > 0 and density.max() > 0
+        # the written centre lies on (or, for a ring, within a voxel of) the solid
+        assert mask[centre - 1 : centre + 2, centre - 1 : centre + 2, centre - 1 : centre + 2].any()
+        extent = 2.0 * particle.shape.bounding_radius
+        # the drawn extent bounds the shape, up to recentring onto the solid
+        assert extent <= 2.0 * DIAMETER_NM[1] + 1e-6
+        assert particle.kind == "protein" and particle.imitates.endswith(family)
+
+
+def test_same_seed_same_tomogram_and_every_draw_is_recorded():
+    params = small_generalist()
+    assert set(params.randomize) == set(RANDOMIZABLE) - {"slab_thickness"}  # given: fixed
+    first = simulate_tomogram(params, seed=21)
+    second = simulate_tomogram(params, seed=21)
+    assert np.array_equal(first.reconstruction, second.reconstruction)
+    assert np.array_equal(first.occupancy, second.occupancy)
+    assert first.particles.data.equals(second.particles.data)
+    drawn = first.metadata["randomized"]
+    for key in ("snr", "defocus_um", "tilt_range_deg", "tilt_step_deg", "recon_filter", "contrast",
+                "proteins_per_mvox", "shapes", "syn_classes"):
+        assert key in drawn, key
+    # the recorded parameters are the concrete ones the tomogram was made with
+    recorded = first.metadata["parameters"]
+    assert list(recorded["randomize"]) == []
+    assert recorded["microscope"]["snr"] == drawn["snr"]
+    assert recorded["microscope"]["recon_filter"] in RECONSTRUCTION_FILTERS
+    assert recorded["contrast"] == drawn["contrast"] == first.metadata["contrast"]
+    assert first.metadata["microscope"]["defocus_um"] == drawn["defocus_um"]
+    # procedural classes are in the class table with labels, and are placed
+    names = {row["name"] for row in first.metadata["classes"]}
+    assert {s["name"] for s in drawn["shapes"]} <= names
+    assert json.dumps(first.metadata)  # all plain values
+    other = simulate_tomogram(params, seed=22)
+    assert other.metadata["randomized"] != drawn
+
+
+def test_named_parameters_are_fixed_not_drawn():
+    params = small_generalist(snr=0.3, contrast="dark", tilt_min=-50.0, tilt_max=50.0)
+    assert "snr" not in params.randomize and "contrast" not in params.randomize
+    assert "tilt_range" not in params.randomize
+    result = simulate_tomogram(params, seed=3)
+    drawn = result.metadata["randomized"]
+    assert "snr" not in drawn and "contrast" not in drawn and "tilt_range_deg" not in drawn
+    assert result.metadata["microscope"]["snr_target"] == 0.3
+    assert result.metadata["microscope"]["tilt_angles_deg"][0] == -50.0
+
+
+def test_bright_contrast_is_the_negated_dark_tomogram():
+    dark = simulate_tomogram(dataclasses.replace(small_generalist(contrast="dark")), seed=8)
+    bright = simulate_tomogram(dataclasses.replace(small_generalist(contrast="bright")), seed=8)
+    assert np.array_equal(bright.reconstruction, -dark.reconstruction)
+    assert np.array_equal(bright.occupancy, dark.occupancy)
+
+
+def test_fixed_parameter_presets_are_unchanged_by_the_randomize_stream():
+    # spawning a fourth stream must not move the three existing ones
+    params = preset_params("easy", shape_xyz=(48, 48, 32), slab_thickness=24, n_proteins=4,
+                           vesicles=False, fiducials=False, classes=("syn-atpase",))
+    result = simulate_tomogram(params, seed=2)
+    assert "randomized" not in result.metadata
+    seq = np.random.SeedSequence([2])
+    assert [c.spawn_key for c in seq.spawn(4)[:3]] == [c.spawn_key for c in np.random.SeedSequence([2]).spawn(3)]
+
+
+def test_reconstruction_filters_are_windows_on_the_ramp():
+    for name in RECONSTRUCTION_FILTERS:
+        window = filter_window(64, name)
+        assert window[0] == pytest.approx(1.0)
+        assert np.all(np.diff(window) <= 1e-12) and window.min() >= -1e-12
+    assert filter_window(64, "hann")[-1] == pytest.approx(0.0, abs=1e-12)
+    assert np.all(filter_window(64, "ramp") == 1.0)
+
+
+def test_context_adds_a_carbon_edge_and_an_ice_gradient_inside_the_slab():
+    density = np.zeros((10, 32, 32), np.float32)
+    add_context(density, (2, 8), Context(
+        carbon_edge={"normal_deg": 0.0, "offset_vox": 5.0, "density": 1.0, "width_vox": 1.0},
+        ice_gradient={"direction_deg": 90.0, "amplitude": 0.5},
+    ))
+    assert np.all(density[:2] == 0) and np.all(density[8:] == 0)
+    # carbon: dense beyond x = centre + 5, empty before it (soft edge)
+    assert density[4, 16, 31] - density[4, 16, 0] > 0.9
+    # gradient along y
+    assert density[4, 31, 0] > density[4, 0, 0]
+
+
+def test_cli_generalist_preset_records_and_reproduces(tmp_path):
+    args = ["simulate", "--preset", "generalist", "--shape", "64", "64", "40", "--seed", "5"]
+    first = CliRunner().invoke(app, [*args, str(tmp_path / "a")])
+    second = CliRunner().invoke(app, [*args, str(tmp_path / "b")])
+    assert first.exit_code == 0 and second.exit_code == 0, first.output
+    for name in ("reconstruction.mrc", "occupancy_mask.mrc", "particle_locations.txt", "simulation.json"):
+        assert (tmp_path / "a/model_0" / name).read_bytes() == (tmp_path / "b/model_0" / name).read_bytes()
+    meta = json.loads((tmp_path / "a/model_0/simulation.json").read_text())
+    assert meta["parameters"]["preset"] == "generalist" and "randomized" in meta
+    bad = CliRunner().invoke(app, [*args, "--recon-filter", "wiener", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "reconstruction filter" in bad.output
