@@ -1,0 +1,103 @@
+"""copick projects and OME-Zarr tomograms: a small local project built with copick's own API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+copick = pytest.importorskip("copick")
+
+from copick.models import PickableObject  # noqa: E402
+from copick.ops.add import add_tomogram  # noqa: E402
+from test_classify import run_cli  # noqa: E402
+from test_localize_cli import CENTRES, intensity_localizer, scene  # noqa: E402
+
+from vpdetect.errors import VPDetectError  # noqa: E402
+from vpdetect.io.mrc import read_mrc_header, read_tomogram  # noqa: E402
+from vpdetect.io.particles import ParticleTable, zxz_matrix  # noqa: E402
+from vpdetect.io.particles.copick_picks import (  # noqa: E402
+    copick_tomograms,
+    open_copick,
+    read_copick_picks,
+    write_copick_picks,
+)
+
+
+def make_project(folder, objects=("ribosome",)):
+    return copick.new_config(
+        str(folder / "config.json"), str(folder / "overlay"),
+        pickable_objects=[PickableObject(name=n, is_particle=True, label=k, radius=50)
+                          for k, n in enumerate(objects, start=1)],
+    )
+
+
+@pytest.fixture
+def project(tmp_path, rng):
+    root = make_project(tmp_path)
+    volume = scene(rng)
+    for run in ("TS_01", "TS_02"):
+        add_tomogram(root, run, "denoised", volume, voxel_spacing=10.0)
+    return tmp_path, root, volume
+
+
+def test_omezarr_tomograms_read_directly(project):
+    folder, root, volume = project
+    paths = copick_tomograms(root, None, 10.0, "denoised")
+    assert [p.name for p in paths] == ["denoised.zarr", "denoised.zarr"]
+    tomo = read_tomogram(paths[0])
+    np.testing.assert_array_equal(tomo.data, volume)
+    assert tomo.voxel_size == 10.0 and tomo.name == "TS_01"  # a copick tomogram is named after its run
+    assert read_mrc_header(paths[1]) == {"shape": volume.shape, "mode": None, "voxel_size": 10.0}
+    with pytest.raises(VPDetectError, match="no 'wbp' tomogram"):
+        copick_tomograms(root, ["TS_01"], 10.0, "wbp")
+    with pytest.raises(VPDetectError, match="no run 'TS_09'"):
+        copick_tomograms(root, ["TS_09"], 10.0, "denoised")
+
+
+def test_picks_round_trip_through_copick(tmp_path):
+    root = make_project(tmp_path, ("ribosome", "apoferritin"))
+    table = ParticleTable.from_arrays(
+        [[1, 2, 3], [10.5, 20, 30], [4, 5, 6]], voxel_size=10.0, tomo_name=["TS_01", "TS_01", "TS_02"],
+        class_name=["ribosome", "apoferritin", "ribosome"], score=[0.9, 0.8, 0.7],
+        phi=[10, 20, 30], theta=[40, 50, 60], psi=[70, 80, 90],
+    )
+    assert write_copick_picks(root, table, "vpdetect", "7") == 3
+    # What copick itself holds: Angstrom from the first voxel's centre, the rotation in the transform.
+    again = open_copick(tmp_path / "config.json")
+    picks = again.get_run("TS_01").get_picks(object_name="apoferritin", user_id="vpdetect", session_id="7")
+    positions, transforms = picks[0].numpy()
+    np.testing.assert_allclose(positions, [[105, 200, 300]])
+    np.testing.assert_allclose(transforms[0, :3, :3], zxz_matrix(20, 50, 80), atol=1e-9)
+    back = read_copick_picks(again, 10.0, user_id="vpdetect")
+    back.data = back.data.sort_values(["tomo_name", "x"]).reset_index(drop=True)
+    np.testing.assert_allclose(back.coords_xyz(), [[1, 2, 3], [10.5, 20, 30], [4, 5, 6]])
+    assert back.class_labels() == ["ribosome", "apoferritin", "ribosome"]
+    np.testing.assert_allclose(back.data["score"], [0.9, 0.8, 0.7])
+    np.testing.assert_allclose(
+        zxz_matrix(*(back.data[c] for c in ("phi", "theta", "psi"))), zxz_matrix([10, 20, 30], [40, 50, 60], [70, 80, 90]),
+        atol=1e-9)
+    with pytest.raises(VPDetectError, match="not a pickable object"):
+        write_copick_picks(root, ParticleTable.from_arrays([[1, 2, 3]], voxel_size=10.0, class_name="x"), "u", "0")
+    with pytest.raises(VPDetectError, match="no classes"):
+        write_copick_picks(root, ParticleTable.from_arrays([[1, 2, 3]], voxel_size=10.0), "u", "0")
+
+
+def test_localize_a_copick_project_and_store_the_picks(project):
+    folder, root, volume = project
+    model = intensity_localizer(folder / "localizer.pt", volume)
+    out = folder / "out"
+    out.mkdir()
+    result = run_cli("localize", "--copick", folder / "config.json", "--voxel-spacing", 10, "--run", "TS_02",
+                     "--copick-user", "vpdetect", "--model", model, "--output-dir", out, "--tile", 24,
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.star")) == ["TS_02.star"]
+    back = read_copick_picks(open_copick(folder / "config.json"), 10.0, user_id="vpdetect")
+    assert set(back.data["tomo_name"]) == {"TS_02"} and set(back.data["class_name"]) == {"ribosome"}
+    found = back.data[["z", "y", "x"]].to_numpy()
+    assert len(found) == len(CENTRES)
+    for centre in CENTRES:
+        assert np.min(np.linalg.norm(found - np.asarray(centre), axis=1)) < 0.5
+    result = run_cli("localize", folder / "x.mrc", "--copick", folder / "config.json", "--voxel-spacing", 10,
+                     "--model", model)
+    assert result.exit_code == 2 and "not both" in result.output
