@@ -101,3 +101,34 @@ def test_localize_a_copick_project_and_store_the_picks(project):
     result = run_cli("localize", folder / "x.mrc", "--copick", folder / "config.json", "--voxel-spacing", 10,
                      "--model", model)
     assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_evaluate_against_copick_picks(tmp_path):
+    import json
+
+    from vpdetect.io.particles import write_particles
+
+    root = make_project(tmp_path, ("ribosome", "apoferritin"))
+    truth = ParticleTable.from_arrays(
+        [[10, 10, 10], [30, 30, 30], [10, 30, 20]], voxel_size=10.0, tomo_name=["TS_01", "TS_01", "TS_02"],
+        class_name=["ribosome", "apoferritin", "ribosome"])
+    write_copick_picks(root, truth, "curator", "0")
+    write_copick_picks(root, ParticleTable.from_arrays([[0, 0, 0]], voxel_size=10.0, tomo_name="TS_01",
+                                                       class_name="ribosome"), "other", "0")
+    # The predictions: TS_01 exact, TS_02's ribosome missed; the other user's pick is not truth.
+    pred = truth.copy()
+    pred.data = pred.data.iloc[:2]
+    write_particles(tmp_path / "pred.csv", pred)
+    result = run_cli("evaluate", tmp_path / "pred.csv", "--truth", tmp_path / "config.json", "--truth-user",
+                     "curator", "--pixel-size", 10, "--metric", "czii", "--radius", 50,
+                     "--json", tmp_path / "scores.json")
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    ribosome = scores["czii"]["per_class"]["ribosome"]
+    assert (ribosome["tp"], ribosome["fp"], ribosome["fn"]) == (1, 0, 1)  # the other user's pick is not truth
+    # F-beta, beta 4: (1 + 16) P R / (16 P + R) with P = 1, R = 0.5.
+    assert ribosome["fbeta"] == pytest.approx(17 * 0.5 / 16.5)
+    assert scores["tomograms"]["TS_01"]["czii"]["score"] == 1.0
+    result = run_cli("evaluate", tmp_path / "pred.csv", "--truth", tmp_path / "config.json", "--metric", "czii",
+                     "--radius", 50)
+    assert result.exit_code == 2 and "--pixel-size" in result.output
