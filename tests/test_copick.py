@@ -132,3 +132,26 @@ def test_evaluate_against_copick_picks(tmp_path):
     result = run_cli("evaluate", tmp_path / "pred.csv", "--truth", tmp_path / "config.json", "--metric", "czii",
                      "--radius", 50)
     assert result.exit_code == 2 and "--pixel-size" in result.output
+
+
+def test_train_on_a_copick_project(project, tmp_path):
+    from test_train import TINY
+
+    from vpdetect.nn.checkpoint import read_model_card
+    from vpdetect.train.data import load_copick_volumes
+
+    folder, root, volume = project
+    balls = ParticleTable.from_arrays([(c[2], c[1], c[0]) for c in CENTRES], voxel_size=10.0, class_name="ribosome")
+    for run in ("TS_01", "TS_02"):
+        part = balls.copy()
+        part.data["tomo_name"] = run
+        write_copick_picks(root, part, "curator", "0")
+    # The pickable object's radius (50 A = 5 voxels) paints the targets.
+    (volume_01,) = load_copick_volumes(folder / "config.json", ["TS_01"], 10.0, "denoised", "curator", None, {})
+    assert volume_01.radii_vox == {"ribosome": pytest.approx(5.0)}
+    assert volume_01.label_map[10, 12, 12] > 0 and volume_01.label_map[10, 12, 18] == 0  # 6 voxels away
+    out = tmp_path / "m.pt"
+    result = run_cli("train", "localizer", "--copick", folder / "config.json", "--voxel-spacing", 10,
+                     "--val-run", "TS_02", "--truth-user", "curator", "--out", out, "--epochs", 1, *TINY)
+    assert result.exit_code == 0, result.output
+    assert read_model_card(out)["stage"] == "localizer"

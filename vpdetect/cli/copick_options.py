@@ -3,6 +3,8 @@ into it (one picks file per run and class, under a user and session id)."""
 
 from __future__ import annotations
 
+import functools
+
 import typer
 
 from vpdetect.errors import VPDetectError
@@ -60,3 +62,31 @@ def store_in_copick(table, config, user, session) -> None:
     from vpdetect.io.particles.copick_picks import open_copick, write_copick_picks
 
     write_copick_picks(open_copick(config), table, user, session)
+
+
+def truth_user_option():
+    return typer.Option(
+        None, "--truth-user", help="copick ground truth: only the picks of this user id (default: every user's)."
+    )
+
+
+def copick_training_sources(config, runs, val_runs, voxel_spacing, tomo_type, user, radius, radius_unit):
+    """(training, validation) AnnotatedVolumes of a copick project: --run (default: every run
+    not in --val-run) and --val-run."""
+    if config is None:
+        if runs or val_runs:
+            raise VPDetectError("--run and --val-run need --copick")
+        return [], []
+    if voxel_spacing is None:
+        raise VPDetectError("--copick needs --voxel-spacing (the tomograms' voxel spacing in Angstrom)")
+    from vpdetect.io.particles.copick_picks import open_copick
+    from vpdetect.train.data import load_copick_volumes, parse_radii
+
+    default_r, per_class = parse_radii(radius)
+    if not runs:
+        runs = [r.name for r in open_copick(config).runs if r.name not in set(val_runs)]
+    load = functools.partial(
+        load_copick_volumes, config, voxel_spacing=voxel_spacing, tomo_type=tomo_type, user_id=user,
+        radius_default=default_r, radius_per_class=per_class, radius_unit=radius_unit,
+    )
+    return load(list(runs)), (load(list(val_runs)) if val_runs else [])

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from vpdetect.cli.app import app, console, user_errors
+from vpdetect.cli.copick_options import truth_user_option
 from vpdetect.errors import VPDetectError
 
 METRICS = ("shrec", "czii")
@@ -27,9 +28,7 @@ def evaluate(
         "simulation.json), a folder of them, a particle table, or a copick project (its config .json; "
         "needs --pixel-size, the picks' voxel spacing). Paired with PRED by tomogram name (copick: run).",
     ),
-    truth_user: str = typer.Option(
-        None, "--truth-user", help="copick truth: only the picks of this user id (default: every user's)."
-    ),
+    truth_user: str = truth_user_option(),
     metric: str = typer.Option(
         None, "--metric",
         help="shrec (SHREC'21 protocol, needs SHREC folders) or czii (CZII challenge); "
