@@ -78,6 +78,10 @@ def test_picks_round_trip_through_copick(tmp_path):
         atol=1e-9)
     with pytest.raises(VPDetectError, match="not a pickable object"):
         write_copick_picks(root, ParticleTable.from_arrays([[1, 2, 3]], voxel_size=10.0, class_name="x"), "u", "0")
+    unknown = ParticleTable.from_arrays([[1, 2, 3], [4, 5, 6]], voxel_size=10.0, tomo_name="TS_03",
+                                        class_name=["unknown", "ribosome"], class_number=[0, 1])
+    write_copick_picks(root, unknown, "u", "0")  # class 0 (unknown) is not stored
+    assert len(read_copick_picks(root, 10.0, runs=["TS_03"], user_id="u")) == 1
     with pytest.raises(VPDetectError, match="no classes"):
         write_copick_picks(root, ParticleTable.from_arrays([[1, 2, 3]], voxel_size=10.0), "u", "0")
 
@@ -155,3 +159,25 @@ def test_train_on_a_copick_project(project, tmp_path):
                      "--val-run", "TS_02", "--truth-user", "curator", "--out", out, "--epochs", 1, *TINY)
     assert result.exit_code == 0, result.output
     assert read_model_card(out)["stage"] == "localizer"
+
+
+def test_pick_a_copick_project_stores_classified_picks(tmp_path, rng):
+    from test_classify import save_scene_model, write_shrec_scene
+    from test_pick_cli import LOCALIZE_ARGS, save_intensity_localizer
+
+    volume, particles = write_shrec_scene(tmp_path / "model_0", rng)
+    root = make_project(tmp_path, ("small", "large"))
+    add_tomogram(root, "TS_01", "denoised", volume, voxel_spacing=10.0)
+    localizer = save_intensity_localizer(tmp_path / "localizer.pt", volume)
+    classifier = save_scene_model(tmp_path / "classifier.pt", volume)
+    result = run_cli("pick", "--copick", tmp_path / "config.json", "--voxel-spacing", 10, "--copick-user", "vp",
+                     "--localizer", localizer, "--classifier", classifier, "--output-dir", tmp_path,
+                     *LOCALIZE_ARGS)
+    assert result.exit_code == 0, result.output
+    stored = read_copick_picks(open_copick(tmp_path / "config.json"), 10.0, user_id="vp")
+    assert set(stored.data["tomo_name"]) == {"TS_01"} and len(stored) > 0
+    assert set(stored.data["class_name"]) <= {"small", "large"}
+    from vpdetect.io.particles import read_particles
+
+    table = read_particles(tmp_path / "TS_01.star")
+    assert sorted(map(tuple, np.round(table.coords_xyz(), 3))) == sorted(map(tuple, np.round(stored.coords_xyz(), 3)))

@@ -86,11 +86,17 @@ def read_copick_picks(
 
 def write_copick_picks(root, table: ParticleTable, user_id: str, session_id: str) -> int:
     """Store the table as copick picks: one picks file per run and class (the class must be a
-    pickable object of the project; unclassified picks need a one-object project). Returns
+    pickable object of the project; unclassified picks need a one-object project; class 0,
+    unknown, is left out). Returns
     how many picks files were written."""
     if table.voxel_size is None:
         raise VPDetectError("copick picks are in Angstrom: the voxel size must be known (give --pixel-size)")
     objects = {o.name for o in root.config.pickable_objects}
+    if "class_number" in table.data.columns:  # class 0 (unknown: no particle at the centre) is no pick
+        table = ParticleTable(
+            table.data[table.data["class_number"].to_numpy() != 0].reset_index(drop=True), table.voxel_size,
+            table.tomo_size,
+        )
     if "class_name" in table.data.columns:
         classes = text(table.data["class_name"]).to_numpy()
     elif len(objects) == 1:  # unclassified picks of a one-object project are that object
