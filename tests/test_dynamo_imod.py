@@ -116,6 +116,13 @@ def test_imod_model_written_by_imodmodel_reads_by_hand(tmp_path):
     (tmp_path / "bad.mod").write_bytes(b"IMODV1.2 not a model")
     with pytest.raises(VPDetectError, match="cannot parse IMOD model"):
         read_particles(tmp_path / "bad.mod")
+    # A model cut short, and text read as IMOD: refused (imodmodel alone loops forever on them).
+    (tmp_path / "cut.mod").write_bytes((tmp_path / "hand.mod").read_bytes()[:-6])
+    with pytest.raises(VPDetectError, match="ends inside a chunk"):
+        read_particles(tmp_path / "cut.mod")
+    (tmp_path / "text.csv").write_text("x,y,z\n" + "1,2,3\n" * 60)
+    with pytest.raises(VPDetectError, match="not an IMOD model"):
+        read_particles(tmp_path / "text.csv", fmt="imod")
 
 
 @pytest.mark.parametrize("name", ["empty.tbl", "empty.mod"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from vpdetect.cli.app import app, console, user_errors
+from vpdetect.cli.copick_options import truth_user_option
 from vpdetect.errors import VPDetectError
 
 METRICS = ("shrec", "czii")
@@ -24,8 +25,10 @@ def evaluate(
     truth: list[Path] = typer.Option(
         ..., "--truth",
         help="Ground truth (repeatable): a SHREC model folder (occupancy_mask.mrc, particle_locations.txt, "
-        "simulation.json), a folder of them, or a particle table. Paired with PRED by tomogram name.",
+        "simulation.json), a folder of them, a particle table, or a copick project (its config .json; "
+        "needs --pixel-size, the picks' voxel spacing). Paired with PRED by tomogram name (copick: run).",
     ),
+    truth_user: str = truth_user_option(),
     metric: str = typer.Option(
         None, "--metric",
         help="shrec (SHREC'21 protocol, needs SHREC folders) or czii (CZII challenge); "
@@ -69,7 +72,7 @@ def evaluate(
         if output is not None:
             check_output_dir(output.parent)
 
-    truths, folders = _read_truths(truth, pixel_size)
+    truths, folders = _read_truths(truth, pixel_size, truth_user)
     if metric is None:
         metric = "shrec" if all(f is not None for f in folders) else "czii"
     if metric == "shrec" and any(f is None for f in folders):
@@ -130,7 +133,7 @@ def evaluate(
         console.print(f"confusion matrix drawn in {plot}")
 
 
-def _read_truths(paths: list[Path], pixel_size: float | None):
+def _read_truths(paths: list[Path], pixel_size: float | None, copick_user: str | None = None):
     """Truth tomograms (pairing.Tomogram) and, for each, its SHREC folder or None (a table)."""
     from vpdetect.evaluate.pairing import Tomogram, split_by_tomogram
     from vpdetect.io.particles import read_particles
@@ -143,6 +146,14 @@ def _read_truths(paths: list[Path], pixel_size: float | None):
             for folder in shrec_folders(path):
                 truths.append(Tomogram(read_truth_table(folder), (folder.name,), str(folder)))
                 folders.append(folder)
+        elif path.is_file() and path.suffix.lower() == ".json":
+            from vpdetect.io.particles.copick_picks import open_copick, read_copick_picks
+
+            if pixel_size is None:
+                raise VPDetectError(f"copick truth {path} needs --pixel-size (the voxel spacing of PRED)")
+            table = read_copick_picks(open_copick(path), pixel_size, user_id=copick_user)
+            truths += split_by_tomogram(table, path)
+            folders += [None] * (len(truths) - len(folders))
         elif path.is_file():
             table = read_particles(path)
             if table.voxel_size is None:

@@ -33,6 +33,16 @@ from vpdetect.cli.batch import (
     start_run,
     verbose_option,
 )
+from vpdetect.cli.copick_options import (
+    copick_inputs,
+    copick_option,
+    copick_session_option,
+    copick_user_option,
+    run_option,
+    store_in_copick,
+    tomo_type_option,
+    voxel_spacing_option,
+)
 from vpdetect.cli.geometry import (
     coords_pixel_size_option,
     load_tomograms,
@@ -244,6 +254,9 @@ class LocalizeJob:
     show_progress: bool = True
     tomograms_star: str | None = None
     coords_pixel_size: float | None = None
+    copick: str | None = None
+    copick_user: str | None = None
+    copick_session: str = "0"
 
 
 def map_path(job: LocalizeJob, source: Path) -> Path | None:
@@ -291,6 +304,7 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         small = prob.size <= 64 * 1024**2
         write_mrc(saved_map, np.asarray(prob, dtype=np.float32) if small else prob, voxel_size=tomo.voxel_size)
     try:
+        store_in_copick(table, job.copick, job.copick_user, job.copick_session)
         written = write_particles(output, table, fmt=job.fmt, coords_pixel_size=job.coords_pixel_size)
     except BaseException:
         if saved_map is not None:  # a map without its table is not a result
@@ -323,7 +337,9 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
 @app.command()
 @user_errors
 def localize(
-    tomograms: list[str] = typer.Argument(..., help="Tomograms (MRC/REC) or globs like 'data/*.mrc'."),
+    tomograms: list[str] = typer.Argument(
+        None, help="Tomograms (MRC/REC, OME-Zarr .zarr) or globs like 'data/*.mrc' (or --copick)."
+    ),
     model: Path = localizer_model_option(),
     output: Path = table_output_option(),
     output_dir: Path = output_dir_option(),
@@ -351,6 +367,12 @@ def localize(
     coords_pixel_size: float = coords_pixel_size_option(),
     contrast: str = contrast_option(),
     rescale: bool = rescale_option(),
+    copick: Path = copick_option(),
+    run: list[str] = run_option(),
+    voxel_spacing: float = voxel_spacing_option(),
+    tomo_type: str = tomo_type_option(),
+    copick_user: str = copick_user_option(),
+    copick_session: str = copick_session_option(),
     overwrite: bool = overwrite_option(),
     shard: str = shard_option(),
     verbose: bool = verbose_option(),
@@ -361,6 +383,7 @@ def localize(
     settings, resolved_device = start_run(
         verbose=verbose, quiet=quiet, log_file=log_file, device=device, devices=devices
     )
+    tomograms = copick_inputs(tomograms, copick, run, voxel_spacing, tomo_type)
     fmt = format_name(output_format) or (None if output is not None else "relion4")
     options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
@@ -385,11 +408,15 @@ def localize(
         show_progress=not quiet and devices is None,
         tomograms_star=str(tomograms_star) if tomograms_star is not None else None,
         coords_pixel_size=coords_pixel_size,
+        copick=str(copick) if copick is not None else None, copick_user=copick_user,
+        copick_session=copick_session,
     )
     load_tomograms(tomograms_star)  # a bad tomograms.star fails once, before any input
     parameters = options.as_dict() | {
         "format": fmt, "mask": mask, "save_map": save_map, "pixel_size": pixel_size, "model": model_path,
         "tomograms_star": tomograms_star, "coords_pixel_size": coords_pixel_size,
+        "copick": copick, "run": list(run), "voxel_spacing": voxel_spacing, "tomo_type": tomo_type,
+        "copick_user": copick_user, "copick_session": copick_session,
     }
     run_command_batch(
         "localize", tomograms, functools.partial(localize_task, job=job),

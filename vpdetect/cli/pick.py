@@ -29,6 +29,16 @@ from vpdetect.cli.batch import (
     verbose_option,
 )
 from vpdetect.cli.classify import class_summary, drop_unknown_option, search_radius_option
+from vpdetect.cli.copick_options import (
+    copick_inputs,
+    copick_option,
+    copick_session_option,
+    copick_user_option,
+    run_option,
+    store_in_copick,
+    tomo_type_option,
+    voxel_spacing_option,
+)
 from vpdetect.cli.geometry import (
     coords_pixel_size_option,
     load_tomograms,
@@ -72,6 +82,9 @@ class PickJob:
     show_progress: bool = True
     tomograms_star: str | None = None
     coords_pixel_size: float | None = None
+    copick: str | None = None
+    copick_user: str | None = None
+    copick_session: str = "0"
 
 
 def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
@@ -123,6 +136,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
 
     start = time.perf_counter()
     table = place_in_project(table, tomo, source, load_tomograms(job.tomograms_star))
+    store_in_copick(table, job.copick, job.copick_user, job.copick_session)
     written = write_particles(output, table, fmt=job.fmt, coords_pixel_size=job.coords_pixel_size)
     timings["write"] = time.perf_counter() - start
     counts = table.data["class_name"].value_counts().to_dict()
@@ -148,7 +162,9 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
 @app.command()
 @user_errors
 def pick(
-    tomograms: list[str] = typer.Argument(..., help="Tomograms (MRC/REC) or globs like 'data/*.mrc'."),
+    tomograms: list[str] = typer.Argument(
+        None, help="Tomograms (MRC/REC, OME-Zarr .zarr) or globs like 'data/*.mrc' (or --copick)."
+    ),
     localizer: Path = typer.Option(
         None, "--localizer", help="Localizer model file (.pt); default: the bundled localizer."
     ),
@@ -183,6 +199,12 @@ def pick(
     coords_pixel_size: float = coords_pixel_size_option(),
     contrast: str = contrast_option(),
     rescale: bool = rescale_option(),
+    copick: Path = copick_option(),
+    run: list[str] = run_option(),
+    voxel_spacing: float = voxel_spacing_option(),
+    tomo_type: str = tomo_type_option(),
+    copick_user: str = copick_user_option(),
+    copick_session: str = copick_session_option(),
     overwrite: bool = overwrite_option(),
     shard: str = shard_option(),
     verbose: bool = verbose_option(),
@@ -195,6 +217,7 @@ def pick(
     settings, resolved_device = start_run(
         verbose=verbose, quiet=quiet, log_file=log_file, device=device, devices=devices
     )
+    tomograms = copick_inputs(tomograms, copick, run, voxel_spacing, tomo_type)
     fmt = format_name(output_format) or (None if output is not None else "relion4")
     localize_options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
@@ -219,11 +242,15 @@ def pick(
         show_progress=not quiet and devices is None,
         tomograms_star=str(tomograms_star) if tomograms_star is not None else None,
         coords_pixel_size=coords_pixel_size,
+        copick=str(copick) if copick is not None else None, copick_user=copick_user,
+        copick_session=copick_session,
     )
     load_tomograms(tomograms_star)  # a bad tomograms.star fails once, before any input
     parameters = localize_options.as_dict() | {
         "classify": asdict(classify_options), "format": fmt, "mask": mask, "pixel_size": pixel_size,
         "tomograms_star": tomograms_star, "coords_pixel_size": coords_pixel_size,
+        "copick": copick, "run": list(run), "voxel_spacing": voxel_spacing, "tomo_type": tomo_type,
+        "copick_user": copick_user, "copick_session": copick_session,
     }
     run_command_batch(
         "pick", tomograms, functools.partial(pick_task, job=job),

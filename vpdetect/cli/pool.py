@@ -74,7 +74,8 @@ def _run_one(task: Task, source: Path, output: Path, device: str, base_record: d
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            if not source.is_file():
+            # OME-Zarr tomograms are folders.
+            if not (source.is_file() or (source.is_dir() and source.suffix.lower() == ".zarr")):
                 raise VPDetectError(
                     f"file not found: {source}" if not source.exists() else f"not a file: {source}"
                 )

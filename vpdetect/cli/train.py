@@ -22,6 +22,14 @@ from pathlib import Path
 import typer
 
 from vpdetect.cli.app import app, console, user_errors
+from vpdetect.cli.copick_options import (
+    copick_option,
+    copick_training_sources,
+    run_option,
+    tomo_type_option,
+    truth_user_option,
+    voxel_spacing_option,
+)
 from vpdetect.cli.geometry import load_tomograms, tomograms_star_option
 from vpdetect.errors import VPDetectError
 from vpdetect.io.atomic import check_output_dir
@@ -112,6 +120,12 @@ def train(
         None, "--pixel-size", min=0.0, help="Voxel size in Angstrom, overriding the MRC headers."
     ),
     tomograms_star: Path = tomograms_star_option(),
+    copick: Path = copick_option(),
+    run: list[str] = run_option(),
+    val_run: list[str] = typer.Option([], "--val-run", help="copick run held out for validation (repeatable)."),
+    voxel_spacing: float = voxel_spacing_option(),
+    tomo_type: str = tomo_type_option(),
+    truth_user: str = truth_user_option(),
     out: Path = typer.Option(
         ..., "--out", "-o", help="Model file to write (the best epoch by validation MIoU, or macro F1 for boxes)."
     ),
@@ -214,8 +228,8 @@ def train(
         raise VPDetectError(f"--arch {arch} is a classifier; the localizer is an MSDNet")
     if crop_size is None:
         crop_size = BOX_DEFAULTS["crop_size"] if boxes else MSDNET_CROP_SIZE
-    if not data and not tomogram:
-        raise VPDetectError("no training data: give --data DIR or --tomogram T.mrc --table T.star")
+    if not data and not tomogram and copick is None:
+        raise VPDetectError("no training data: give --data DIR, --tomogram T.mrc --table T.star or --copick")
     if radius_unit not in ("angstrom", "voxel"):
         raise VPDetectError(f"--radius-unit must be angstrom or voxel, got {radius_unit!r}")
     from vpdetect.preprocess import CONTRASTS, MODEL_CONTRAST, NORMALISATIONS
@@ -279,6 +293,10 @@ def train(
     val_sources = _load_sources(
         val, val_tomogram, val_table, radius, radius_unit, pixel_size, "validation", tomo_set
     )
+    copick_train, copick_val = copick_training_sources(
+        copick, run, val_run, voxel_spacing, tomo_type, truth_user, radius, radius_unit
+    )
+    sources, val_sources = sources + copick_train, val_sources + copick_val
     names_seen = [n for av in sources + val_sources for n in list(av.id_names.values()) + av.centre_names]
     select = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     excluded = [e.strip() for e in exclude.split(",") if e.strip()]

@@ -25,6 +25,9 @@ SUPPORTED_MODES = {0, 1, 2, 6, 12}
 FIXED_LABEL = b"written by vpdetect".ljust(80)
 
 
+ZARR_SUFFIX = ".zarr"  # OME-Zarr folders (vpdetect.io.omezarr) are read like MRC files
+
+
 @dataclass
 class Tomogram:
     """A volume indexed [z, y, x] with its voxel size in Angstrom (None if unknown)."""
@@ -45,8 +48,14 @@ class Tomogram:
 
 
 def tomogram_name(path: str | os.PathLike) -> str:
-    """File name without its MRC-like suffix: `TS_01.mrc` -> `TS_01`."""
-    name = Path(path).name
+    """File name without its MRC-like suffix: `TS_01.mrc` -> `TS_01`; a copick tomogram
+    (`ExperimentRuns/RUN/VoxelSpacing10.000/denoised.zarr`) is named after its run."""
+    path = Path(path)
+    name = path.name
+    if name.lower().endswith(ZARR_SUFFIX):
+        if path.parent.name.startswith("VoxelSpacing") and path.parent.parent.parent.name == "ExperimentRuns":
+            return path.parent.parent.name
+        return name[: -len(ZARR_SUFFIX)]
     for suffix in (".mrc", ".rec", ".map", ".st", ".ali"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -107,6 +116,11 @@ def read_tomogram(
     `keep_dtype=True` keeps the file's own dtype when reading into memory too.
     """
     path = Path(path)
+    if path.suffix.lower() == ZARR_SUFFIX:
+        from vpdetect.io.omezarr import read_omezarr
+
+        array, header_size = read_omezarr(path)
+        return Tomogram(data=array, voxel_size=voxel_size if voxel_size is not None else header_size, path=path)
     if not path.exists():
         raise VPDetectError(f"file not found: {path}")
     if path.is_dir():
@@ -168,6 +182,10 @@ def read_mrc_header(path: str | os.PathLike) -> dict:
     import mrcfile
 
     path = Path(path)
+    if path.suffix.lower() == ZARR_SUFFIX:
+        from vpdetect.io.omezarr import omezarr_header
+
+        return omezarr_header(path)
     if not path.exists():
         raise VPDetectError(f"file not found: {path}")
     if path.is_dir():

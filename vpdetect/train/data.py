@@ -550,3 +550,38 @@ def load_coordinate_volume(
     return annotate_from_table(
         name, tomo.data, vs, frame, radius_default, radius_per_class, radius_unit, source=str(table_path)
     )
+
+
+def load_copick_volumes(
+    config,
+    runs: Sequence[str] | None,
+    voxel_spacing: float,
+    tomo_type: str,
+    user_id: str | None,
+    radius_default: float | None,
+    radius_per_class: Mapping[str, float],
+    radius_unit: str = "angstrom",
+) -> list[AnnotatedVolume]:
+    """The runs of a copick project: each run's tomogram with its picks as targets. Classes
+    without a --radius take their pickable object's radius (Angstrom) from the project."""
+    from vpdetect.io.mrc import read_tomogram
+    from vpdetect.io.particles.copick_picks import copick_tomograms, open_copick, read_copick_picks
+
+    root = open_copick(config)
+    per_class = dict(radius_per_class)
+    if radius_unit == "angstrom" and radius_default is None:
+        for obj in root.config.pickable_objects:
+            if obj.radius:
+                per_class.setdefault(obj.name, float(obj.radius))
+    picks = read_copick_picks(root, voxel_spacing, list(runs) if runs else None, user_id=user_id).data
+    volumes = []
+    for path in copick_tomograms(root, list(runs) if runs else None, voxel_spacing, tomo_type):
+        tomo = read_tomogram(path)
+        frame = picks[picks["tomo_name"] == tomo.name]
+        if frame.empty:
+            raise VPDetectError(f"copick run {tomo.name!r} has no picks{f' of user {user_id!r}' if user_id else ''}")
+        volumes.append(annotate_from_table(
+            tomo.name, tomo.data, tomo.voxel_size or voxel_spacing, frame, radius_default, per_class,
+            radius_unit, source=f"{config}:{tomo.name}",
+        ))
+    return volumes

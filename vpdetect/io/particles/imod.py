@@ -9,6 +9,7 @@ IMOD models hold no orientations or scores.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +19,32 @@ from vpdetect.errors import VPDetectError
 from vpdetect.io.atomic import atomic_path
 from vpdetect.io.particles.table import ParticleTable, one_line, text
 
+MAGIC = b"IMOD"  # every model file starts with it
 OFFSET = np.array([0.5, 0.5, 0.0])  # IMOD coordinate of the first voxel's centre, x y z
 ANGSTROM_UNITS = -10  # the model header's `units` code for Angstrom
 UNIT_TO_ANGSTROM = {-10: 1.0, -9: 10.0, -6: 1e4}
-IMOD_MAGIC = b"IMODV1.2"  # the first eight bytes of every IMOD binary model
+
+
+class _StrictReader(io.BytesIO):
+    """Bytes that refuse a short read: imodmodel's parser loops forever past the end of a
+    file that is not a whole IMOD model."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if size is not None and size > 0 and len(data) < size:
+            raise EOFError("the file ends inside a chunk")
+        return data
 
 
 def read_imod(path: Path) -> ParticleTable:
-    from imodmodel import ImodModel
     from imodmodel.dataframe import model_to_dataframe
+    from imodmodel.parsers import parse_model
 
-    # imodmodel's parser can loop forever on bytes that are not a model: check the magic first.
-    with open(path, "rb") as handle:
-        magic = handle.read(8)
-    if magic != IMOD_MAGIC:
-        raise VPDetectError(f"{path} is not an IMOD model (it does not start with {IMOD_MAGIC.decode()})")
+    raw = path.read_bytes()
+    if not raw.startswith(MAGIC):
+        raise VPDetectError(f"{path}: not an IMOD model (it does not start with {MAGIC.decode()})")
     try:
-        model = ImodModel.from_file(path)
+        model = parse_model(_StrictReader(raw))
         frame = model_to_dataframe(model) if any(o.contours for o in model.objects) else None
     except Exception as exc:  # noqa: BLE001 - the parser raises many types on damaged files
         raise VPDetectError(f"cannot parse IMOD model {path}: {one_line(exc)}") from None
