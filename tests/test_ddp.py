@@ -136,8 +136,10 @@ def _stop_worker(rank: int, world: int, port: int, result_dir: str) -> None:
 def test_ranks_stop_together_on_the_time_limit_and_on_divergence(tmp_path):
     if not dist.is_gloo_available():
         pytest.skip("torch.distributed without gloo")
+    # spawn, not fork: a child forked from a suite process whose OpenMP threads are running can
+    # deadlock before it reaches the collective (seen as a "hang" in the full suite only).
     context = mp.start_processes(_stop_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                                 join=False, start_method="fork")
+                                 join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
         if time.monotonic() > deadline:  # a hang: one rank waits in a collective alone
