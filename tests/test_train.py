@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import vpdetect.cli  # noqa: F401  (registers the commands)
 from vpdetect.cli.app import app
+from vpdetect.cli.options import parse_class_values
 from vpdetect.errors import VPDetectError
 from vpdetect.io.mrc import write_mrc
 from vpdetect.io.particles import ParticleTable, write_particles
@@ -24,7 +25,6 @@ from vpdetect.train.data import (
     load_shrec_folder,
     paint_spheres,
     parse_merge,
-    parse_radii,
     prepare_volume,
     shard_indices,
 )
@@ -176,7 +176,7 @@ def test_spheres_from_coordinates():
 def test_coordinate_table_targets_in_angstrom():
     frame = pd.DataFrame({"x": [5.0, 14.0], "y": [5.0, 14.0], "z": [5.0, 14.0], "class_name": ["a", "b"]})
     volume = np.zeros((20, 20, 20), np.float32)
-    default, per_class = parse_radii(["30", "b=20"])
+    default, per_class = parse_class_values(["30", "b=20"], "--radius")
     av = annotate_from_table("t", volume, 10.0, frame, default, per_class, "angstrom")
     assert av.radii_vox == {"a": 3.0, "b": 2.0}
     expected = paint_spheres(volume.shape, np.array([[5, 5, 5], [14, 14, 14]]), [1, 2], [3.0, 2.0])
@@ -186,7 +186,7 @@ def test_coordinate_table_targets_in_angstrom():
     with pytest.raises(VPDetectError, match="no radius for class 'a'"):
         annotate_from_table("t", volume, 10.0, frame, None, {"b": 2.0}, "voxel")
     with pytest.raises(VPDetectError, match="positive"):
-        parse_radii(["a=-1"])
+        parse_class_values(["a=-1"], "--radius")
 
 
 # --------------------------------------------------------------------------- crops

@@ -79,10 +79,11 @@ def copick_training_sources(config, runs, val_runs, voxel_spacing, tomo_type, us
         return [], []
     if voxel_spacing is None:
         raise VPDetectError("--copick needs --voxel-spacing (the tomograms' voxel spacing in Angstrom)")
+    from vpdetect.cli.options import parse_class_values
     from vpdetect.io.particles.copick_picks import open_copick
-    from vpdetect.train.data import load_copick_volumes, parse_radii
+    from vpdetect.train.data import load_copick_volumes
 
-    default_r, per_class = parse_radii(radius)
+    default_r, per_class = parse_class_values(radius, "--radius")
     if not runs:
         runs = [r.name for r in open_copick(config).runs if r.name not in set(val_runs)]
     load = functools.partial(

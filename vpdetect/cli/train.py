@@ -57,7 +57,8 @@ def side_paths(out: Path) -> dict[str, Path]:
 
 
 def _load_sources(folders, tomograms, tables, radius, radius_unit, pixel_size, what: str, tomo_set=None):
-    from vpdetect.train.data import load_coordinate_volume, load_shrec_folder, parse_radii
+    from vpdetect.cli.options import parse_class_values
+    from vpdetect.train.data import load_coordinate_volume, load_shrec_folder
 
     sources = [load_shrec_folder(folder, voxel_size=pixel_size) for folder in folders]
     if len(tomograms) != len(tables):
@@ -66,7 +67,7 @@ def _load_sources(folders, tomograms, tables, radius, radius_unit, pixel_size, w
             f"--{'val-' if what == 'validation' else ''}tomogram ({len(tomograms)} tomograms, {len(tables)} tables)"
         )
     if tomograms:
-        default_r, per_class = parse_radii(radius)
+        default_r, per_class = parse_class_values(radius, "--radius")
         if default_r is None and not per_class:
             raise VPDetectError("coordinate-only data needs --radius (R, or CLASS=R per class)")
         for tomo, table in zip(tomograms, tables, strict=True):

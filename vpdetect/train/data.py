@@ -446,25 +446,6 @@ def load_shrec_folder(folder, voxel_size: float | None = None) -> AnnotatedVolum
     )
 
 
-def parse_radii(specs: Sequence[str]) -> tuple[float | None, dict[str, float]]:
-    """`--radius` options: a bare number for every class, NAME=VALUE for one class."""
-    default: float | None = None
-    per_class: dict[str, float] = {}
-    for spec in specs:
-        name, sep, value = spec.rpartition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            raise VPDetectError(f"--radius expects VALUE or CLASS=VALUE, got {spec!r}") from None
-        if not (math.isfinite(number) and number > 0):
-            raise VPDetectError(f"--radius must be positive, got {spec!r}")
-        if sep:
-            per_class[name.strip()] = number
-        else:
-            default = number
-    return default, per_class
-
-
 def annotate_from_table(
     name: str,
     volume: np.ndarray,
