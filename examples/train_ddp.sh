@@ -45,7 +45,9 @@ SEED=${SEED:-0}
 MASTER_PORT=${MASTER_PORT:-29500}
 if [ -n "${SLURM_JOB_ID:-}" ]; then
     NNODES=${SLURM_NNODES:-1}
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+    # the whole list is read (no `| head`: under pipefail a closed pipe is SIGPIPE, exit 141)
+    NODES=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    MASTER_ADDR=${NODES%%$'\n'*}
     GPUS=${GPUS:-${SLURM_GPUS_ON_NODE:-1}}
 else
     NNODES=${NNODES:-1}
