@@ -99,6 +99,65 @@ def test_reader_gives_points_coloured_by_class_with_scores(tmp_path):
     assert back["class_name"].tolist() == list("abcd")
 
 
+def test_reader_opens_copick_picks_in_voxels_coloured_by_class(tmp_path):
+    pytest.importorskip("copick")
+    from fnmatch import fnmatch
+
+    from copick.ops.add import add_tomogram
+    from test_copick import make_project
+
+    from vpdetect.errors import VPDetectError
+    from vpdetect.io.particles import ParticleTable
+    from vpdetect.io.particles.copick_picks import write_copick_picks
+
+    root = make_project(tmp_path, ("ribosome", "apoferritin"))
+    add_tomogram(root, "TS_01", "denoised", np.zeros((20, 80, 120), np.float32), voxel_spacing=10.0)
+    table = ParticleTable.from_arrays(
+        [[20, 15, 10], [90, 30, 10], [50.5, 60, 18], [7, 8, 9]], voxel_size=10.0,
+        tomo_name=["TS_01", "TS_01", "TS_01", "TS_02"], class_name=["ribosome", "apoferritin", "ribosome", "ribosome"],
+        score=[0.9, 0.4, 0.8, 0.7],
+    )
+    assert write_copick_picks(root, table, "vpdetect", "7") == 3
+    picks = tmp_path / "overlay" / "ExperimentRuns" / "TS_01" / "Picks" / "vpdetect_7_ribosome.json"
+    readers = npe2.PluginManifest.from_file(MANIFEST).contributions.readers
+    assert any(fnmatch(picks.name, pattern) for r in readers for pattern in r.filename_patterns)
+
+    # One picks file: its class, in voxels of the run's 10 A tomogram (copick stores Angstrom).
+    [(data, kwargs, kind)] = get_reader(str(picks))(str(picks))
+    assert kind == "points" and kwargs["name"] == "vpdetect_7_ribosome"
+    np.testing.assert_allclose(data, [[10, 15, 20], [18, 60, 50.5]])  # [z, y, x]
+    features = kwargs["features"]
+    assert features["class_name"].tolist() == ["ribosome", "ribosome"]
+    assert features["tomo_name"].tolist() == ["TS_01", "TS_01"]
+    np.testing.assert_allclose(features["score"], [0.9, 0.8])
+    assert np.allclose(kwargs["border_color"], [class_colours(["ribosome"])["ribosome"]] * 2)
+    meta = kwargs["metadata"]["vpdetect"]
+    assert meta["voxel_size"] == 10.0 and meta["tomo_size"] == (120, 80, 20)
+
+    # The project's configuration: a layer per run and session, every class in it coloured apart.
+    config = str(tmp_path / "config.json")
+    add_tomogram(root, "TS_02", "denoised", np.zeros((20, 80, 120), np.float32), voxel_spacing=10.0)
+    layers = get_reader(config)(config)
+    assert [k["name"] for _, k, _ in layers] == ["TS_01 vpdetect_7", "TS_02 vpdetect_7"]
+    data, kwargs, _ = layers[0]
+    order = np.argsort(data[:, 2])
+    np.testing.assert_allclose(data[order], [[10, 15, 20], [18, 60, 50.5], [10, 30, 90]])
+    names = kwargs["features"]["class_name"].to_numpy()[order].tolist()
+    assert names == ["ribosome", "ribosome", "apoferritin"]
+    colours = class_colours(names)
+    assert colours["ribosome"] != colours["apoferritin"]
+    assert np.allclose(np.asarray(kwargs["border_color"])[order], [colours[n] for n in names])
+
+    # Other JSON is left to other plugins; picks whose voxel spacing is unknown say so.
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    assert get_reader(str(tmp_path / "other.json")) is None
+    lost = tmp_path / "lost" / "ExperimentRuns" / "TS_09" / "Picks" / picks.name
+    lost.parent.mkdir(parents=True)
+    lost.write_bytes(picks.read_bytes())
+    with pytest.raises(VPDetectError, match="run 'TS_09' has no tomogram: the picks' voxel spacing is unknown"):
+        get_reader(str(lost))(str(lost))
+
+
 def test_reader_opens_mrc_tomograms_as_images(tmp_path):
     volume = np.random.default_rng(0).normal(size=(6, 7, 8)).astype(np.float32)
     vp.write_tomogram(tmp_path / "t.mrc", volume, voxel_size=12.0)

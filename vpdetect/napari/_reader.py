@@ -4,7 +4,8 @@ Layers live in voxel units (scale 1): a point at table coordinate (x, y, z) is
 napari's [z, y, x], and napari puts voxel centres at integers as vpdetect
 does, so picks sit on the voxels they were picked at. The voxel size and the
 tomogram size ride in the layer's metadata under "vpdetect", so a saved table
-keeps them. No napari import here: layer data are plain tuples.
+keeps them. copick picks (Angstrom) become voxels of their run's tomogram, as
+vpdetect's copick reader gives them. No napari import here: layer data are plain tuples.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vpdetect.errors import VPDetectError
 
 TABLE_SUFFIXES = (".star", ".csv", ".txt")
 TOMOGRAM_SUFFIXES = (".mrc", ".rec", ".map")
+COPICK_SUFFIX = ".json"  # a copick picks file or project configuration; other JSON is left to other readers
 POINT_SIZE = 10.0  # voxels: about a SHREC particle's diameter at 1 nm voxels
 RING_WIDTH = 0.15  # border width relative to the point size: rings keep the particle visible
 METADATA_KEY = "vpdetect"
@@ -31,6 +33,10 @@ def get_reader(path):
     suffix = Path(str(path)).suffix.lower()
     if suffix in TABLE_SUFFIXES or suffix in TOMOGRAM_SUFFIXES:
         return _read_all
+    if suffix == COPICK_SUFFIX:
+        from vpdetect.io.particles.copick_picks import is_copick_config, is_copick_picks_file
+
+        return _read_all if is_copick_picks_file(path) or is_copick_config(path) else None
     return None
 
 
@@ -40,14 +46,48 @@ def _read_all(path) -> list[tuple]:
 
 
 def read_layers(path) -> list[tuple]:
-    """Layer data tuples for one file: a points layer for a table, an image layer for a tomogram."""
-    from vpdetect.api import read_table, read_tomogram
+    """Layer data tuples for one file: a points layer for a table or a copick picks file, an
+    image layer for a tomogram, a points layer per run and picking session for a copick project."""
+    from vpdetect.api import read_table, read_tomogram, to_frame
+    from vpdetect.io.particles.copick_picks import is_copick_picks_file, read_copick_picks_file
 
     path = Path(path)
     if path.suffix.lower() in TOMOGRAM_SUFFIXES:
         tomo = read_tomogram(path)
         return [image_layer_data(tomo.data, tomo.voxel_size, name=path.stem, source=str(path))]
+    if path.suffix.lower() == COPICK_SUFFIX:
+        if is_copick_picks_file(path):
+            return [points_layer_data(to_frame(read_copick_picks_file(path)), name=path.stem, source=str(path))]
+        return copick_project_layers(path)
     return [points_layer_data(read_table(path), name=path.stem, source=str(path))]
+
+
+def copick_project_layers(config) -> list[tuple]:
+    """A points layer per run and picking session (user_session: a tool's picks apart from a
+    curator's) of a copick project, named "RUN USER_SESSION"."""
+    from vpdetect.api import to_frame
+    from vpdetect.io.particles.copick_picks import (
+        open_copick,
+        read_copick_picks,
+        run_tomo_size,
+        run_voxel_spacing,
+    )
+
+    root = open_copick(config)
+    layers = []
+    for run in root.runs:
+        sessions = dict.fromkeys((p.user_id, p.session_id) for p in run.get_picks())
+        if not sessions:
+            continue
+        spacing = run_voxel_spacing(run)  # only runs with picks need one
+        tomo_size = run_tomo_size(run, spacing)
+        for user, session in sessions:
+            table = read_copick_picks(root, spacing, [run.name], user_id=user, session_id=session)
+            table.tomo_size = tomo_size
+            layers.append(points_layer_data(to_frame(table), name=f"{run.name} {user}_{session}", source=str(config)))
+    if not layers:
+        raise VPDetectError(f"copick project {config} has no picks")
+    return layers
 
 
 def image_layer_data(volume: np.ndarray, voxel_size: float | None, name: str, source: str = "") -> tuple:

@@ -5,11 +5,13 @@ Picks are per run and pickable object; their locations (plus each transform's
 translation) are Angstrom from the first voxel's centre, so x_voxel = x_A / voxel
 spacing. The transform's 3x3 part is taken as vpdetect's active rotation (particle
 frame into tomogram frame). A run's tomogram is
-`ExperimentRuns/RUN/VoxelSpacingS/TYPE.zarr`, an OME-Zarr image.
+`ExperimentRuns/RUN/VoxelSpacingS/TYPE.zarr`, an OME-Zarr image, and a run's picks
+`ExperimentRuns/RUN/Picks/USER_SESSION_OBJECT.json`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,13 +22,20 @@ from vpdetect.errors import VPDetectError
 from vpdetect.io.particles.euler import matrix_to_zxz, zxz_matrix
 from vpdetect.io.particles.table import ANGLE_COLUMNS, ParticleTable, angles_zxz, one_line, text
 
+PICKS_LAYOUT = "ExperimentRuns/RUN/Picks/USER_SESSION_OBJECT.json"
 
-def open_copick(config: str | os.PathLike):
-    """The copick root of a project configuration file."""
+
+def _import_copick():
     try:
         import copick
     except ImportError:
         raise VPDetectError("copick projects need the copick package (pip install 'vpdetect[copick]')") from None
+    return copick
+
+
+def open_copick(config: str | os.PathLike):
+    """The copick root of a project configuration file."""
+    copick = _import_copick()
     if not Path(config).is_file():
         raise VPDetectError(f"copick configuration not found: {config}")
     try:
@@ -131,3 +140,80 @@ def write_copick_picks(root, table: ParticleTable, user_id: str, session_id: str
                 raise VPDetectError(f"copick run {run_name!r}: {one_line(exc)}") from None
             written += 1
     return written
+
+
+def is_copick_picks_file(path: str | os.PathLike) -> bool:
+    """Whether a path sits where copick keeps a run's picks (`PICKS_LAYOUT`)."""
+    path = Path(path)
+    return (path.suffix.lower() == ".json" and path.parent.name == "Picks" and len(path.parents) >= 4
+            and path.parents[2].name == "ExperimentRuns")
+
+
+def is_copick_config(path: str | os.PathLike) -> bool:
+    """Whether a path is a copick project configuration (a JSON object naming pickable objects)."""
+    path = Path(path)
+    if path.suffix.lower() != ".json" or not path.is_file() or path.stat().st_size > 10_000_000:
+        return False  # configurations are small: a large JSON file is something else, left unread
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and "pickable_objects" in data
+
+
+def run_voxel_spacing(run) -> float:
+    """A run's only voxel spacing: picks are Angstrom and the tomogram to draw them on fixes the voxels."""
+    spacings = sorted({float(vs.voxel_size) for vs in run.voxel_spacings})
+    if len(spacings) != 1:
+        found = f"voxel spacings {', '.join(f'{s:g}' for s in spacings)} A" if spacings else "no tomogram"
+        raise VPDetectError(
+            f"copick run {run.name!r} has {found}: the picks' voxel spacing is unknown "
+            "(read them with vpdetect.io.particles.copick_picks.read_copick_picks(root, VOXEL_SPACING))"
+        )
+    return spacings[0]
+
+
+def run_tomo_size(run, voxel_spacing: float) -> tuple[int, int, int] | None:
+    """(x, y, z) voxels of the run's first tomogram at that spacing, None if it has none on a local disk."""
+    from vpdetect.io.mrc import read_mrc_header
+
+    spacing = run.get_voxel_spacing(voxel_spacing)
+    for tomogram in spacing.tomograms if spacing is not None else []:
+        path = Path(getattr(tomogram.zarr(), "path", ""))
+        if path.is_dir():
+            z, y, x = read_mrc_header(path)["shape"]
+            return int(x), int(y), int(z)
+    return None
+
+
+def read_copick_picks_file(path: str | os.PathLike, voxel_spacing: float | None = None) -> ParticleTable:
+    """The picks of one copick picks file (`PICKS_LAYOUT`), in voxels, without the project's
+    configuration: the project is the folder above ExperimentRuns. The voxel spacing is the
+    argument, else the file's own `voxel_spacing`, else its run's only one."""
+    path = Path(path)
+    if not is_copick_picks_file(path):
+        raise VPDetectError(f"not a copick picks file: {path} (expected {PICKS_LAYOUT})")
+    copick = _import_copick()
+    from copick.models import CopickPicksFile
+
+    try:
+        meta = CopickPicksFile.model_validate_json(path.read_bytes())
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise VPDetectError(f"cannot read copick picks {path}: {one_line(exc)}") from None
+    if meta.unit.lower() != "angstrom":
+        raise VPDetectError(f"copick picks {path}: unit {meta.unit!r}, expected angstrom")
+    # The project's own layout, read by copick itself: a configuration naming just this object.
+    root = copick.from_string(json.dumps({
+        "config_type": "filesystem", "overlay_root": str(path.resolve().parents[3]),
+        "pickable_objects": [{"name": meta.pickable_object_name, "is_particle": True}],
+    }))
+    run = root.get_run(path.parents[1].name)
+    spacing = voxel_spacing or meta.voxel_spacing or run_voxel_spacing(run)
+    table = read_copick_picks(root, spacing, [run.name], [meta.pickable_object_name], meta.user_id, meta.session_id)
+    if len(table) != len(meta.points or []):  # copick splits file names at "_": one inside a part misleads it
+        raise VPDetectError(
+            f"copick does not find the picks of {path.name} under that name: copick names picks "
+            f"{meta.user_id}_{meta.session_id}_{meta.pickable_object_name}.json and needs no '_' inside the parts"
+        )
+    table.tomo_size = run_tomo_size(run, spacing)
+    return table
