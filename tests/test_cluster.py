@@ -244,3 +244,47 @@ def test_a_component_with_a_huge_box_is_seeded_on_a_grid():
     assert len(seeds) == len(cells)
     # every seed is the mean of its cell's voxels, so it lies inside that cell
     assert all(tuple(np.floor(s / 2.5).astype(int)) in cells for s in seeds)
+
+
+def test_typical_radius_is_the_median_ball_radius_of_the_map():
+    from vpdetect.localize.cluster import typical_radius
+
+    centres = [(12.0, 12.0, 12.0), (12.0, 12.0, 36.0), (12.0, 36.0, 12.0), (36.0, 12.0, 12.0), (36.0, 36.0, 36.0)]
+    prob = spheres((48, 48, 48), centres, [4, 4, 4, 7, 7])
+    prob[2, 2, 2] = 1.0  # a 1-voxel speck is not a particle: left out of the median
+    radius = typical_radius(extract_foreground(prob, 0.5, opening_radius=0))
+    assert radius == pytest.approx(4.0, abs=0.15)  # the volume of a voxelised ball of radius 4
+    assert typical_radius(extract_foreground(np.zeros((8, 8, 8), np.float32), 0.5)) is None
+
+
+@pytest.mark.parametrize("radius", [2.5, 5.0])
+def test_adaptive_bandwidth_follows_the_particle_size(radius):
+    # Touching balls 2.2 radii apart, as in a crowded tomogram, at two particle sizes: one
+    # fixed bandwidth merges the small pairs or splits nothing, the measured one fits both.
+    spacing = 2.2 * radius
+    shape = (int(12 * radius) + 8,) * 3
+    centre = shape[0] / 2.0
+    centres = [(centre, centre, centre - spacing / 2), (centre, centre, centre + spacing / 2),
+               (centre, centre - 2 * spacing, centre), (centre + 2 * spacing, centre, centre)]
+    prob = spheres(shape, centres, radius)
+    table = find_particles(prob, threshold=0.5, opening_radius=0, bandwidth=None, min_size=5,
+                           bandwidth_factor=1.0, merge_factor=1.0)
+    assert len(table) == len(centres)
+    found = xyz_to_zyx(table)
+    for c in centres:
+        assert np.min(np.linalg.norm(found - c, axis=1)) < 1.0
+    assert table.attrs["bandwidth"] == pytest.approx(radius, rel=0.25)
+    # A bandwidth fixed for the large particles' spacing merges the small pair.
+    if radius == 2.5:
+        fixed = find_particles(prob, threshold=0.5, opening_radius=0, bandwidth=11.0, min_size=5, merge_radius=11.0)
+        assert len(fixed) < len(centres)
+
+
+def test_adaptive_bandwidth_without_particles_is_the_fallback():
+    from vpdetect.localize.cluster import adaptive_bandwidth
+
+    empty = extract_foreground(np.zeros((8, 8, 8), np.float32), 0.5)
+    assert adaptive_bandwidth(empty, 2.0, fallback=6.0) == 6.0
+    assert len(find_particles(np.zeros((8, 8, 8), np.float32), bandwidth=None, bandwidth_factor=2.0)) == 0
+    with pytest.raises(VPDetectError, match="bandwidth"):
+        find_particles(np.zeros((5, 5, 5)), bandwidth=None)

@@ -57,6 +57,12 @@ def test_tune_command_stores_the_winner_in_the_card(tmp_path, rng):
     assert result.exit_code == 0, result.output
     tuned = read_model_card(out)["postprocess"]
     assert tuned["f1"] == 1.0 and tuned["tuned_on"] == [str(tmp_path / "val")]
+    assert "bandwidth_factor" in tuned  # by default the bandwidth follows the measured particle size
+    fixed = tmp_path / "fixed.pt"
+    result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "-o", str(fixed),
+                                      "--tile", "24", "--device", "cpu", "--bandwidth", "4", "--bandwidth", "6"])
+    assert result.exit_code == 0, result.output
+    assert read_model_card(fixed)["postprocess"]["bandwidth"] in (4.0, 6.0)
     assert "postprocess" not in read_model_card(model)  # -o leaves the input alone
 
 
@@ -67,3 +73,26 @@ def test_tune_refuses_a_folder_without_ground_truth(tmp_path, rng):
     result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val")])
     assert result.exit_code == 2
     assert "occupancy_mask.mrc" in result.output
+
+
+def test_adaptive_search_stores_factors_and_localize_uses_them(rng):
+    from vpdetect.localize.pipeline import LocalizeOptions
+
+    _, occupancy, truth = annotated_scene(rng)
+    prob = (occupancy > 0).astype(np.float32)
+    calls = []
+    best, rows = tune_postprocessing([AnnotatedMap(prob, occupancy, truth, 10.0)], opening_radius=0,
+                                     thresholds=(0.5,), merge_factors=(1.0,), min_sizes=(5,),
+                                     bandwidth_factors=(1.0, 2.0), progress=lambda *a: calls.append(a))
+    assert len(rows) == 2 and best["f1"] == 1.0
+    assert calls == [(1, 2), (2, 2)]
+    assert {"bandwidth_factor", "merge_factor", "bandwidths"} <= set(best) and "bandwidth" not in best
+    card = {"postprocess": best}
+    options = LocalizeOptions().with_model_defaults(card)
+    assert options.adaptive() and options.bandwidth_factor == best["bandwidth_factor"]
+    # A size given by the user wins over the card's measured bandwidth.
+    assert not LocalizeOptions(bandwidth=4.0).with_model_defaults(card).adaptive()
+    assert not LocalizeOptions(particle_diameter=80.0).with_model_defaults(card).adaptive()
+    # Cards tuned with a fixed bandwidth keep working.
+    fixed = LocalizeOptions().with_model_defaults({"postprocess": {"bandwidth": 7.0, "merge_radius": 8.0}})
+    assert not fixed.adaptive() and fixed.bandwidth == 7.0 and fixed.merge_radius == 8.0

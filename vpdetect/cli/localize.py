@@ -89,8 +89,9 @@ def opening_radius_option():
 def bandwidth_option():
     return typer.Option(
         None, "--bandwidth", min=0.0,
-        help="Mean-shift bandwidth in voxels, about a particle's radius "
-        f"(default: from --particle-diameter, else the model's tuned value, else {DEFAULT_BANDWIDTH:g}).",
+        help="Mean-shift bandwidth in voxels, about a particle's radius (default: from --particle-diameter, "
+        "else the model's tuned value, a multiple of the particle radius measured on the map, "
+        f"else {DEFAULT_BANDWIDTH:g}).",
     )
 
 
@@ -291,6 +292,7 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         )
     timings["load"] += opened
     table = particles_from_map(prob, tomo, options, roi, timings)
+    bandwidth = table.data.attrs["bandwidth"]
     table = place_in_project(table, tomo, source, load_tomograms(job.tomograms_star))
 
     start = time.perf_counter()
@@ -318,7 +320,7 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         "format": written,
         "shape_xyz": list(tomo.shape_xyz),
         "voxel_size": tomo.voxel_size,
-        "bandwidth_voxels": options.resolved_bandwidth(tomo.voxel_size),
+        "bandwidth_voxels": bandwidth,
         # The post-processing actually used (command line, else model card, else built-in).
         "postprocess": {
             "threshold": options.threshold, "opening_radius": options.opening_radius,

@@ -124,6 +124,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
         )
         timings["load"] += opened
         found = particles_from_map(prob, tomo, options, roi, timings)
+        bandwidth = found.data.attrs["bandwidth"]
         del prob  # the map can be large; stage 2 needs only the coordinates
         if len(found):
             boxes = bar.add_task(f"{tomo.name}: classify", total=len(found))
@@ -148,7 +149,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
         "format": written,
         "shape_xyz": list(tomo.shape_xyz),
         "voxel_size": tomo.voxel_size,
-        "bandwidth_voxels": options.resolved_bandwidth(tomo.voxel_size),
+        "bandwidth_voxels": bandwidth,
         # The post-processing actually used (command line, else model card, else built-in).
         "postprocess": {
             "threshold": options.threshold, "opening_radius": options.opening_radius,

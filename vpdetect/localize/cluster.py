@@ -42,6 +42,11 @@ MAX_PAIRS = 1 << 24
 MAX_SEED_BOX_VOXELS = 1 << 24
 
 PARTICLE_COLUMNS = ["x", "y", "z", "cluster_size", "score"]
+# Limits (voxels) of a bandwidth measured from the map: below 2 every particle splits into
+# specks; above 30 a mean-shift window holds ~10^5 voxels.
+AUTO_BANDWIDTH_RANGE = (2.0, 30.0)
+# Components this small are specks, not particles: left out of the measured particle size.
+RADIUS_MIN_VOXELS = 5
 
 
 @dataclass
@@ -296,35 +301,68 @@ def mean_shift(
     return modes
 
 
+def typical_radius(foreground: Foreground, min_voxels: int = RADIUS_MIN_VOXELS) -> float | None:
+    """Median equivalent-sphere radius (voxels) of the components of at least `min_voxels`
+    voxels, None without any. Most components are single particles, so the median is the
+    particles' size as the map segments them, robust to clumps, membranes and specks."""
+    counts = np.bincount(foreground.labels, minlength=foreground.n_components)
+    counts = counts[counts >= max(1, int(min_voxels))]
+    if counts.size == 0:
+        return None
+    return float(np.cbrt(3.0 * np.median(counts) / (4.0 * np.pi)))
+
+
+def adaptive_bandwidth(foreground: Foreground, factor: float, fallback: float = 5.0) -> float:
+    """`factor` times the map's `typical_radius`, within AUTO_BANDWIDTH_RANGE (`fallback`
+    when the map has no component). A fixed bandwidth tuned on one particle size merges
+    smaller neighbours and splits larger particles; this one follows the data."""
+    radius = typical_radius(foreground)
+    if radius is None:
+        return float(fallback)
+    low, high = AUTO_BANDWIDTH_RANGE
+    return float(np.clip(factor * radius, low, high))
+
+
 def find_particles(
     prob: np.ndarray,
     threshold: float = 0.5,
     opening_radius: int = 1,
-    bandwidth: float = 5.0,
+    bandwidth: float | None = 5.0,
     min_size: int = 10,
     roi: np.ndarray | None = None,
     z_range: tuple[int, int] | None = None,
     merge_radius: float | None = None,
     slab_voxels: int = SLAB_VOXELS,
     max_centre_gap: float | None = None,
+    bandwidth_factor: float | None = None,
+    merge_factor: float | None = None,
 ):
     """Particle centres from a foreground probability map [z, y, x].
 
     Returns a DataFrame with columns x, y, z (sub-voxel, 0-based voxel
     centres), cluster_size (voxels) and score (mean probability of the
-    cluster's voxels), sorted by z, y, x. Clusters with fewer than `min_size`
-    voxels are dropped; modes closer than `merge_radius` (default bandwidth/2)
+    cluster's voxels), sorted by z, y, x; `attrs["bandwidth"]` holds the bandwidth used.
+    Clusters with fewer than `min_size` voxels are dropped; modes closer than
+    `merge_radius` (default `merge_factor` x bandwidth if given, else bandwidth/2)
     are merged into their size-weighted mean. Components whose centroid lies more than
     `max_centre_gap` voxels (default: the bandwidth; 0 = keep all) outside them are
-    hollow shells (membranes), not particles, and are dropped.
+    hollow shells (membranes), not particles, and are dropped. `bandwidth` None:
+    `bandwidth_factor` x the particles' typical radius measured on the map
+    (`adaptive_bandwidth`).
     """
     import pandas as pd
 
-    if bandwidth <= 0:
-        from vpdetect.errors import VPDetectError
+    from vpdetect.errors import VPDetectError
 
-        raise VPDetectError(f"bandwidth must be positive, got {bandwidth}")
+    if bandwidth is None and bandwidth_factor is None:
+        raise VPDetectError("give a bandwidth or a bandwidth factor")
+    if (bandwidth is not None and bandwidth <= 0) or (bandwidth is None and bandwidth_factor <= 0):
+        raise VPDetectError(f"bandwidth must be positive, got {bandwidth if bandwidth is not None else bandwidth_factor}")
     foreground = extract_foreground(prob, threshold, opening_radius, roi, z_range, slab_voxels)
+    if bandwidth is None:
+        bandwidth = adaptive_bandwidth(foreground, bandwidth_factor)
+    if merge_radius is None and merge_factor is not None:
+        merge_radius = merge_factor * bandwidth
     gap = bandwidth if max_centre_gap is None else max_centre_gap
     foreground = drop_hollow_components(foreground, gap)
     centres, sizes, prob_sums = cluster_foreground(foreground, bandwidth, merge_radius)
@@ -332,7 +370,7 @@ def find_particles(
     centres, sizes, prob_sums = centres[keep], sizes[keep], prob_sums[keep]
     order = np.lexsort((centres[:, 2], centres[:, 1], centres[:, 0]))
     centres, sizes, prob_sums = centres[order], sizes[order], prob_sums[order]
-    return pd.DataFrame(
+    found = pd.DataFrame(
         {
             "x": centres[:, 2],
             "y": centres[:, 1],
@@ -342,6 +380,8 @@ def find_particles(
         },
         columns=PARTICLE_COLUMNS,
     )
+    found.attrs["bandwidth"] = float(bandwidth)
+    return found
 
 
 def drop_hollow_components(foreground: Foreground, max_gap: float) -> Foreground:

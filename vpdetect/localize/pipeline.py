@@ -84,6 +84,10 @@ class LocalizeOptions:
     merge_radius: float | None = None
     # Drop hollow components (membranes) whose centroid is this far outside them; None = bandwidth.
     max_centre_gap: float | None = None
+    # Bandwidth (and merge radius) as multiples of the particles' radius measured on the map,
+    # used when neither bandwidth nor particle_diameter is set (from a tuned model card).
+    bandwidth_factor: float | None = None
+    merge_factor: float | None = None
     tile: int | None = None
     halo: int | None = None
     batch_size: int = 1
@@ -124,11 +128,20 @@ class LocalizeOptions:
         ):
             if getattr(self, name) is None:
                 updates[name] = type(default)(tuned.get(name, default))
-        if self.bandwidth is None and self.particle_diameter is None and "bandwidth" in tuned:
+        user_size = self.bandwidth is not None or self.particle_diameter is not None
+        if not user_size and self.bandwidth_factor is None and tuned.get("bandwidth_factor") is not None:
+            updates["bandwidth_factor"] = float(tuned["bandwidth_factor"])
+            if self.merge_radius is None and tuned.get("merge_factor") is not None:
+                updates["merge_factor"] = float(tuned["merge_factor"])
+        elif not user_size and self.bandwidth_factor is None and tuned.get("bandwidth") is not None:
             updates["bandwidth"] = float(tuned["bandwidth"])
             if self.merge_radius is None and tuned.get("merge_radius") is not None:
                 updates["merge_radius"] = float(tuned["merge_radius"])
         return replace(self, **updates)
+
+    def adaptive(self) -> bool:
+        """True when the bandwidth is measured on the map (no bandwidth or diameter given)."""
+        return self.bandwidth is None and self.particle_diameter is None and self.bandwidth_factor is not None
 
     def resolved_tile(self, model, volume_shape, free: int | None = None) -> int:
         """The tile edge for a volume on this device, checked against the free memory."""
@@ -313,7 +326,8 @@ def particles_from_map(
     timings: dict | None = None,
 ):
     """Particles of a probability map as a ParticleTable of the tomogram (columns x, y, z,
-    tomo_name, tomo_path, score, cluster_size). An empty table is valid; a warning says so."""
+    tomo_name, tomo_path, score, cluster_size; `data.attrs["bandwidth"]` the mean-shift
+    bandwidth used). An empty table is valid; a warning says so."""
     from vpdetect.io.particles import ParticleTable
 
     start = time.perf_counter()
@@ -323,7 +337,7 @@ def particles_from_map(
     if scale_zyx is not None:
         roi = nearest_resample(roi, prob.shape) if roi is not None else None
         voxel_size = tomo.voxel_size * float(np.mean(scale_zyx)) if tomo.voxel_size else None
-    bandwidth = options.resolved_bandwidth(voxel_size)
+    bandwidth = None if options.adaptive() else options.resolved_bandwidth(voxel_size)
     found = find_particles(
         prob,
         threshold=options.threshold,
@@ -334,7 +348,13 @@ def particles_from_map(
         z_range=_model_z_range(options.z_range, scale_zyx),
         merge_radius=options.merge_radius,
         max_centre_gap=options.max_centre_gap,
+        bandwidth_factor=options.bandwidth_factor,
+        merge_factor=options.merge_factor,
     )
+    if bandwidth is None:
+        log.info("%s: mean-shift bandwidth %.1f voxels (%g x the particles' radius measured on the map; "
+                 "--bandwidth or --particle-diameter to set it)", tomo.name, found.attrs["bandwidth"],
+                 options.bandwidth_factor)
     if scale_zyx is not None:
         for axis, column in enumerate(("z", "y", "x")):
             found[column] = found[column] * scale_zyx[axis]
@@ -343,9 +363,11 @@ def particles_from_map(
             found = found[(found["z"] >= z0 - 0.5) & (found["z"] <= z1 + 0.5)]
     found.insert(3, "tomo_name", tomo.name)
     found.insert(4, "tomo_path", str(tomo.path.resolve()) if tomo.path is not None else "")
+    used_bandwidth = found.attrs["bandwidth"]
     table = ParticleTable(
         data=found.reset_index(drop=True), voxel_size=tomo.voxel_size, tomo_size=tomo.shape_xyz
     )
+    table.data.attrs["bandwidth"] = used_bandwidth  # model-grid voxels, for provenance records
     if timings is not None:
         timings["cluster"] = timings.get("cluster", 0.0) + time.perf_counter() - start
     if len(table) == 0:

@@ -2,7 +2,10 @@
 
 The network's probability map is computed once per tomogram; the threshold,
 mean-shift bandwidth, merge radius and minimum cluster size are then searched
-on a grid for the best mean SHREC localization F1. The winning values are
+on a grid for the best mean SHREC localization F1. By default the bandwidth is
+searched as a multiple of the particles' radius measured on each map
+(`cluster.adaptive_bandwidth`): a fixed number of voxels suits only the particle
+size of the tuning data, a multiple follows the user's particles. The winning values are
 stored in the model card (`postprocess`) and become `localize`'s defaults for
 that model, so a model carries the settings it was validated with.
 """
@@ -10,14 +13,15 @@ that model, so a model carries the settings it was validated with.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 # A small grid: each threshold x bandwidth x merge point costs one clustering.
-DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
-DEFAULT_BANDWIDTHS = (5.0, 7.0, 9.0)
+DEFAULT_THRESHOLDS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
+DEFAULT_BANDWIDTHS = (5.0, 7.0, 9.0)  # fixed bandwidths (voxels), when asked for
+DEFAULT_BANDWIDTH_FACTORS = (1.5, 2.0, 2.5, 3.0)  # multiples of the measured particle radius
 # Merge radius as a multiple of the bandwidth.
 DEFAULT_MERGE_FACTORS = (0.75, 1.0, 1.25)
 DEFAULT_MIN_SIZES = (5, 10, 20, 40)
@@ -37,49 +41,65 @@ def tune_postprocessing(
     maps: Sequence[AnnotatedMap],
     opening_radius: int = 1,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
+    bandwidths: Sequence[float] | None = None,
     merge_factors: Sequence[float] = DEFAULT_MERGE_FACTORS,
     min_sizes: Sequence[int] = DEFAULT_MIN_SIZES,
+    bandwidth_factors: Sequence[float] = DEFAULT_BANDWIDTH_FACTORS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict, list[dict]]:
     """(best settings with their mean F1, every grid point's scores), ties to the earlier grid point.
 
+    `bandwidths` (voxels) searches fixed bandwidths; None searches `bandwidth_factors`
+    (rows then hold bandwidth_factor and merge_factor, and the bandwidth per map).
     Each threshold is applied (and opened, labelled) once per map; each
     bandwidth and merge radius clustered once; minimum sizes only filter.
+    `progress(done, total)` is called after each mean-shift of all maps.
     """
     from vpdetect.evaluate.shrec import evaluate_picks
     from vpdetect.io.particles import ParticleTable
     from vpdetect.localize.cluster import (
+        adaptive_bandwidth,
         cluster_foreground,
         drop_hollow_components,
         extract_foreground,
+        merge_close,
     )
 
+    adaptive = bandwidths is None
+    size_grid = list(bandwidth_factors if adaptive else bandwidths)
+    total, done = len(thresholds) * len(size_grid), 0
     rows: list[dict] = []
     for threshold in thresholds:
         foregrounds = [extract_foreground(m.prob, threshold, opening_radius) for m in maps]
-        for bandwidth, factor in itertools.product(bandwidths, merge_factors):
+        for size in size_grid:
+            per_map = [adaptive_bandwidth(fg, size) if adaptive else float(size) for fg in foregrounds]
             # As `find_particles` does by default: hollow components (membranes) are dropped.
-            clustered = [
-                cluster_foreground(drop_hollow_components(fg, bandwidth), bandwidth, bandwidth * factor)
-                for fg in foregrounds
+            # Mean-shift once per bandwidth; each merge radius only merges its modes.
+            unmerged = [
+                cluster_foreground(drop_hollow_components(fg, bw), bw, merge_radius=0.0)
+                for fg, bw in zip(foregrounds, per_map, strict=True)
             ]
-            for min_size in min_sizes:
-                f1s = []
-                for m, (centres, sizes, _) in zip(maps, clustered, strict=True):
-                    kept = centres[sizes >= min_size]
-                    table = ParticleTable.from_arrays(
-                        kept[:, ::-1], voxel_size=m.voxel_size, tomo_size=m.occupancy.shape[::-1]
-                    )
-                    f1s.append(evaluate_picks(table, m.occupancy, m.truth)["localization"]["f1"])
-                rows.append(
-                    {
-                        "threshold": float(threshold),
-                        "opening_radius": int(opening_radius),
-                        "bandwidth": float(bandwidth),
-                        "merge_radius": float(bandwidth * factor),
-                        "min_size": int(min_size),
-                        "f1": float(np.mean(f1s)),
-                    }
-                )
+            for factor in merge_factors:
+                clustered = [merge_close(*modes, bw * factor) for modes, bw in zip(unmerged, per_map, strict=True)]
+                for min_size in min_sizes:
+                    f1s = []
+                    for m, (centres, sizes, _) in zip(maps, clustered, strict=True):
+                        kept = centres[sizes >= min_size]
+                        table = ParticleTable.from_arrays(
+                            kept[:, ::-1], voxel_size=m.voxel_size, tomo_size=m.occupancy.shape[::-1]
+                        )
+                        f1s.append(evaluate_picks(table, m.occupancy, m.truth)["localization"]["f1"])
+                    row = {"threshold": float(threshold), "opening_radius": int(opening_radius)}
+                    if adaptive:
+                        row.update(bandwidth_factor=float(size), merge_factor=float(factor),
+                                   bandwidths=[round(bw, 2) for bw in per_map])
+                    else:
+                        row.update(bandwidth=float(size), merge_radius=float(size * factor))
+                    row.update(min_size=int(min_size), f1=float(np.mean(f1s)),
+                               f1_per_map=[round(f, 4) for f in f1s])
+                    rows.append(row)
+            done += 1
+            if progress is not None:
+                progress(done, total)
     best = max(rows, key=lambda row: row["f1"])  # max keeps the first of equal scores
     return dict(best), rows

@@ -38,7 +38,7 @@ RANDOMIZABLE = (
 )
 # Ranges of the draws (diameters in nm; SNR log-uniform).
 DIAMETER_NM = (2.5, 15.0)
-SNR_RANGE = (0.05, 6.0)
+SNR_RANGE = (0.02, 6.0)
 DEFOCUS_UM = (1.0, 6.0)
 MAX_TILT_DEG = (40.0, 70.0)
 PROTEINS_PER_MVOX = (6.0, 60.0)
