@@ -12,7 +12,6 @@ that model, so a model carries the settings it was validated with.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
