@@ -40,15 +40,23 @@ mkdir -p "$WORK"
         --slab-thickness "$SLAB" --seed 202
 
 # The generalist localizer also learns from randomised tomograms (preset generalist:
-# SNR, defocus, tilts, filter, contrast, crowding, context and procedural shapes drawn
+# SNR (0.02-6 since 2026-12-02; the bundled weights saw 0.05-6), defocus, tilts, filter, contrast, crowding, context and procedural shapes drawn
 # per tomogram): seeds 1001 (training), 1002 (validation), 1003 (tuning). The
 # generalization benchmark uses seeds 9000-9999 and another simulator.
 [[ -f "$WORK/train_gen/model_39/simulation.json" ]] ||
     "$VPDETECT" simulate "$WORK/train_gen" --n-tomograms 40 --preset generalist --seed 1001
 [[ -f "$WORK/val_gen/model_3/simulation.json" ]] ||
     "$VPDETECT" simulate "$WORK/val_gen" --n-tomograms 4 --preset generalist --seed 1002
-[[ -f "$WORK/tune_gen/model_5/simulation.json" ]] ||
-    "$VPDETECT" simulate "$WORK/tune_gen" --n-tomograms 6 --preset generalist --seed 1003
+[[ -f "$WORK/tune_gen/model_7/simulation.json" ]] ||
+    "$VPDETECT" simulate "$WORK/tune_gen" --n-tomograms 8 --preset generalist --seed 1003
+# Tuning also on low-SNR shrec21 tomograms (seed 303), so that the post-processing is chosen
+# over the SNR range users bring, not at the training data's typical SNR.
+TUNE_SNRS=(0.05 0.1 0.25)
+for snr in "${TUNE_SNRS[@]}"; do
+    [[ -f "$WORK/tune_snr$snr/model_0/simulation.json" ]] ||
+        "$VPDETECT" simulate "$WORK/tune_snr$snr" --preset shrec21 --shape 192 192 96 \
+            --slab-thickness 72 --seed 303 --snr "$snr"
+done
 
 TRAIN=()
 for d in "$WORK"/train/model_*; do TRAIN+=(--data "$d"); done
@@ -58,6 +66,7 @@ LOC_VAL=(--val "$WORK/val/model_0")
 for d in "$WORK"/val_gen/model_*; do LOC_VAL+=(--val "$d"); done
 LOC_TUNE=(--data "$WORK/val/model_0")
 for d in "$WORK"/tune_gen/model_*; do LOC_TUNE+=(--data "$d"); done
+for snr in "${TUNE_SNRS[@]}"; do LOC_TUNE+=(--data "$WORK/tune_snr$snr/model_0"); done
 
 if [[ "$RECIPE" == gpu ]]; then
     LOC_ARCH=(--width 2 --depth 49 --max-dilation 7 --crop-size 64 --batch-size 8)
@@ -92,8 +101,9 @@ wait "$LOC_PID"
 wait "$CLS_PID"
 tail -n 3 "$WORK/train_localizer.log" "$WORK/train_classifier.log"
 
-# Choose the localizer's post-processing (threshold, bandwidth, merge radius, minimum
-# size) on held-out tomograms spread over the range; the card keeps them as defaults.
+# Choose the localizer's post-processing (threshold, bandwidth as a multiple of the particle
+# radius measured on each map, merge radius, minimum size) on held-out tomograms spread over
+# the range; the card keeps them as defaults.
 "$VPDETECT" tune "$WORK/localizer.pt" "${LOC_TUNE[@]}"
 
 if [[ "$INSTALL" == 1 ]]; then

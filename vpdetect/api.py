@@ -63,6 +63,7 @@ __all__ = [
 def to_frame(table: ParticleTable) -> pd.DataFrame:
     """A ParticleTable as a DataFrame whose `attrs` keep its voxel size and tomogram size."""
     frame = table.data.copy()
+    frame.attrs = {}  # only the sizes: pipeline notes (e.g. the bandwidth used) stay internal
     frame.attrs["voxel_size"] = table.voxel_size
     frame.attrs["tomo_size"] = tuple(table.tomo_size) if table.tomo_size is not None else None
     return frame
