@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -74,15 +73,18 @@ def test_importing_the_cli_loads_no_heavy_library():
     assert done.stdout.strip() == ""
 
 
-def test_help_answers_within_a_second():
-    code = "import sys; from vpdetect.cli import main; sys.argv = ['vpdetect', '--help']; main()"
-    timings = []
-    for _ in range(2):  # the better of two runs: the machine is shared
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-        timings.append(time.perf_counter() - start)
-        assert done.returncode == 0 and "evaluate" in done.stdout and "convert" in done.stdout
-    assert min(timings) < 1.0, timings
+def test_help_loads_no_heavy_library():
+    # What keeps `vpdetect --help` instant: answering it imports none of torch, scipy, pandas
+    # (checked at exit, after the help was printed; a wall-clock limit would fail on a loaded machine).
+    code = (
+        "import atexit, sys; "
+        f"atexit.register(lambda: print('HEAVY:' + ','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules), "
+        "file=sys.stderr)); "
+        "from vpdetect.cli import main; sys.argv = ['vpdetect', '--help']; main()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "evaluate" in done.stdout and "convert" in done.stdout
+    assert "HEAVY:\n" in done.stderr or done.stderr.strip().endswith("HEAVY:"), done.stderr
 
 
 def test_version():
