@@ -96,3 +96,11 @@ def test_adaptive_search_stores_factors_and_localize_uses_them(rng):
     # Cards tuned with a fixed bandwidth keep working.
     fixed = LocalizeOptions().with_model_defaults({"postprocess": {"bandwidth": 7.0, "merge_radius": 8.0}})
     assert not fixed.adaptive() and fixed.bandwidth == 7.0 and fixed.merge_radius == 8.0
+
+
+def test_tune_refuses_a_nonpositive_bandwidth_before_segmenting(tmp_path, rng):
+    volume = shrec_folder(tmp_path / "val", rng)
+    model = intensity_localizer(tmp_path / "loc.pt", volume)
+    result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "--bandwidth", "0"])
+    assert result.exit_code == 2
+    assert "--bandwidth must be positive" in result.output and "segmenting" not in result.output

@@ -48,6 +48,8 @@ def tune(
     from vpdetect.localize.tune import AnnotatedMap, tune_postprocessing
     from vpdetect.nn.checkpoint import load_model, read_training_state, save_model
 
+    if bandwidths and min(bandwidths) <= 0:  # before minutes of segmentation
+        raise VPDetectError(f"--bandwidth must be positive, got {min(bandwidths):g}")
     device = resolve_device(device)
     net, card = load_model(model, stage="localizer", device=device)
     options = build_localize_options(tile=tile, halo=halo, device=device)
@@ -59,8 +61,6 @@ def tune(
         prob, _ = segment_volume(tomo, net, card, options)
         maps.append(AnnotatedMap(prob, occupancy, truth, tomo.voxel_size))
     console.print(f"searching post-processing settings on {len(maps)} tomogram(s) ...")
-    if bandwidths and min(bandwidths) <= 0:
-        raise VPDetectError(f"--bandwidth must be positive, got {min(bandwidths):g}")
     with progress_bar() as bar:
         task = bar.add_task("post-processing grid", total=None)
         best, rows = tune_postprocessing(

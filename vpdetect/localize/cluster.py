@@ -354,10 +354,11 @@ def find_particles(
 
     from vpdetect.errors import VPDetectError
 
-    if bandwidth is None and bandwidth_factor is None:
+    size = bandwidth if bandwidth is not None else bandwidth_factor
+    if size is None:
         raise VPDetectError("give a bandwidth or a bandwidth factor")
-    if (bandwidth is not None and bandwidth <= 0) or (bandwidth is None and bandwidth_factor <= 0):
-        raise VPDetectError(f"bandwidth must be positive, got {bandwidth if bandwidth is not None else bandwidth_factor}")
+    if size <= 0:
+        raise VPDetectError(f"bandwidth must be positive, got {size}")
     foreground = extract_foreground(prob, threshold, opening_radius, roi, z_range, slab_voxels)
     if bandwidth is None:
         bandwidth = adaptive_bandwidth(foreground, bandwidth_factor)

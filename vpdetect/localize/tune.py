@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# A small grid: each threshold x bandwidth x merge point costs one clustering.
+# A small grid: each threshold x bandwidth point costs one mean-shift per map.
 DEFAULT_THRESHOLDS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
-DEFAULT_BANDWIDTHS = (5.0, 7.0, 9.0)  # fixed bandwidths (voxels), when asked for
 DEFAULT_BANDWIDTH_FACTORS = (1.5, 2.0, 2.5, 3.0)  # multiples of the measured particle radius
 # Merge radius as a multiple of the bandwidth.
 DEFAULT_MERGE_FACTORS = (0.75, 1.0, 1.25)
