@@ -168,3 +168,40 @@ def test_engine_inside_and_outside_inference_mode():
     for got in (inside, outside, fresh, again):
         assert torch.allclose(got, expected, atol=1e-4, rtol=0)
     outside.mul_(2.0)  # what model.predict returns outside inference mode is a normal tensor
+
+
+@pytest.mark.parametrize(
+    ("arch", "shape", "batch", "threads", "slab_columns"),
+    [
+        ((1, 2, 2, 3, 2), (40, 7, 6), 1, 2, 60),
+        ((1, 2, 2, 4, 3), (33, 9, 8), 3, 2, 100),  # three boxes side by side
+        ((1, 3, 1, 5, 2), (50, 5, 5), 2, 3, 30),
+        ((2, 2, 2, 6, 4), (61, 10, 12), 2, 1, 200),
+    ],
+)
+def test_engine_streams_volumes_deeper_than_its_ring(arch, shape, batch, threads, slab_columns):
+    model = random_net(*arch)
+    engine = InferenceEngine(model, threads=threads, slab_columns=slab_columns)
+    geometry = engine.geometry(shape, batch, threads)
+    # Only the ring's planes are resident: the network's reach along z plus one step.
+    assert geometry.ring == sum(max(d) for d in model.dilations) + geometry.step < shape[0]
+    x = torch.randn(batch, arch[0], *shape)
+    calls = []
+    got = engine.predict(x, progress=lambda done, total: calls.append((done, total)))
+    assert torch.allclose(got, model.predict(x), atol=1e-5, rtol=0)
+    assert len(calls) > 1 and calls[-1] == (shape[0], shape[0])
+    # Whatever the threads and step, the same numbers up to the multiply's blocking.
+    other = InferenceEngine(model, threads=1, slab_columns=10**6).predict(x)
+    assert torch.allclose(got, other, atol=1e-6, rtol=0)
+    assert torch.equal(engine.predict(x), got)
+
+
+def test_engine_boxes_in_one_pass_equal_boxes_one_by_one():
+    # Lanes side by side share each multiply; zero gutters keep them apart exactly.
+    model = random_net(1, 4, 2, 10, 5, seed=2)
+    x = torch.randn(8, 1, 12, 12, 12)
+    engine = InferenceEngine(model, threads=2)
+    together = engine.predict(x)
+    alone = torch.cat([engine.predict(x[i : i + 1]) for i in range(8)])
+    assert torch.allclose(together, alone, atol=1e-6, rtol=0)
+    assert torch.allclose(together, model.predict(x), atol=1e-5, rtol=0)

@@ -95,10 +95,18 @@ def test_progress_and_timings_are_reported(rng):
     calls, timings = [], {}
     predict_map(net, volume, 0.0, 1.0, tile=16, halo=4, batch_size=3,
                 progress=lambda done, total: calls.append((done, total)), timings=timings)
+    # Counted in tile planes: 8 tiles of 16 planes, reported after each batch of 3 tiles.
     n_tiles = len(tile_layout(volume.shape, 16, 4))
-    assert calls[-1] == (n_tiles, n_tiles)
+    assert calls[-1] == (n_tiles * 16, n_tiles * 16)
     assert [c[0] for c in calls] == sorted(c[0] for c in calls)
     assert timings["network"] > 0 and timings["stitch"] >= 0
+    # Full-depth columns streamed along z report within each column too.
+    calls.clear()
+    deep = rng.normal(size=(150, 20, 20)).astype(np.float32)
+    predict_map(net, deep, 0.0, 1.0, tile=(150, 20, 20), halo=4,
+                progress=lambda done, total: calls.append((done, total)))
+    assert len(calls) > 2 and calls[-1] == (150, 150)
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls)
 
 
 def test_memory_mapped_volume_into_float16_memmap(tmp_path, rng):
@@ -195,15 +203,58 @@ def test_a_tile_too_large_for_the_gpu_is_refused_naming_one_that_fits():
         choose_tile(net, (512, 512, 512), "cpu", 8, 4, tile=256, free=free)
 
 
-def test_default_tile_cpu_fixed_gpu_from_free_memory():
-    from vpdetect.localize.tiling import DEFAULT_TILE, choose_tile, tile_memory_bytes
+def test_default_tile_cpu_columns_gpu_from_free_memory():
+    from vpdetect.localize.tiling import (
+        CPU_MEMORY_SHARE,
+        DEFAULT_TILE,
+        choose_tile,
+        column_memory_bytes,
+        recompute_factor,
+        tile_memory_bytes,
+    )
 
     net = paper_localizer()
-    assert choose_tile(net, (512, 512, 512), "cpu", 1, 4, free=10**12) == DEFAULT_TILE
+    # CPU: full-depth columns streamed along z; with memory to spare, the whole tomogram.
+    assert choose_tile(net, (512, 512, 512), "cpu", 1, 4, free=10**12, halo=24) == (512, 512, 512)
+    # Less memory: narrower columns, as few as fit the share, recomputing only x-y halos.
+    free = 16 * 10**9
+    shape = choose_tile(net, (200, 512, 512), "cpu", 1, 4, free=free, halo=24)
+    assert shape[0] == 200 and shape[1] < 512
+    assert column_memory_bytes(net, shape) <= CPU_MEMORY_SHARE * free
+    assert 1.0 < recompute_factor((200, 512, 512), shape, 24) < 1.5
+    # Other networks keep cubic tiles on the CPU.
+    smooth = torch.nn.Conv3d(1, 2, 3)
+    assert choose_tile(smooth, (512, 512, 512), "cpu", 1, 4, free=10**12) == DEFAULT_TILE
     # A 141 GB GPU takes a 512^3 tomogram in one tile (fp32 maps: ~53 GB, under half the memory).
     assert choose_tile(net, (512, 512, 512), "cuda:0", 1, 4, free=141 * 10**9) == 512
     tile = choose_tile(net, (512, 512, 512), "cuda:0", 1, 4, free=16 * 10**9)
     assert tile_memory_bytes(net, (tile,) * 3, 1, 4) <= 8 * 10**9 < tile_memory_bytes(net, (tile + 8,) * 3, 1, 4)
+
+
+def test_bundled_localizer_recomputes_little_on_the_cpu():
+    # The CPU default for the bundled localizer on common sizes, with 8 GB free.
+    from vpdetect.localize.pipeline import LocalizeOptions
+    from vpdetect.localize.tiling import recompute_factor
+    from vpdetect.models import default_model_path
+    from vpdetect.nn.checkpoint import load_model
+
+    net, _ = load_model(default_model_path("localizer"), stage="localizer")
+    options = LocalizeOptions()
+    for shape in ((256, 256, 256), (200, 512, 512), (300, 1024, 1024)):
+        tile = options.resolved_tile(net, shape, free=8 * 10**9)
+        assert tile[0] == shape[0]
+        assert recompute_factor(shape, tile, options.resolved_halo(net)) < 1.3
+
+
+@pytest.mark.parametrize("tile", [(26, 33, 30), (26, 19, 17), (26, 33, 16)])
+def test_streamed_columns_equal_whole_volume_pass(rng, tile):
+    # A deep volume (the ring holds fewer planes than the volume) in one or several columns.
+    net = small_net(seed=5)
+    volume = rng.normal(size=(61, 33, 30)).astype(np.float32)
+    mean, std = zscore_params(volume)
+    reference = whole_volume_foreground(net, volume, mean, std)
+    got = predict_map(net, volume, mean, std, tile=(61, *tile[1:]), halo=net.halo)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
 
 
 def test_localize_refuses_a_tile_too_large_before_any_work(monkeypatch):
@@ -211,12 +262,18 @@ def test_localize_refuses_a_tile_too_large_before_any_work(monkeypatch):
     from vpdetect.localize import tiling
     from vpdetect.localize.pipeline import LocalizeOptions, segment_volume
 
-    monkeypatch.setattr(tiling, "available_memory", lambda device: 10**6)
+    free = 12 * 10**6
+    monkeypatch.setattr(tiling, "available_memory", lambda device: free)
     net = small_net()
-    tomo = Tomogram(np.random.default_rng(0).normal(size=(32, 32, 32)).astype(np.float32))
+    tomo = Tomogram(np.random.default_rng(0).normal(size=(32, 128, 128)).astype(np.float32))
     card = {"stage": "localizer", "class_names": ["background", "particle"], "normalisation": "zscore"}
-    with pytest.raises(VPDetectError, match="--tile 32 .* use --tile 24 or less"):
-        segment_volume(tomo, net, card, LocalizeOptions(tile=32))
+    # On the CPU --tile is the x-y edge of full-depth columns.
+    with pytest.raises(VPDetectError, match=r"--tile 128 .*32-slice columns.* use --tile \d+ or less") as error:
+        segment_volume(tomo, net, card, LocalizeOptions(tile=128))
+    fits = int(str(error.value).rsplit("--tile ", 1)[1].split()[0])
+    assert fits % 8 == 0 and 8 <= fits < 128
+    assert tiling.column_memory_bytes(net, (32, fits, fits)) <= 0.9 * free
+    assert tiling.column_memory_bytes(net, (32, fits + 8, fits + 8)) > 0.9 * free
 
 
 def test_statistics_read_a_bounded_number_of_voxels_at_once(rng):

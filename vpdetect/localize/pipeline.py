@@ -25,6 +25,8 @@ from vpdetect.localize.tiling import (
     allocate_map,
     choose_tile,
     predict_map,
+    recompute_factor,
+    tile_shape,
 )
 from vpdetect.nn.checkpoint import check_inference_card
 from vpdetect.preprocess import (
@@ -62,9 +64,12 @@ class LocalizeOptions:
 
     bandwidth: mean-shift bandwidth in voxels; None = particle_diameter / 2 in
     voxels when a diameter (Angstrom) is given, else DEFAULT_BANDWIDTH.
-    tile: tile edge in voxels; None = DEFAULT_TILE on the CPU, on a GPU the largest that
-    fits half its free memory (`tiling.choose_tile`, which also refuses a tile too large).
-    halo: context voxels per tile side; None = min(model.halo, DEFAULT_HALO_CAP).
+    tile: tile edge in voxels; on the CPU the x-y edge of the full-depth columns an
+    MSDNet streams along z. None = on the CPU the widest columns that fit CPU_MEMORY_SHARE
+    of the free memory, on a GPU the largest cubic tile that fits half its free memory
+    (`tiling.choose_tile`, which also refuses a tile too large).
+    halo: context voxels per tile side (x and y only for z-streamed columns, which see the
+    network's whole reach along z); None = min(model.halo, DEFAULT_HALO_CAP).
     z_range: first and last slice (0-based, inclusive) to search, or None.
     device: a concrete torch device string ("cpu", "cuda:0").
     precision: a `vpdetect.nn.precision` name (auto, fp32, tf32, bf16, fp16; CUDA only).
@@ -143,13 +148,14 @@ class LocalizeOptions:
         """True when the bandwidth is measured on the map (no bandwidth or diameter given)."""
         return self.bandwidth is None and self.particle_diameter is None and self.bandwidth_factor is not None
 
-    def resolved_tile(self, model, volume_shape, free: int | None = None) -> int:
-        """The tile edge for a volume on this device, checked against the free memory."""
+    def resolved_tile(self, model, volume_shape, free: int | None = None):
+        """The tile (an edge, or (z, y, x) edges) for a volume on this device, checked
+        against the free memory."""
         from vpdetect.nn.precision import resolve_precision
 
         bytes_per_value = resolve_precision(self.precision, self.device).dtype.itemsize
         return choose_tile(model, tuple(volume_shape), self.device, self.batch_size, bytes_per_value,
-                           self.tile, free)
+                           self.tile, free, self.resolved_halo(model))
 
     def resolved_halo(self, model) -> int:
         return int(min(model.halo, DEFAULT_HALO_CAP) if self.halo is None else self.halo)
@@ -289,8 +295,9 @@ def segment_volume(
     z_lo, z_hi = _search_slices(volume.shape[0], z_range, halo)
     # Before the map is allocated: a tile too large for the device fails at once, in one line.
     tile = options.resolved_tile(model, (z_hi - z_lo, *volume.shape[1:]))
-    log.debug("%s: tiles of %d voxels, halo %d, batch %d on %s", tomo.name, tile, halo,
-              options.batch_size, options.device)
+    log.debug("%s: tiles of %s voxels (z, y, x), halo %d, batch %d on %s, %.2f x the voxels computed",
+              tomo.name, tile_shape((z_hi - z_lo, *volume.shape[1:]), tile), halo, options.batch_size,
+              options.device, recompute_factor((z_hi - z_lo, *volume.shape[1:]), tile, halo))
     prob = allocate_map(volume.shape, np.float16, options.max_map_in_memory_voxels)
     model.to(options.device)
     predict_map(

@@ -1,6 +1,11 @@
 """Tiled network inference with valid-region stitching (VP-Detector 2.1.1, steps 1-2).
 
-The tomogram is cut into cubic input tiles of edge `tile`. Each tile trusts
+On the CPU an MSDNet sees full-depth columns: the engine streams each column
+along z (`vpdetect.nn.engine`), computing every voxel once along z with the
+network's whole reach, so only x and y are tiled, and the columns are as few
+and as wide as CPU_MEMORY_SHARE of the free memory allows (often one: the
+whole tomogram, nothing recomputed). Elsewhere (GPUs, other networks) the
+tomogram is cut into cubic input tiles of edge `tile`. Each tile trusts
 only its core: the part at least `halo` voxels from any tile face that is not
 also a face of the tomogram. The cores partition the volume, so every output
 voxel comes from exactly one tile and no blending is needed; with
@@ -37,6 +42,12 @@ DEFAULT_HALO_CAP = 24
 # GPU default (to be measured by `make gpu-check`): the largest tile whose feature maps take
 # at most this share of the GPU's free memory, up to the whole tomogram.
 GPU_MEMORY_SHARE = 0.5
+# CPU, MSDNet: the full-depth columns are chosen to use at most this share of the free memory.
+CPU_MEMORY_SHARE = 0.4
+# Assumed free memory when it cannot be told.
+UNKNOWN_FREE_MEMORY = 8 * 1024**3
+# Columns per axis considered.
+MAX_COLUMNS_PER_AXIS = 16
 # A tile is refused when its estimate exceeds this share of the free memory.
 MEMORY_LIMIT_SHARE = 0.9
 # Maps larger than this many voxels live in a disk-backed memmap instead of memory.
@@ -84,13 +95,14 @@ def axis_layout(length: int, tile: int, halo: int) -> list[tuple[int, int, int]]
     return layout
 
 
-def tile_layout(shape: tuple[int, int, int], tile: int, halo: int) -> list[Tile]:
-    """All tiles of a [z, y, x] volume, z-major, as `Tile`s."""
+def tile_layout(shape: tuple[int, int, int], tile, halo: int) -> list[Tile]:
+    """All tiles of a [z, y, x] volume, z-major, as `Tile`s; `tile` an edge or (z, y, x) edges."""
+    edges = (tile,) * 3 if np.isscalar(tile) else tuple(tile)
     per_axis = []
-    for length in shape:
-        size = min(tile, length)
+    for length, edge in zip(shape, edges, strict=True):
+        size = min(edge, length)
         per_axis.append(
-            [(slice(s, s + size), slice(a, b)) for s, a, b in axis_layout(length, tile, halo)]
+            [(slice(s, s + size), slice(a, b)) for s, a, b in axis_layout(length, edge, halo)]
         )
     return [
         Tile(source=(z[0], y[0], x[0]), core=(z[1], y[1], x[1]))
@@ -175,9 +187,93 @@ class PageReleasingVolume:
         release_pages(self.volume, self.shape[0])
 
 
-def tile_shape(volume_shape: tuple[int, ...], tile: int) -> tuple[int, int, int]:
-    """The input shape of every tile of a volume: `tile` along each axis, or the axis if shorter."""
-    return tuple(min(int(tile), int(n)) for n in volume_shape)  # type: ignore[return-value]
+def tile_shape(volume_shape: tuple[int, ...], tile) -> tuple[int, int, int]:
+    """The input shape of every tile of a volume: `tile` (an edge or (z, y, x) edges) along
+    each axis, or the axis if shorter."""
+    edges = (tile,) * len(volume_shape) if np.isscalar(tile) else tuple(tile)
+    return tuple(min(int(e), int(n)) for e, n in zip(edges, volume_shape, strict=True))  # type: ignore[return-value]
+
+
+def recompute_factor(volume_shape: tuple[int, int, int], tile, halo: int) -> float:
+    """Voxels the network computes (all tile inputs) per output voxel."""
+    computed = 0
+    for t in tile_layout(tuple(volume_shape), tile, halo):
+        computed += int(np.prod([s.stop - s.start for s in t.source]))
+    return computed / float(np.prod(volume_shape))
+
+
+def streams_columns(model, device: str) -> bool:
+    """True where the network runs as z-streamed full-depth columns (an MSDNet on the CPU)."""
+    import torch
+
+    from vpdetect.nn.msdnet import MSDNet
+
+    return isinstance(model, MSDNet) and torch.device(device).type == "cpu"
+
+
+def column_memory_bytes(model, shape: tuple[int, int, int], batch_size: int = 1, threads: int | None = None) -> int:
+    """Memory of one CPU engine call on `batch_size` columns of `shape` (`stream_geometry`)."""
+    import torch
+
+    from vpdetect.nn.engine import stream_geometry
+
+    return stream_geometry(model, tuple(shape), batch_size, threads or torch.get_num_threads()).bytes
+
+
+def _column_edge(length: int, pieces: int, halo: int) -> int:
+    """The window that cuts an axis into `pieces` cores with `halo` context where needed."""
+    if pieces == 1:
+        return length
+    core = math.ceil(length / pieces)
+    return min(length, core + (halo if pieces == 2 else 2 * halo))
+
+
+def choose_columns(model, volume_shape, batch_size: int, halo: int, tile: int | None = None,
+                   free: int | None = None, threads: int | None = None) -> tuple[int, int, int]:
+    """(z, y, x) input shape of the columns the CPU engine streams along z.
+
+    `tile=None`: the fewest voxels computed (least recomputation in x and y) among
+    column layouts that take at most CPU_MEMORY_SHARE of the free memory; `tile` fixes
+    the x-y edge (refused in one line when it exceeds MEMORY_LIMIT_SHARE of it).
+    """
+    depth_z, height, width = (int(n) for n in volume_shape)
+    known = available_memory("cpu") if free is None else free
+    free = UNKNOWN_FREE_MEMORY if known is None else known
+    if tile is not None:
+        if tile < 1:
+            raise VPDetectError(f"tile size must be positive, got {tile}")
+        shape = (depth_z, min(tile, height), min(tile, width))
+        need = column_memory_bytes(model, shape, batch_size, threads)
+        if known is not None and need > MEMORY_LIMIT_SHARE * free:
+            fits = next(
+                (edge for edge in range((min(tile, max(height, width)) - 1) // 8 * 8, 7, -8)
+                 if column_memory_bytes(model, (depth_z, min(edge, height), min(edge, width)), batch_size,
+                                        threads) <= MEMORY_LIMIT_SHARE * free),
+                None,
+            )
+            raise VPDetectError(
+                f"--tile {tile} needs about {_gigabytes(need)} for {depth_z}-slice columns on the CPU, "
+                f"but the machine has {_gigabytes(free)} free; "
+                + (f"use --tile {fits} or less" if fits else "even --tile 8 does not fit; free some memory")
+                + (" or a smaller --batch-size" if batch_size > 1 else "")
+            )
+        return shape
+    best = None
+    for ny in range(1, min(MAX_COLUMNS_PER_AXIS, height) + 1):
+        for nx in range(1, min(MAX_COLUMNS_PER_AXIS, width) + 1):
+            ty, tx = _column_edge(height, ny, halo), _column_edge(width, nx, halo)
+            if (ty < height and ty <= 2 * halo) or (tx < width and tx <= 2 * halo):
+                continue
+            shape = (depth_z, ty, tx)
+            if column_memory_bytes(model, shape, batch_size, threads) > CPU_MEMORY_SHARE * free:
+                continue
+            cost = len(axis_layout(height, ty, halo)) * ty * len(axis_layout(width, tx, halo)) * tx
+            if best is None or cost < best[0]:
+                best = (cost, shape)
+    if best is None:  # not even the narrowest columns fit the share: take them anyway
+        narrow = 2 * halo + 8
+        return (depth_z, min(height, narrow), min(width, narrow))
+    return best[1]
 
 
 def tile_memory_bytes(model, shape: tuple[int, int, int], batch_size: int, bytes_per_value: int) -> int:
@@ -217,10 +313,11 @@ def _largest_tile(model, volume_shape, batch_size: int, bytes_per_value: int, bu
 
 
 def choose_tile(model, volume_shape, device: str, batch_size: int, bytes_per_value: int,
-                tile: int | None = None, free: int | None = None) -> int:
-    """The tile edge to use, checked against the memory there is.
+                tile: int | None = None, free: int | None = None, halo: int = DEFAULT_HALO_CAP):
+    """The tile to use, checked against the memory there is: an edge, or (z, y, x) edges.
 
-    `tile=None`: DEFAULT_TILE on the CPU; on a GPU the largest tile whose call takes at most
+    An MSDNet on the CPU: full-depth columns (`choose_columns`, `tile` their x-y edge).
+    Otherwise `tile=None`: DEFAULT_TILE on the CPU; on a GPU the largest tile whose call takes at most
     GPU_MEMORY_SHARE of the free memory (whole-tomogram tiles on big GPUs: no halo recomputed).
     A tile whose estimate exceeds MEMORY_LIMIT_SHARE of the free memory is refused in one line
     (a 512^3 tile of a paper-sized localizer needs ~27 GB in bf16), naming one that fits.
@@ -228,6 +325,8 @@ def choose_tile(model, volume_shape, device: str, batch_size: int, bytes_per_val
     """
     import torch
 
+    if streams_columns(model, device):
+        return choose_columns(model, volume_shape, batch_size, halo, tile, free)
     free = available_memory(device) if free is None else free
     on_gpu = torch.device(device).type == "cuda"
     if tile is None:
@@ -270,7 +369,7 @@ def predictor(model, precision: str = "auto", device: str = "cpu") -> Callable:
         return functools.partial(fast_predict, model, precision=precision)
     arithmetic = resolve_precision(precision, device)
 
-    def predict(x):
+    def predict(x, progress=None):
         with inference_arithmetic(arithmetic, device):
             return model.predict(x)
 
@@ -282,7 +381,7 @@ def predict_map(
     volume: np.ndarray,
     mean: float,
     std: float,
-    tile: int = DEFAULT_TILE,
+    tile=DEFAULT_TILE,
     halo: int | None = None,
     batch_size: int = 1,
     device: str = "cpu",
@@ -297,15 +396,17 @@ def predict_map(
     `model.predict(x)` must return class probabilities (N, C, D, H, W) with
     class 0 the background; the foreground is the sum of the other classes.
     An MSDNet runs through `vpdetect.nn.engine.fast_predict` (same result).
+    `tile`: an edge or (z, y, x) edges (`choose_tile`).
     `halo=None` uses `model.halo` (exact). `out` may be a preallocated map
     (float16, float32 or a memmap); by default a float32 array is returned.
-    `progress(done, total)` is called after each batch of tiles; `timings`
-    (if given) accumulates seconds under "network" and "stitch".
+    `progress(done, total)` is called after each batch of tiles, and after each step
+    of a z-streamed column, counting tile planes; `timings` (if given) accumulates
+    seconds under "network" and "stitch".
     """
     import torch
 
     halo = int(model.halo if halo is None else halo)
-    if tile < 1 or batch_size < 1 or halo < 0:
+    if min(np.atleast_1d(tile)) < 1 or batch_size < 1 or halo < 0:
         raise VPDetectError("tile and batch size must be positive and the halo non-negative")
     if out is None:
         out = np.zeros(volume.shape, dtype=np.float32)
@@ -317,12 +418,21 @@ def predict_map(
     timings.setdefault("stitch", 0.0)
     model.eval()
     predict = predictor(model, precision, device)
+    planes = tile_shape(tuple(volume.shape), tile)[0]
+    total = len(tiles) * planes
     done = 0
     with torch.inference_mode():
         for batch in _batches(tiles, batch_size):
             start = time.perf_counter()
             crops = np.stack([normalise(volume[t.source], mean, std, clip) for t in batch])[:, None]
-            probs = predict(torch.from_numpy(crops).to(device))
+            inputs = torch.from_numpy(crops).to(device)
+            if progress is not None and streams_columns(model, device):
+                def within(finished, _planes, base=done, lanes=len(batch)):
+                    progress(base + finished * lanes, total)
+
+                probs = predict(inputs, progress=within)
+            else:
+                probs = predict(inputs)
             foreground = probs[:, 1:].sum(dim=1).float().cpu().numpy()
             middle = time.perf_counter()
             for t, fg in zip(batch, foreground, strict=True):
@@ -333,9 +443,9 @@ def predict_map(
             release_pages(out, batch[-1].core[0].stop, batch[0].core[0].start)
             timings["network"] += middle - start
             timings["stitch"] += time.perf_counter() - middle
-            done += len(batch)
+            done += len(batch) * planes
             if progress is not None:
-                progress(done, len(tiles))
+                progress(done, total)
     if isinstance(out, np.memmap):
         out.flush()
     return out

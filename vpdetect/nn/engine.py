@@ -42,6 +42,7 @@ from __future__ import annotations
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ class InferenceEngine:
         self.threads = threads
         self.precision = _checked_precision(precision)
         self.slab_columns = int(slab_columns)
-        self._plans: dict[tuple[int, int, int, int], _CpuPlan] = {}
+        self._plans: dict[tuple[int, ...], _CpuPlan] = {}
         self._arithmetic = None  # (precision, device) -> Arithmetic, resolved on first use
         self.refresh()
 
@@ -106,8 +107,10 @@ class InferenceEngine:
         self._weights = _CpuWeights(self.model) if self.device.type == "cpu" else None
         self._plans.clear()
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities (N, n_classes, D, H, W), float32, on the model's device."""
+    def predict(self, x: torch.Tensor, progress=None) -> torch.Tensor:
+        """Softmax probabilities (N, n_classes, D, H, W), float32, on the model's device.
+
+        `progress(planes_done, D)` (CPU) is called as output planes are finished."""
         model = self.model
         if x.ndim != 5 or x.shape[1] != model.in_channels:
             raise VPDetectError(
@@ -126,20 +129,24 @@ class InferenceEngine:
         # buffers made here in either mode can always be updated in place.
         with torch.inference_mode():
             x = x.detach().to("cpu", torch.float32)
-            plan = self._plan((d, h, w), threads)
-            for sample in range(n):
-                plan.run(x[sample], out[sample])
+            # All samples side by side in one pass: one multiply serves every box of a batch.
+            self._plan((d, h, w), n, threads).run(x, out, progress)
         return out
 
-    def _plan(self, shape: tuple[int, int, int], threads: int) -> _CpuPlan:
-        """The cached plan (buffers) for inputs of `shape`."""
-        key = (*shape, threads)
+    def geometry(self, shape: tuple[int, int, int], lanes: int = 1, threads: int | None = None) -> StreamGeometry:
+        """The layout (ring planes, memory) the CPU path uses for `lanes` inputs of `shape`."""
+        return stream_geometry(self.model, shape, lanes, threads or self.threads or torch.get_num_threads(),
+                               self.slab_columns)
+
+    def _plan(self, shape: tuple[int, int, int], lanes: int, threads: int) -> _CpuPlan:
+        """The cached plan (buffers) for `lanes` inputs of `shape`."""
+        key = (*shape, lanes, threads)
         plan = self._plans.get(key)
         if plan is None:
             # Tiling reuses one tile shape; keep only the latest two (each holds a buffer).
             if len(self._plans) >= 2:
                 self._plans.pop(next(iter(self._plans)))
-            plan = _CpuPlan(self._weights, shape, threads, self.slab_columns)
+            plan = _CpuPlan(self._weights, self.geometry(shape, lanes, threads), threads, self.slab_columns)
             self._plans[key] = plan
         return plan
 
@@ -175,14 +182,14 @@ def engine_for(model: MSDNet, precision: str | None = None) -> InferenceEngine:
     return engine
 
 
-def fast_predict(model: MSDNet, x: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+def fast_predict(model: MSDNet, x: torch.Tensor, precision: str | None = None, progress=None) -> torch.Tensor:
     """Drop-in for `model.predict(x)`: softmax probabilities (N, n_classes, D, H, W), float32.
 
     CPU: the matrix-multiply engine (float32). CUDA: cuDNN under the caller's
     autocast (precision None) or under `precision` (a `vpdetect.nn.precision`
     name). The engine (repacked weights, buffers for the last two input shapes) is kept per model and rebuilt when the model's weights change.
     """
-    return engine_for(model, precision).predict(x)
+    return engine_for(model, precision).predict(x, progress)
 
 
 def _checked_precision(precision: str | None) -> str | None:
@@ -221,163 +228,287 @@ class _CpuWeights:
             self.final_bias = model.final.bias.detach().float().reshape(-1, 1).clone()
 
 
-class _Chunk:
-    """A range of z-planes (a unit of work for one thread) and its private scratch."""
+@dataclass(frozen=True)
+class StreamGeometry:
+    """How the CPU engine lays out one input shape (see the module docstring).
 
-    def __init__(
-        self, z0: int, z1: int, n_rows: int, t_width: int, width: int, pad: int, hw, slab_planes: int
-    ) -> None:
-        self.z0, self.z1 = z0, z1
-        # Tap outputs of one slab; the zero margins stand for the (zero) neighbours.
+    `ring` planes of every feature map are resident at a time (the whole
+    volume when `ring == depth`); `step` input planes enter per step.
+    `bytes` is the memory of the buffers: feature ring, per-layer
+    accumulators, tap scratch and the input and output tensors.
+    """
+
+    shape: tuple[int, int, int]
+    lanes: int
+    pad: int
+    step: int
+    ring: int
+    accumulator_planes: tuple[int, ...]
+    bytes: int
+
+    @property
+    def row_pitch(self) -> int:
+        return self.lanes * (self.shape[2] + self.pad)
+
+    @property
+    def plane_pitch(self) -> int:
+        return (self.shape[1] + self.pad) * self.row_pitch
+
+
+def stream_geometry(
+    model, shape: tuple[int, int, int], lanes: int = 1, threads: int = 1, slab_columns: int = SLAB_COLUMNS
+) -> StreamGeometry:
+    """The engine's layout for `lanes` samples of `shape` (D, H, W) on `threads` workers.
+
+    Memory grows with the ring: n_maps x ring x plane, where ring = min(D, sum of
+    the layers' largest dilations + step) planes, i.e. about
+    width x depth^2 x mean dilation x plane size for deep networks (far less
+    than the whole volume once D exceeds the ring).
+    """
+    depth_z, height, width = (int(n) for n in shape)
+    dilations = [max(d) for d in model.dilations]
+    pad = max(dilations)
+    row_pitch = lanes * (width + pad)
+    plane_pitch = (height + pad) * row_pitch
+    per_worker = max(1, round(slab_columns / plane_pitch))
+    step = max(1, min(depth_z, per_worker * threads))
+    ring = min(depth_z, sum(dilations) + step)
+    acc = tuple(min(depth_z, step + 2 * d) for d in dilations)
+    compute_plane = height * (row_pitch - pad)
+    margin = pad * row_pitch + pad
+    floats = (
+        model.n_feature_maps * ring * plane_pitch  # feature ring
+        + model.width * sum(acc) * compute_plane  # accumulators
+        + model.width * 3 * step * compute_plane  # z-tap sums of a step
+        + threads * (27 * model.width * (per_worker * plane_pitch + 2 * margin) + 9 * per_worker * compute_plane)
+        + lanes * (model.in_channels + model.n_classes) * depth_z * height * width  # input, output
+    )
+    return StreamGeometry((depth_z, height, width), lanes, pad, step, ring, acc, 4 * floats)
+
+
+def _segments(start: int, stop: int, *periods: int) -> list[tuple[int, int]]:
+    """Split [start, stop) where any ring of the given periods wraps: (z0, z1) pieces."""
+    if stop <= start:
+        return []
+    cuts = {start, stop}
+    for period in periods:
+        cuts.update(range((start // period + 1) * period, stop, period))
+    points = sorted(cuts)
+    return list(zip(points[:-1], points[1:], strict=True))
+
+
+def _split(start: int, stop: int, parts: int) -> list[tuple[int, int]]:
+    """[start, stop) cut into at most `parts` contiguous, nearly equal, non-empty ranges."""
+    parts = max(1, min(parts, stop - start))
+    bounds = [start + round(k * (stop - start) / parts) for k in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+class _Scratch:
+    """One worker's tap outputs and in-plane partial sums."""
+
+    def __init__(self, n_rows: int, t_width: int, planes: int, height: int, width: int) -> None:
+        # Zero margins around the columns a multiply writes stand for the (zero) neighbours.
         self.taps = torch.zeros((n_rows, t_width), dtype=torch.float32)
-        # Pre-activations of this chunk's planes plus `pad` planes either side.
-        self.acc = torch.zeros((width, z1 - z0 + 2 * pad, *hw), dtype=torch.float32)
-        # In-plane partial sums of one slab: per (kz, ky), then per kz.
-        self.by_row = torch.empty((3, 3, slab_planes, *hw), dtype=torch.float32)
-        self.by_plane = torch.empty((3, slab_planes, *hw), dtype=torch.float32)
+        self.by_row = torch.empty((3, 3, planes, height, width), dtype=torch.float32)
 
 
 class _CpuPlan:
-    """Buffers and geometry for one input shape; `run` evaluates one sample."""
+    """Buffers for one input shape and lane count; `run` evaluates `lanes` samples at once."""
 
-    def __init__(self, weights: _CpuWeights, shape: tuple[int, int, int], threads: int, slab_columns: int) -> None:
+    def __init__(self, weights: _CpuWeights, geometry: StreamGeometry, threads: int, slab_columns: int) -> None:
         self.weights = weights
-        depth_z, height, width = shape
-        pad = weights.max_dilation
-        self.shape = shape
-        self.pad = pad
-        self.row_pitch = width + pad
-        self.plane_pitch = (height + pad) * self.row_pitch
-        # Feature buffer: zero pitch padding that must stay zero (only interiors are written).
-        self.buffer = torch.zeros((weights.n_maps, depth_z * self.plane_pitch), dtype=torch.float32)
-        self.slab_planes = max(1, min(depth_z, round(slab_columns / self.plane_pitch)))
-        self.margin = pad * self.row_pitch + pad
-        t_width = self.slab_planes * self.plane_pitch + 2 * self.margin
-        # More chunks than threads: a thread that the OS pauses (cores shared with other
-        # jobs) then holds up a layer's barrier for a smaller share of the work.
-        n_chunks = max(1, min(threads * CHUNKS_PER_THREAD if threads > 1 else 1, depth_z))
-        bounds = [round(k * depth_z / n_chunks) for k in range(n_chunks + 1)]
-        self.chunks = [
-            _Chunk(
-                bounds[k], bounds[k + 1], 27 * weights.width, t_width, weights.width, pad,
-                (height, width), self.slab_planes,
-            )
-            for k in range(n_chunks)
+        self.geometry = geometry
+        depth_z, height, width = geometry.shape
+        self.pad = pad = geometry.pad
+        self.lanes = geometry.lanes
+        self.row_pitch = geometry.row_pitch
+        self.plane_pitch = geometry.plane_pitch
+        # Computed width of a row: every lane and the zero gutters between lanes.
+        self.compute_width = self.row_pitch - pad
+        self.step = geometry.step
+        self.ring = geometry.ring
+        self.per_worker = max(1, round(slab_columns / self.plane_pitch))
+        self.threads = threads
+        # Feature ring: plane z lives in slot z % ring. Pitch padding and gutters stay zero.
+        self.buffer = torch.zeros((weights.n_maps, self.ring * self.plane_pitch), dtype=torch.float32)
+        self.acc = [
+            torch.zeros((weights.width, planes, height, self.compute_width), dtype=torch.float32)
+            for planes in geometry.accumulator_planes
         ]
-        self.pool = _pool(threads) if n_chunks > 1 else None
+        self.zsums = torch.empty((weights.width, 3, self.step, height, self.compute_width), dtype=torch.float32)
+        self.margin = pad * self.row_pitch + pad
+        t_width = self.per_worker * self.plane_pitch + 2 * self.margin
+        self.scratch = [
+            _Scratch(27 * weights.width, t_width, self.per_worker, height, self.compute_width)
+            for _ in range(threads)
+        ]
+        self.pool = _pool(threads) if threads > 1 else None
 
-    def interior(self, rows: slice | int, z0: int, z1: int) -> torch.Tensor:
-        """The data voxels of buffer `rows` for planes z0..z1-1, as a strided view."""
-        _, height, width = self.shape
-        block = self.buffer[rows, z0 * self.plane_pitch : z1 * self.plane_pitch]
-        block = block.unflatten(-1, (z1 - z0, height + self.pad, self.row_pitch))
-        return block[..., :height, :width]
+    def data(self, block: torch.Tensor) -> torch.Tensor:
+        """(..., planes, H, lanes, W) view of the data voxels of flat planes `block` (..., n*pitch)."""
+        _, height, width = self.geometry.shape
+        block = block.unflatten(-1, (-1, height + self.pad, self.lanes, width + self.pad))
+        return block[..., :height, :, :width]
 
-    def run(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Fill `out` (n_classes, D, H, W) with the probabilities for `x` (C, D, H, W)."""
+    def slots(self, rows, z0: int, z1: int) -> torch.Tensor:
+        """Flat ring columns of planes z0..z1-1 (which must not wrap) for buffer `rows`."""
+        s0 = z0 % self.ring
+        return self.buffer[rows, s0 * self.plane_pitch : (s0 + z1 - z0) * self.plane_pitch]
+
+    def run(self, x: torch.Tensor, out: torch.Tensor, progress=None) -> None:
+        """Fill `out` (lanes, n_classes, D, H, W) with the probabilities for `x` (lanes, C, D, H, W)."""
         wts = self.weights
-        c = wts.in_channels
-        depth_z = self.shape[0]
-        self.interior(slice(0, c), 0, depth_z).copy_(x)
-        # One intra-op thread per worker so the workers do not oversubscribe the cores.
+        depth_z = self.geometry.shape[0]
+        for acc in self.acc:
+            acc.zero_()  # normally zero already; not after an interrupted run
         previous = torch.get_num_threads()
         if self.pool is not None:
-            torch.set_num_threads(1)
+            torch.set_num_threads(1)  # one intra-op thread per worker: no oversubscription
         try:
-            for layer in range(wts.depth):
-                self._parallel(self._layer_taps, layer)
-                self._parallel(self._layer_finish, layer)
-            self._parallel(self._final, out)
+            loaded = final_done = 0
+            fed = [0] * wts.depth
+            done = [0] * wts.depth
+            while final_done < depth_z:
+                # Load input planes while their ring slots are free (the final layer has read them).
+                stop = min(depth_z, loaded + self.step, final_done + self.ring)
+                for z0, z1 in _segments(loaded, stop, self.ring):
+                    self.data(self.slots(slice(0, wts.in_channels), z0, z1)).copy_(
+                        x[:, :, z0:z1].permute(1, 2, 3, 0, 4)
+                    )
+                loaded = max(loaded, stop)
+                available = loaded
+                for layer in range(wts.depth):
+                    while fed[layer] < available:
+                        a, b = fed[layer], min(available, fed[layer] + self.step)
+                        done[layer] = self._feed(layer, a, b, done[layer])
+                        fed[layer] = b
+                    available = done[layer]
+                if available > final_done:
+                    self._parallel(self._final, _split(final_done, available, self.threads), out)
+                    final_done = available
+                    if progress is not None:
+                        progress(final_done, depth_z)
         finally:
             torch.set_num_threads(previous)
 
-    def _parallel(self, task, arg) -> None:
-        """Run `task(chunk, arg)` for every chunk and wait for all (a barrier)."""
-        if self.pool is None:
-            task(self.chunks[0], arg)
+    def _feed(self, layer: int, a: int, b: int, done: int) -> int:
+        """Add input planes [a, b)'s taps to layer `layer`; finish the planes now complete.
+
+        Returns the new count of finished output planes."""
+        depth_z = self.geometry.shape[0]
+        reach = max(self.weights.dilations[layer])
+        pieces = [
+            piece
+            for part in _split(a, b, self.threads)
+            for z0, z1 in _segments(*part, self.ring)
+            for piece in [(s, min(s + self.per_worker, z1)) for s in range(z0, z1, self.per_worker)]
+        ]
+        self._parallel(self._taps, _balanced(pieces, self.threads), (layer, a))
+        finished = depth_z if b == depth_z else max(done, b - reach)
+        touched = (max(0, a - reach), min(depth_z, b + reach))
+        self._parallel(self._gather, _split(*touched, self.threads), (layer, a, b, done, finished))
+        return finished
+
+    def _parallel(self, task, ranges, arg) -> None:
+        """Run `task(scratch, range, arg)` once per range (a barrier: all finish before return)."""
+        if self.pool is None or len(ranges) == 1:
+            for r in ranges:
+                task(self.scratch[0], r, arg)
             return
-        futures = [self.pool.submit(_in_worker, task, chunk, arg) for chunk in self.chunks]
+        futures = [
+            self.pool.submit(_in_worker, task, self.scratch[k], r, arg) for k, r in enumerate(ranges)
+        ]
         for future in futures:
             future.result()
 
-    def _layer_taps(self, chunk: _Chunk, layer: int) -> None:
-        """Multiply slab by slab and scatter the 27 taps into the chunk's accumulator."""
+    def _taps(self, scratch: _Scratch, pieces, arg) -> None:
+        """Multiply piece by piece; in-plane tap sums into the step's z-sums (per z-tap)."""
+        layer, a = arg
         wts = self.weights
         n_in = wts.in_channels + layer * wts.width
         matrix = wts.tap_matrices[layer]
-        taps = chunk.taps
+        taps = scratch.taps
         t_width = taps.shape[1]
         pitch, rpitch, margin = self.plane_pitch, self.row_pitch, self.margin
-        depth_z, height, width = self.shape
-        acc_origin = chunk.z0 - self.pad  # plane index of acc[:, 0]
-        chunk.acc.zero_()
-        for s0 in range(chunk.z0, chunk.z1, self.slab_planes):
-            s1 = min(s0 + self.slab_planes, chunk.z1)
-            n_cols = (s1 - s0) * pitch
-            torch.mm(
-                matrix,
-                self.buffer[:n_in, s0 * pitch : s1 * pitch],
-                out=taps[:, margin : margin + n_cols],
-            )
+        _, height, _ = self.geometry.shape
+        cwidth = self.compute_width
+        for z0, z1 in pieces:
+            n = z1 - z0
+            torch.mm(matrix, self.slots(slice(0, n_in), z0, z1), out=taps[:, margin : margin + n * pitch])
             for j, dil in enumerate(wts.dilations[layer]):
-                # (kz, ky, kx, z, y, x) view: tap (kz, ky, kx) of slab voxel (z, y, x) is T at
+                # (kz, ky, kx, z, y, x) view: tap (kz, ky, kx) of voxel (z, y, x) is T at
                 # column (z, y + (ky-1)*dil, x + (kx-1)*dil) of row j*27 + 9*kz + 3*ky + kx.
                 view = taps.as_strided(
-                    (3, 3, 3, s1 - s0, height, width),
+                    (3, 3, 3, n, height, cwidth),
                     (9 * t_width, 3 * t_width + dil * rpitch, t_width + dil, pitch, rpitch, 1),
                     taps.storage_offset() + j * 27 * t_width + margin - dil * rpitch - dil,
                 )
                 # Two single-axis sums (a sum over two strided axes at once is ~30x slower).
-                by_row = torch.sum(view, dim=2, out=chunk.by_row[:, :, : s1 - s0])
-                by_plane = torch.sum(by_row, dim=1, out=chunk.by_plane[:, : s1 - s0])
-                for kz in range(3):
-                    dz = (kz - 1) * dil  # input plane p feeds output plane p - dz
-                    p0, p1 = max(s0, dz), min(s1, depth_z + dz)
-                    if p0 < p1:
-                        chunk.acc[j, p0 - dz - acc_origin : p1 - dz - acc_origin].add_(
-                            by_plane[kz, p0 - s0 : p1 - s0]
-                        )
+                by_row = torch.sum(view, dim=2, out=scratch.by_row[:, :, :n])
+                torch.sum(by_row, dim=1, out=self.zsums[j, :, z0 - a : z1 - a])
 
-    def _layer_finish(self, chunk: _Chunk, layer: int) -> None:
-        """Gather the neighbours' halo contributions, add bias, activate, store the maps."""
+    def _gather(self, scratch: _Scratch, out_range, arg) -> None:
+        """Add the z-taps of input planes [a, b) to output planes `out_range`; finish those
+        below `finished` (bias, LeakyReLU, into the ring) and clear their accumulators."""
+        layer, a, b, done, finished = arg
         wts = self.weights
-        pad = self.pad
+        acc = self.acc[layer]
+        period = acc.shape[1]
+        lo, hi = out_range
+        for j, dil in enumerate(wts.dilations[layer]):
+            for kz in range(3):
+                dz = (kz - 1) * dil  # input plane p feeds output plane p - dz
+                p0, p1 = max(a, lo + dz), min(b, hi + dz)
+                for z0, z1 in _segments(p0 - dz, p1 - dz, period) if p0 < p1 else ():
+                    s0 = z0 % period
+                    acc[j, s0 : s0 + z1 - z0].add_(self.zsums[j, kz, z0 + dz - a : z1 + dz - a])
         n_out = wts.in_channels + layer * wts.width
-        own = chunk.acc[:, pad : pad + chunk.z1 - chunk.z0]
-        for other in self.chunks:
-            if other is chunk:
-                continue
-            # Planes of `chunk` that `other`'s accumulator (its planes +- pad) covers.
-            lo = max(chunk.z0, other.z0 - pad)
-            hi = min(chunk.z1, other.z1 + pad)
-            if lo < hi:
-                own[:, lo - chunk.z0 : hi - chunk.z0] += other.acc[
-                    :, lo - other.z0 + pad : hi - other.z0 + pad
-                ]
-        for j, bias in enumerate(wts.biases[layer]):
-            own[j].add_(bias)
-        F.leaky_relu(own, NEGATIVE_SLOPE, inplace=True)
-        self.interior(slice(n_out, n_out + wts.width), chunk.z0, chunk.z1).copy_(own)
+        for z0, z1 in _segments(max(lo, done), min(hi, finished), period, self.ring):
+            s0 = z0 % period
+            own = acc[:, s0 : s0 + z1 - z0]
+            for j, bias in enumerate(wts.biases[layer]):
+                own[j].add_(bias)
+            F.leaky_relu(own, NEGATIVE_SLOPE, inplace=True)
+            target = self.data(self.slots(slice(n_out, n_out + wts.width), z0, z1))
+            target.copy_(self.lanes_of(own))
+            own.zero_()
 
-    def _final(self, chunk: _Chunk, out: torch.Tensor) -> None:
-        """1x1x1 convolution over all maps and softmax, for the chunk's planes."""
+    def lanes_of(self, planes: torch.Tensor) -> torch.Tensor:
+        """(..., H, lanes, W) view of computed rows (..., H, compute_width) without the gutters."""
+        width = self.geometry.shape[2]
+        pitch = width + self.pad
+        strides = planes.stride()
+        return planes.as_strided(
+            (*planes.shape[:-1], self.lanes, width), (*strides[:-1], pitch, 1), planes.storage_offset()
+        )
+
+    def _final(self, scratch: _Scratch, out_range, out: torch.Tensor) -> None:
+        """1x1x1 convolution over all maps and softmax for output planes `out_range`."""
         wts = self.weights
-        pitch = self.plane_pitch
-        _, height, width = self.shape
-        for s0 in range(chunk.z0, chunk.z1, self.slab_planes):
-            s1 = min(s0 + self.slab_planes, chunk.z1)
-            logits = torch.addmm(wts.final_bias, wts.final_weight, self.buffer[:, s0 * pitch : s1 * pitch])
-            logits = logits.unflatten(1, (s1 - s0, height + self.pad, self.row_pitch))
-            out[:, s0:s1] = torch.softmax(logits[..., :height, :width], dim=0)
+        for z0, z1 in _segments(*out_range, self.ring):
+            for s0 in range(z0, z1, self.per_worker):
+                s1 = min(s0 + self.per_worker, z1)
+                logits = torch.addmm(wts.final_bias, wts.final_weight, self.slots(slice(None), s0, s1))
+                # (classes, planes, H, lanes, W) -> (lanes, classes, planes, H, W)
+                probs = torch.softmax(self.data(logits), dim=0)
+                out[:, :, s0:s1] = probs.permute(3, 0, 1, 2, 4)
 
 
-def _in_worker(task, chunk: _Chunk, arg) -> None:
+def _balanced(pieces: list, parts: int) -> list[list]:
+    """Pieces dealt into at most `parts` lists of consecutive pieces."""
+    if not pieces:
+        return []
+    return [pieces[a:b] for a, b in _split(0, len(pieces), parts)]
+
+
+def _in_worker(task, scratch, arg_range, arg) -> None:
     # Intra-op thread counts and inference mode are per thread (OpenMP, autograd TLS):
     # pin this worker thread to one intra-op thread and run it in inference mode like the caller.
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
     with torch.inference_mode():
-        task(chunk, arg)
+        task(scratch, arg_range, arg)
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
