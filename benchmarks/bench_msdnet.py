@@ -15,6 +15,15 @@ Nets: the paper's localizer (w=2, d=49, M=7) on 96^3 and the classifier
 localizer, probabilities within 1e-4. The baselines take minutes at 96^3, so
 they run `BASELINE_REPEATS` times and the engine `REPEATS` times (median).
 More sizes: `python -c "from benchmarks.bench_msdnet import run; run(localizer_sizes=(96, 128))"`.
+
+Then whole tomograms (issue 17): the bundled and the paper-sized localizer on
+256^3 and 200 x 512 x 512 through `predict_map` with the CPU default layout
+(full-depth columns streamed along z, as wide as the free memory allows),
+with the recomputation factor (voxels computed per output voxel), us and
+GFLOP/s per output voxel, and the fraction of this machine's sgemm rate,
+measured in the same run (a large square float32 matrix multiply on the same
+threads). Targets: paper-sized <= 4 us/voxel or >= 60 % of sgemm; bundled
+<= 2 us/voxel; recomputation < 1.3 for the bundled localizer.
 """
 
 from __future__ import annotations
@@ -24,6 +33,13 @@ import time
 
 THREADS = 2
 LOCALIZER_SIZES = (96,)
+# Whole tomograms (z, y, x) through the CPU default layout.
+TOMOGRAM_SHAPES = ((256, 256, 256), (200, 512, 512))
+PAPER_TARGET_US = 4.0
+PAPER_TARGET_SGEMM_SHARE = 0.6
+BUNDLED_TARGET_US = 2.0
+RECOMPUTE_TARGET = 1.3
+SGEMM_EDGE = 2048
 CLASSIFIER_SIZE = 40
 REPEATS = 3
 BASELINE_REPEATS = 1
@@ -86,7 +102,9 @@ def _variants(model) -> list[tuple[str, object, int]]:
         ]
     else:
         variants.append(("buffer (model.predict)", model.predict, BASELINE_REPEATS))
-    variants.append(("engine (fast_predict)", InferenceEngine(model).predict, REPEATS))
+    variants.append(("engine (z-streamed)", InferenceEngine(model, kernel="engine").predict, REPEATS))
+    # What vpdetect runs: the fastest kernel for this shape, measured on its first call.
+    variants.append(("fast_predict (measured)", InferenceEngine(model).predict, REPEATS))
     return variants
 
 
@@ -97,10 +115,10 @@ def compare(model, size: int) -> dict:
     generator = torch.Generator().manual_seed(SEED + size)
     x = torch.randn((1, 1, size, size, size), generator=generator)
     variants = _variants(model)
-    engine_predict = variants[-1][1]
     start = time.perf_counter()
-    engine_predict(x)  # first call: builds the buffers for this shape (tiles reuse them)
+    variants[-2][1](x)  # first call: builds the buffers for this shape (tiles reuse them)
     first = time.perf_counter() - start
+    variants[-1][1](x)  # first call: measures the kernels
     figures: dict = {"voxels": size**3, "engine_first": first, "times": {}}
     reference = None
     for label, predict, repeats in variants:
@@ -126,13 +144,94 @@ def _report(name: str, model, size: int, figures: dict) -> tuple[float, float]:
             f"max|p - baseline| {diff:.1e}  (median of {runs})"
         )
     print(f"  engine first call incl. buffer setup: {figures['engine_first']:.2f} s")
-    seconds, _, diff = times["engine (fast_predict)"]
+    fastest = min(seconds for seconds, _, _ in times.values())
+    seconds, _, diff = times["fast_predict (measured)"]
+    print(f"  fast_predict: {seconds / fastest:.2f}x the fastest variant's time")
     return baseline / seconds, diff
+
+
+def sgemm_gflops(threads: int = THREADS, edge: int = SGEMM_EDGE, repeats: int = 5) -> float:
+    """This machine's float32 matrix-multiply rate on `threads` threads (best of `repeats`)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(edge, edge), torch.randn(edge, edge)
+        out = torch.empty(edge, edge)
+        torch.mm(a, b, out=out)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+        return 2 * edge**3 / best / 1e9
+    finally:
+        torch.set_num_threads(previous)
+
+
+def tomogram_pass(model, shape: tuple[int, int, int]) -> dict:
+    """One `predict_map` over a random tomogram of `shape` with the CPU default layout."""
+    import numpy as np
+
+    from vpdetect.localize.pipeline import LocalizeOptions
+    from vpdetect.localize.tiling import predict_map, recompute_factor, tile_shape
+    from vpdetect.nn.engine import kernels_used
+
+    options = LocalizeOptions()
+    halo = options.resolved_halo(model)
+    tile = options.resolved_tile(model, shape)
+    volume = np.random.default_rng(SEED).normal(size=shape).astype(np.float32)
+    timings: dict = {}
+    start = time.perf_counter()
+    predict_map(model, volume, 0.0, 1.0, tile=tile, halo=halo, out=np.zeros(shape, np.float16),
+                timings=timings)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "network": timings["network"], "tile": tile_shape(shape, tile),
+            "recompute": recompute_factor(shape, tile, halo), "kernel": kernels_used(model)}
+
+
+def report_tomograms(shapes=TOMOGRAM_SHAPES) -> bool:
+    """us/voxel, GFLOP/s and share of sgemm for both localizers; True when every target is met."""
+    from vpdetect.errors import VPDetectError
+    from vpdetect.models import default_model_path
+    from vpdetect.nn.checkpoint import load_model
+
+    peak = sgemm_gflops()
+    print(f"sgemm: {peak:.0f} GFLOP/s ({SGEMM_EDGE}^2 float32 matrices, {THREADS} threads, best of 5)")
+    nets = [("paper-sized localizer", _net(2, 2, 49, 7))]
+    try:
+        nets.insert(0, ("bundled localizer", load_model(default_model_path("localizer"), stage="localizer")[0]))
+    except VPDetectError:
+        pass
+    met = True
+    print("| localizer | tomogram (z, y, x) | columns (z, y, x) | recompute | seconds | us/voxel "
+          "| GFLOP/s | share of sgemm |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, model in nets:
+        flops = _flops_per_voxel(model)
+        for shape in shapes:
+            r = tomogram_pass(model, shape)
+            voxels = shape[0] * shape[1] * shape[2]
+            us = r["network"] / voxels * 1e6
+            gflops = flops * voxels / r["network"] / 1e9
+            print(f"| {name} (w={model.width} d={model.depth}) | {' x '.join(map(str, shape))} | "
+                  f"{' x '.join(map(str, r['tile']))} | {r['recompute']:.2f} | {r['network']:.1f} | "
+                  f"{us:.2f} | {gflops:.1f} | {gflops / peak:.0%} |", flush=True)
+            if name.startswith("paper"):
+                met &= us <= PAPER_TARGET_US or gflops >= PAPER_TARGET_SGEMM_SHARE * peak
+            else:
+                met &= us <= BUNDLED_TARGET_US and r["recompute"] < RECOMPUTE_TARGET
+    print(f"targets (paper-sized <= {PAPER_TARGET_US:g} us/voxel or >= {PAPER_TARGET_SGEMM_SHARE:.0%} of sgemm; "
+          f"bundled <= {BUNDLED_TARGET_US:g} us/voxel, recompute < {RECOMPUTE_TARGET:g}): "
+          f"{'met' if met else 'NOT met'}")
+    return met
 
 
 def run(
     localizer_sizes: tuple[int, ...] = LOCALIZER_SIZES,
     classifier_size: int | None = CLASSIFIER_SIZE,
+    shapes=TOMOGRAM_SHAPES,
 ) -> None:
     import os
 
@@ -159,5 +258,7 @@ def run(
             ratio, diff = _report("classifier", classifier, classifier_size, figures)
             print(f"  classifier: engine {ratio:.1f}x the baseline, max difference {diff:.1e}")
         print(f"msdnet target (>= {TARGET_RATIO:g}x, within {TOLERANCE:g}): {'met' if met else 'NOT met'}")
+        if shapes:
+            report_tomograms(shapes)
     finally:
         torch.set_num_threads(previous)

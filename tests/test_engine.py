@@ -1,5 +1,6 @@
 """The fast inference engine must give MSDNet.predict's probabilities (within 1e-4)."""
 
+import functools
 import gc
 
 import pytest
@@ -9,6 +10,9 @@ from vpdetect.errors import VPDetectError
 from vpdetect.nn.engine import InferenceEngine, engine_for, fast_predict
 from vpdetect.nn.msdnet import MSDNet
 from vpdetect.nn.reference import concat_forward, concat_predict
+
+# The streaming engine itself (not the kernel measured fastest on this machine).
+Engine = functools.partial(InferenceEngine, kernel="engine")
 
 
 def random_net(in_channels, n_classes, width, depth, max_dilation, seed=0):
@@ -38,7 +42,7 @@ def test_engine_matches_predict(arch, shape, batch, threads):
     x = torch.randn(batch, arch[0], *shape)
     expected = model.predict(x)
     # Small slabs so that every volume spans several slabs and slab edges are exercised.
-    got = InferenceEngine(model, threads=threads, slab_columns=400).predict(x)
+    got = Engine(model, threads=threads, slab_columns=400).predict(x)
     assert got.shape == expected.shape
     assert got.dtype == torch.float32
     assert torch.allclose(got, expected, atol=1e-4, rtol=0)
@@ -49,20 +53,20 @@ def test_engine_volume_thinner_than_dilation():
     # Taps reaching beyond every face: planes fewer than the dilation in each axis.
     model = random_net(1, 2, 2, 6, 6)
     x = torch.randn(2, 1, 1, 3, 2)
-    got = InferenceEngine(model, threads=2).predict(x)
+    got = Engine(model, threads=2).predict(x)
     assert torch.allclose(got, concat_predict(model, x), atol=1e-4, rtol=0)
 
 
 def test_engine_default_slab_and_threads_on_larger_volume():
     model = random_net(1, 2, 2, 7, 7, seed=3)
     x = torch.randn(1, 1, 24, 31, 29)
-    got = InferenceEngine(model).predict(x)
+    got = Engine(model).predict(x)
     assert torch.allclose(got, model.predict(x), atol=1e-4, rtol=0)
 
 
 def test_engine_reuses_buffers_across_shapes_and_calls():
     model = random_net(1, 2, 2, 5, 3)
-    engine = InferenceEngine(model, threads=2, slab_columns=300)
+    engine = Engine(model, threads=2, slab_columns=300)
     a = torch.randn(1, 1, 10, 9, 8)
     b = torch.randn(1, 1, 6, 7, 12)
     first = engine.predict(a)
@@ -75,14 +79,14 @@ def test_engine_reuses_buffers_across_shapes_and_calls():
 def test_engine_restores_thread_count():
     torch.set_num_threads(2)
     model = random_net(1, 2, 2, 3, 3)
-    InferenceEngine(model, threads=2).predict(torch.randn(1, 1, 8, 8, 8))
+    Engine(model, threads=2).predict(torch.randn(1, 1, 8, 8, 8))
     assert torch.get_num_threads() == 2
 
 
 def test_engine_accepts_float64_input():
     model = random_net(1, 2, 2, 4, 3)
     x = torch.randn(1, 1, 6, 6, 6, dtype=torch.float64)
-    got = InferenceEngine(model, threads=1).predict(x)
+    got = Engine(model, threads=1).predict(x)
     assert got.dtype == torch.float32
     assert torch.allclose(got, model.predict(x.float()), atol=1e-4, rtol=0)
 
@@ -115,15 +119,15 @@ def test_engine_cache_does_not_keep_models_alive():
 def test_engine_rejects_bad_input_and_options():
     model = random_net(2, 2, 2, 3, 3)
     with pytest.raises(VPDetectError, match="expects input"):
-        InferenceEngine(model).predict(torch.randn(1, 1, 8, 8, 8))
+        Engine(model).predict(torch.randn(1, 1, 8, 8, 8))
     with pytest.raises(VPDetectError, match="expects input"):
-        InferenceEngine(model).predict(torch.randn(2, 8, 8, 8))
+        Engine(model).predict(torch.randn(2, 8, 8, 8))
     with pytest.raises(VPDetectError, match="precision"):
-        InferenceEngine(model, precision="int8")
+        Engine(model, precision="int8")
     with pytest.raises(VPDetectError, match="precision"):
         fast_predict(model, torch.randn(1, 2, 4, 4, 4), precision="float64")
     with pytest.raises(VPDetectError, match="threads"):
-        InferenceEngine(model, threads=0)
+        Engine(model, threads=0)
 
 
 def test_concat_reference_matches_model():
@@ -158,12 +162,12 @@ def test_engine_inside_and_outside_inference_mode():
     model = random_net(1, 2, 2, 5, 4)
     x = torch.randn(1, 1, 12, 10, 11)
     expected = model.predict(x)
-    engine = InferenceEngine(model, threads=2, slab_columns=300)
+    engine = Engine(model, threads=2, slab_columns=300)
     with torch.inference_mode():
         inside = engine.predict(x)
     outside = engine.predict(x)
     with torch.inference_mode():
-        fresh = InferenceEngine(model, threads=2).predict(x)
+        fresh = Engine(model, threads=2).predict(x)
     again = engine.predict(x)
     for got in (inside, outside, fresh, again):
         assert torch.allclose(got, expected, atol=1e-4, rtol=0)
@@ -181,7 +185,7 @@ def test_engine_inside_and_outside_inference_mode():
 )
 def test_engine_streams_volumes_deeper_than_its_ring(arch, shape, batch, threads, slab_columns):
     model = random_net(*arch)
-    engine = InferenceEngine(model, threads=threads, slab_columns=slab_columns)
+    engine = Engine(model, threads=threads, slab_columns=slab_columns)
     geometry = engine.geometry(shape, batch, threads)
     # Only the ring's planes are resident: the network's reach along z plus one step.
     assert geometry.ring == sum(max(d) for d in model.dilations) + geometry.step < shape[0]
@@ -191,7 +195,7 @@ def test_engine_streams_volumes_deeper_than_its_ring(arch, shape, batch, threads
     assert torch.allclose(got, model.predict(x), atol=1e-5, rtol=0)
     assert len(calls) > 1 and calls[-1] == (shape[0], shape[0])
     # Whatever the threads and step, the same numbers up to the multiply's blocking.
-    other = InferenceEngine(model, threads=1, slab_columns=10**6).predict(x)
+    other = Engine(model, threads=1, slab_columns=10**6).predict(x)
     assert torch.allclose(got, other, atol=1e-6, rtol=0)
     assert torch.equal(engine.predict(x), got)
 
@@ -200,8 +204,35 @@ def test_engine_boxes_in_one_pass_equal_boxes_one_by_one():
     # Lanes side by side share each multiply; zero gutters keep them apart exactly.
     model = random_net(1, 4, 2, 10, 5, seed=2)
     x = torch.randn(8, 1, 12, 12, 12)
-    engine = InferenceEngine(model, threads=2)
+    engine = Engine(model, threads=2)
     together = engine.predict(x)
     alone = torch.cat([engine.predict(x[i : i + 1]) for i in range(8)])
     assert torch.allclose(together, alone, atol=1e-6, rtol=0)
     assert torch.allclose(together, model.predict(x), atol=1e-5, rtol=0)
+
+
+def test_engine_measures_the_fastest_kernel_per_shape():
+    model = random_net(1, 3, 2, 6, 4, seed=4)
+    engine = InferenceEngine(model, threads=1)
+    x = torch.randn(4, 1, 10, 10, 10)
+    first = engine.predict(x)
+    key = ((4, 1, 10, 10, 10), 1)
+    assert set(engine.kernel_times[key]) == {"engine", "gemm", "conv"}
+    assert engine.kernels[key] == min(engine.kernel_times[key], key=engine.kernel_times[key].get)
+    assert torch.allclose(first, model.predict(x), atol=1e-5, rtol=0)
+    assert torch.allclose(engine.predict(x), first, atol=1e-5, rtol=0)
+    assert "measured" in engine.kernel_summary() and "4 x 10x10x10" in engine.kernel_summary()
+    assert model.method == "auto"  # restored after trying the alternatives
+    # Inputs whose whole buffer is too large for the alternatives always stream.
+    from vpdetect.nn import engine as engine_module
+
+    big = InferenceEngine(model, threads=1)
+    original = engine_module.TRY_WHOLE_BUFFER_BYTES
+    engine_module.TRY_WHOLE_BUFFER_BYTES = 1000
+    try:
+        big.predict(x)
+    finally:
+        engine_module.TRY_WHOLE_BUFFER_BYTES = original
+    assert big.kernels[key] == "engine" and big.kernel_times[key] == {}
+    with pytest.raises(VPDetectError, match="kernel"):
+        InferenceEngine(model, kernel="winograd")

@@ -102,10 +102,15 @@ def test_progress_and_timings_are_reported(rng):
     assert timings["network"] > 0 and timings["stitch"] >= 0
     # Full-depth columns streamed along z report within each column too.
     calls.clear()
-    deep = rng.normal(size=(150, 20, 20)).astype(np.float32)
-    predict_map(net, deep, 0.0, 1.0, tile=(150, 20, 20), halo=4,
-                progress=lambda done, total: calls.append((done, total)))
-    assert len(calls) > 2 and calls[-1] == (150, 150)
+    deep = rng.normal(size=(400, 20, 20)).astype(np.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # steps of about 2 x 41 planes of 22 x 22 (with the pitch padding)
+    try:
+        predict_map(net, deep, 0.0, 1.0, tile=(400, 20, 20), halo=4,
+                    progress=lambda done, total: calls.append((done, total)))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) >= 3 and calls[-1] == (400, 400)
     assert [c[0] for c in calls] == sorted(c[0] for c in calls)
 
 

@@ -277,6 +277,7 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
     from vpdetect.io.mrc import read_roi, read_tomogram, write_mrc
     from vpdetect.io.particles import write_particles
     from vpdetect.localize.pipeline import format_timings, particles_from_map, segment_volume
+    from vpdetect.nn.engine import kernels_used
 
     start = time.perf_counter()
     tomo = read_tomogram(source, voxel_size=job.pixel_size)
@@ -314,7 +315,9 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         raise
     timings["write"] = time.perf_counter() - start
     log.info("%s: %d particle(s) -> %s (%s)", tomo.name, len(table), output, written)
-    log.info("%s timings: %s", tomo.name, format_timings(timings))
+    kernels = {stage: used for stage, net in (("localizer", model),) if (used := kernels_used(net))}
+    log.info("%s timings: %s%s", tomo.name, format_timings(timings),
+             "".join(f"; {stage} kernel: {used}" for stage, used in kernels.items()))
     return {
         "n_particles": len(table),
         "format": written,
@@ -330,6 +333,7 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         "halo": options.resolved_halo(model),
         "map": str(saved_map) if saved_map is not None else None,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "kernels": kernels,
     }
 
 

@@ -100,6 +100,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
         segment_volume,
         tomogram_stats,
     )
+    from vpdetect.nn.engine import kernels_used
 
     start = time.perf_counter()
     tomo = read_tomogram(source, voxel_size=job.pixel_size)
@@ -142,7 +143,9 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     timings["write"] = time.perf_counter() - start
     counts = table.data["class_name"].value_counts().to_dict()
     log.info("%s: %s -> %s (%s)", tomo.name, class_summary(table.data), output, written)
-    log.info("%s timings: %s", tomo.name, format_timings(timings))
+    kernels = {stage: used for stage, net in (("localizer", localizer), ("classifier", classifier)) if (used := kernels_used(net))}
+    log.info("%s timings: %s%s", tomo.name, format_timings(timings),
+             "".join(f"; {stage} kernel: {used}" for stage, used in kernels.items()))
     return {
         "n_particles": len(table),
         "classes": {str(k): int(v) for k, v in counts.items()},
@@ -157,6 +160,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
             "max_centre_gap": options.max_centre_gap,
         },
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "kernels": kernels,
     }
 
 

@@ -50,6 +50,8 @@ UNKNOWN_FREE_MEMORY = 8 * 1024**3
 MAX_COLUMNS_PER_AXIS = 16
 # A tile is refused when its estimate exceeds this share of the free memory.
 MEMORY_LIMIT_SHARE = 0.9
+# The CPU engine times its alternatives on the first tile only when at least this many follow.
+MEASURE_MIN_TILES = 8
 # Maps larger than this many voxels live in a disk-backed memmap instead of memory.
 MAP_IN_MEMORY_VOXELS = 256 * 1024**2
 
@@ -426,11 +428,13 @@ def predict_map(
             start = time.perf_counter()
             crops = np.stack([normalise(volume[t.source], mean, std, clip) for t in batch])[:, None]
             inputs = torch.from_numpy(crops).to(device)
-            if progress is not None and streams_columns(model, device):
+            if streams_columns(model, device):
                 def within(finished, _planes, base=done, lanes=len(batch)):
-                    progress(base + finished * lanes, total)
+                    if progress is not None:
+                        progress(base + finished * lanes, total)
 
-                probs = predict(inputs, progress=within)
+                # Timing the kernels pays only when the tile shape recurs often.
+                probs = predict(inputs, progress=within, measure=len(tiles) >= MEASURE_MIN_TILES)
             else:
                 probs = predict(inputs)
             foreground = probs[:, 1:].sum(dim=1).float().cpu().numpy()

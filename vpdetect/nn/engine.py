@@ -40,6 +40,7 @@ whatever `precision` says.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ SLAB_COLUMNS = 20_000
 CHUNKS_PER_THREAD = 2
 
 PRECISIONS = (None, *PRECISION_NAMES)
+# CPU kernels compared on first use of an input shape: the z-streamed engine, and
+# `MSDNet.predict` with whole-buffer matrix multiplies or with oneDNN conv3d.
+KERNELS = ("engine", "gemm", "conv")
+# Inputs whose whole feature buffer exceeds this always use the streaming engine.
+TRY_WHOLE_BUFFER_BYTES = 256 * 1024**2
 
 
 class InferenceEngine:
@@ -67,6 +73,8 @@ class InferenceEngine:
 
     The engine snapshots the model's weights when built (or when `refresh()`
     is called); `fast_predict` refreshes automatically when they change.
+    `kernel` (CPU): None = measured per input shape (`kernel_summary()` says which
+    won), or one of KERNELS.
     `threads` (CPU) defaults to `torch.get_num_threads()` at predict time;
     `precision` (None = the caller's autocast, else a `vpdetect.nn.precision` name)
     applies on CUDA only.
@@ -78,15 +86,23 @@ class InferenceEngine:
         threads: int | None = None,
         precision: str | None = None,
         slab_columns: int = SLAB_COLUMNS,
+        kernel: str | None = None,
     ) -> None:
         if threads is not None and threads < 1:
             raise VPDetectError(f"threads must be at least 1, got {threads}")
+        if kernel is not None and kernel not in KERNELS:
+            raise VPDetectError(f"unknown kernel {kernel!r}: one of {', '.join(KERNELS)} (or None: measured)")
+        # CPU: None = the fastest of KERNELS, measured on the first input of each shape.
+        self.kernel = kernel
         # Weak, so that the per-model cache of `engine_for` does not keep models alive.
         self._model_ref = weakref.ref(model)
         self.threads = threads
         self.precision = _checked_precision(precision)
         self.slab_columns = int(slab_columns)
         self._plans: dict[tuple[int, ...], _CpuPlan] = {}
+        # CPU kernel per (input shape, threads), measured on first use (`_measure_kernels`).
+        self.kernels: dict[tuple, str] = {}
+        self.kernel_times: dict[tuple, dict] = {}
         self._arithmetic = None  # (precision, device) -> Arithmetic, resolved on first use
         self.refresh()
 
@@ -106,11 +122,15 @@ class InferenceEngine:
         self._fingerprint = _weights_fingerprint(self.model)
         self._weights = _CpuWeights(self.model) if self.device.type == "cpu" else None
         self._plans.clear()
+        self.kernels.clear()
+        self.kernel_times.clear()
 
-    def predict(self, x: torch.Tensor, progress=None) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, progress=None, measure: bool = True) -> torch.Tensor:
         """Softmax probabilities (N, n_classes, D, H, W), float32, on the model's device.
 
-        `progress(planes_done, D)` (CPU) is called as output planes are finished."""
+        `progress(planes_done, D)` (CPU) is called as output planes are finished.
+        `measure` (CPU, kernel None): time the kernels on the first input of a new shape
+        (worth it when the shape recurs, as batches of boxes do); False streams."""
         model = self.model
         if x.ndim != 5 or x.shape[1] != model.in_channels:
             raise VPDetectError(
@@ -121,6 +141,30 @@ class InferenceEngine:
         if self.device.type != "cpu":
             return model.predict(x.to(self.device))
         threads = self.threads or torch.get_num_threads()
+        key = (tuple(x.shape), threads)
+        kernel = self.kernel or self.kernels.get(key) or (None if measure else "engine")
+        if kernel is None:
+            kernel, self.kernel_times[key], out = self._measure_kernels(x, threads)
+            self.kernels[key] = kernel
+            if out is not None:
+                return out
+        else:
+            self.kernels[key] = kernel
+        return self._run(kernel, x, threads, progress)
+
+    def _run(self, kernel: str, x: torch.Tensor, threads: int, progress=None) -> torch.Tensor:
+        """One CPU pass with `kernel`: "engine" (z-streamed), or MSDNet.predict's "gemm" or "conv"."""
+        model = self.model
+        if kernel != "engine":
+            previous_threads, previous_method = torch.get_num_threads(), model.method
+            torch.set_num_threads(threads)
+            model.method = kernel
+            try:
+                with torch.no_grad():
+                    return model.predict(x.detach().to("cpu", torch.float32))
+            finally:
+                model.method = previous_method
+                torch.set_num_threads(previous_threads)
         n, _, d, h, w = x.shape
         # Made outside inference mode (when the caller is) so callers may modify it, as
         # they may modify what `model.predict` returns.
@@ -132,6 +176,36 @@ class InferenceEngine:
             # All samples side by side in one pass: one multiply serves every box of a batch.
             self._plan((d, h, w), n, threads).run(x, out, progress)
         return out
+
+    def _measure_kernels(self, x: torch.Tensor, threads: int) -> tuple[str, dict, torch.Tensor | None]:
+        """The fastest kernel for inputs like `x`, timed on `x` itself: (name, seconds per
+        kernel, the winner's output or None when nothing was run).
+
+        The whole-buffer alternatives hold every map of the input at once, so they are
+        tried only for inputs up to TRY_WHOLE_BUFFER_BYTES (boxes, small tiles); larger
+        inputs always stream."""
+        model = self.model
+        whole_buffer = 4 * x.shape[0] * model.n_feature_maps * x[0, 0].numel()
+        if whole_buffer > TRY_WHOLE_BUFFER_BYTES:
+            return "engine", {}, None
+        self._run("engine", x, threads)  # first call allocates the plan: not timed
+        times, outputs = {}, {}
+        for kernel in KERNELS:
+            start = time.perf_counter()
+            outputs[kernel] = self._run(kernel, x, threads)
+            times[kernel] = time.perf_counter() - start
+        best = min(times, key=times.get)
+        return best, times, outputs[best]
+
+    def kernel_summary(self) -> str:
+        """The kernel chosen per input shape, with the measured seconds when several were tried."""
+        parts = []
+        for (shape, _threads), kernel in self.kernels.items():
+            times = self.kernel_times.get((shape, _threads)) or {}
+            measured = ", ".join(f"{k} {t * 1e3:.0f} ms" for k, t in times.items())
+            size = "x".join(str(n) for n in shape[2:])
+            parts.append(f"{kernel} for {shape[0]} x {size}" + (f" (measured: {measured})" if measured else ""))
+        return "; ".join(parts) or "none yet"
 
     def geometry(self, shape: tuple[int, int, int], lanes: int = 1, threads: int | None = None) -> StreamGeometry:
         """The layout (ring planes, memory) the CPU path uses for `lanes` inputs of `shape`."""
@@ -182,14 +256,22 @@ def engine_for(model: MSDNet, precision: str | None = None) -> InferenceEngine:
     return engine
 
 
-def fast_predict(model: MSDNet, x: torch.Tensor, precision: str | None = None, progress=None) -> torch.Tensor:
+def fast_predict(
+    model: MSDNet, x: torch.Tensor, precision: str | None = None, progress=None, measure: bool = True
+) -> torch.Tensor:
     """Drop-in for `model.predict(x)`: softmax probabilities (N, n_classes, D, H, W), float32.
 
     CPU: the matrix-multiply engine (float32). CUDA: cuDNN under the caller's
     autocast (precision None) or under `precision` (a `vpdetect.nn.precision`
     name). The engine (repacked weights, buffers for the last two input shapes) is kept per model and rebuilt when the model's weights change.
     """
-    return engine_for(model, precision).predict(x, progress)
+    return engine_for(model, precision).predict(x, progress, measure)
+
+
+def kernels_used(model) -> str | None:
+    """What the CPU engine of `model` ran so far (`InferenceEngine.kernel_summary`), or None."""
+    engine = _ENGINES.get(model) if isinstance(model, MSDNet) else None
+    return engine.kernel_summary() if engine is not None and engine.kernels else None
 
 
 def _checked_precision(precision: str | None) -> str | None:
