@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import vpdetect.cli  # noqa: F401  (registers the commands)
 from vpdetect.classify.pipeline import NON_PARTICLE_CLASS, ClassifyOptions, classify_table
 from vpdetect.cli.app import app
+from vpdetect.errors import VPDetectError
 from vpdetect.io.mrc import Tomogram
 from vpdetect.io.particles import ParticleTable, read_particles
 from vpdetect.nn.checkpoint import format_model_card, load_model, read_model_card, save_model
@@ -278,6 +279,31 @@ def test_one_forward_labels_many_boxes_and_non_particles_are_named_or_dropped():
     assert (rejected.data["class_number"] == 0).all()
     dropped = classify_table(tomo, table, net0, card0, ClassifyOptions(drop_unknown=True, batch_size=4))
     assert len(dropped.data) == 0
+
+
+def test_test_time_flips_average_the_softmax_over_axis_flips():
+    from vpdetect.classify.extract import extract_boxes
+    from vpdetect.classify.pipeline import FLIP_DIMS
+    from vpdetect.preprocess import zscore_params
+
+    tomo, table = _tomo_and_table(6)
+    torch.manual_seed(3)
+    net = build_box_classifier("dsrf3d-v2", 1, 3, 16, width_divisor=8).eval()  # orientation-sensitive
+    card = {"stage": "classifier", "class_names": ["background", "a", "b"], "crop_size": 16,
+            "arch": net.arch(), "normalisation": "zscore"}
+    mean, std = zscore_params(tomo.data)
+    coords = table.data[["x", "y", "z"]].to_numpy()
+    boxes = torch.from_numpy(extract_boxes(tomo.data, coords, 16, mean, std)).unsqueeze(1)
+    expected = torch.stack([net.predict(torch.flip(boxes, dims)) for dims in FLIP_DIMS]).mean(0)
+    out = classify_table(tomo, table, net, card, ClassifyOptions(flips=8, batch_size=4))
+    np.testing.assert_allclose(out.data["vote_fraction"], expected.max(dim=1).values.numpy(), rtol=1e-5)
+    plain = classify_table(tomo, table, net, card)
+    assert not np.allclose(plain.data["vote_fraction"], out.data["vote_fraction"])
+    # The card's choice is the default; the options override it.
+    from_card = classify_table(tomo, table, net, {**card, "test_time_flips": 8})
+    np.testing.assert_allclose(from_card.data["vote_fraction"], out.data["vote_fraction"], rtol=1e-6)
+    with pytest.raises(VPDetectError, match="flips"):
+        classify_table(tomo, table, net, card, ClassifyOptions(flips=9))
 
 
 # --------------------------------------------------------------------------- command line

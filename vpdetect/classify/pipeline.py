@@ -46,6 +46,14 @@ class ClassifyOptions:
     drop_unknown: bool = False  # drop "unknown" / "non-particle" particles instead of labelling them
     box_size: int | None = None  # None: the model card's crop_size
     precision: str = "auto"  # a vpdetect.nn.precision name (CUDA only; the CPU is fp32)
+    # Box classifiers: average the softmax over this many of the 8 axis flips (1 = none).
+    # Flips keep a single-axis tilt's missing wedge where it is (90-degree turns would not).
+    # None: the model card's "test_time_flips", else 1.
+    flips: int | None = None
+
+
+# The axis flips averaged at test time, in order of use: (z, y, x) dims of (N, C, D, H, W).
+FLIP_DIMS = ((), (4,), (3,), (3, 4), (2,), (2, 4), (2, 3), (2, 3, 4))
 
 
 def classifier_classes(card: dict) -> list[str]:
@@ -98,6 +106,10 @@ def classify_table(
     class_names = classifier_classes(card)
     boxes = is_box_arch(card.get("arch"))
     batch_size = options.batch_size or DEFAULT_BATCH["boxes" if boxes else "msdnet"]
+    flips = options.flips if options.flips is not None else int(card.get("test_time_flips", 1))
+    if not 1 <= flips <= len(FLIP_DIMS):
+        raise VPDetectError(f"test-time flips must be 1 to {len(FLIP_DIMS)}, got {flips}")
+    options = dataclasses.replace(options, flips=flips)
     n_classes = len(class_names)
     if getattr(model, "n_classes", n_classes) != n_classes:
         raise VPDetectError(
@@ -197,9 +209,15 @@ def _label_boxes(volume, coords, box, mean, std, model, n_classes, options, batc
     device = next(model.parameters()).device
     arithmetic = resolve_precision(options.precision, device)
 
+    flips = int(options.flips or 1)
+
     def probabilities(model, inputs):
+        inputs = inputs.to(device, non_blocking=True)
         with inference_arithmetic(arithmetic, device):
-            return model.predict(inputs.to(device, non_blocking=True))
+            total = model.predict(inputs).float()
+            for dims in FLIP_DIMS[1:flips]:
+                total += model.predict(torch.flip(inputs, dims)).float()
+        return total / flips
 
     def votes_of(probs):
         top = torch.topk(probs, k=min(2, n_classes), dim=1).values.cpu().numpy().astype(np.float64)

@@ -107,6 +107,14 @@ def search_radius_option():
     )
 
 
+def flips_option():
+    return typer.Option(
+        None, "--test-time-flips", min=1, max=8,
+        help="Whole-box classifiers: average over this many of the 8 axis flips of each box "
+        "(flips keep the missing wedge in place; 1 = none). Default: the model card's choice.",
+    )
+
+
 def drop_unknown_option():
     return typer.Option(
         False, "--drop-unknown",
@@ -266,6 +274,7 @@ def classify(
         None, "--input-format", help="Format of the tables (relion4, relion5, csv, shrec, dynamo, imod); default: detected."
     ),
     search_radius: float = search_radius_option(),
+    test_time_flips: int = flips_option(),
     drop_unknown: bool = drop_unknown_option(),
     batch_size: int = typer.Option(
         None, "--batch-size", min=1,
@@ -300,7 +309,7 @@ def classify(
     load_stage_model(model_path, "classifier", "cpu" if devices else resolved_device)
     options = ClassifyOptions(
         batch_size=batch_size, search_radius=search_radius, drop_unknown=drop_unknown,
-        precision=precision.lower(),
+        precision=precision.lower(), flips=test_time_flips,
     )
     job = ClassifyJob(
         model_path=str(model_path), options=options, fmt=fmt, input_format=input_format,

@@ -28,7 +28,12 @@ from vpdetect.cli.batch import (
     start_run,
     verbose_option,
 )
-from vpdetect.cli.classify import class_summary, drop_unknown_option, search_radius_option
+from vpdetect.cli.classify import (
+    class_summary,
+    drop_unknown_option,
+    flips_option,
+    search_radius_option,
+)
 from vpdetect.cli.copick_options import (
     copick_inputs,
     copick_option,
@@ -191,6 +196,7 @@ def pick(
     halo: int = halo_option(),
     batch_size: int = batch_size_option(),
     search_radius: float = search_radius_option(),
+    test_time_flips: int = flips_option(),
     drop_unknown: bool = drop_unknown_option(),
     box_batch_size: int = typer.Option(
         None, "--box-batch-size", min=1,
@@ -233,7 +239,7 @@ def pick(
     )
     classify_options = ClassifyOptions(
         batch_size=box_batch_size, search_radius=search_radius, drop_unknown=drop_unknown,
-        precision=precision.lower(),
+        precision=precision.lower(), flips=test_time_flips,
     )
     localizer_path = resolve_model_path(localizer, "localizer")
     classifier_path = resolve_model_path(classifier, "classifier")

@@ -103,6 +103,7 @@ class InferenceEngine:
         # CPU kernel per (input shape, threads), measured on first use (`_measure_kernels`).
         self.kernels: dict[tuple, str] = {}
         self.kernel_times: dict[tuple, dict] = {}
+        self.kernel_batch: dict[tuple, int] = {}
         self._arithmetic = None  # (precision, device) -> Arithmetic, resolved on first use
         self.refresh()
 
@@ -124,6 +125,7 @@ class InferenceEngine:
         self._plans.clear()
         self.kernels.clear()
         self.kernel_times.clear()
+        self.kernel_batch.clear()
 
     def predict(self, x: torch.Tensor, progress=None, measure: bool = True) -> torch.Tensor:
         """Softmax probabilities (N, n_classes, D, H, W), float32, on the model's device.
@@ -141,10 +143,12 @@ class InferenceEngine:
         if self.device.type != "cpu":
             return model.predict(x.to(self.device))
         threads = self.threads or torch.get_num_threads()
-        key = (tuple(x.shape), threads)
+        # Keyed without the batch size: a last, smaller batch of boxes keeps the choice.
+        key = (tuple(x.shape[1:]), threads)
         kernel = self.kernel or self.kernels.get(key) or (None if measure else "engine")
         if kernel is None:
             kernel, self.kernel_times[key], out = self._measure_kernels(x, threads)
+            self.kernel_batch[key] = x.shape[0]
             self.kernels[key] = kernel
             if out is not None:
                 return out
@@ -191,20 +195,30 @@ class InferenceEngine:
         self._run("engine", x, threads)  # first call allocates the plan: not timed
         times, outputs = {}, {}
         for kernel in KERNELS:
+            if times and x.shape[0] > 1:
+                # A one-sample probe first: an alternative already slower than the best on
+                # its share of the batch is not run on the whole batch (conv3d takes seconds).
+                start = time.perf_counter()
+                self._run(kernel, x[:1], threads)
+                estimate = (time.perf_counter() - start) * x.shape[0]
+                if estimate > min(times.values()):
+                    times[kernel] = estimate
+                    continue
             start = time.perf_counter()
             outputs[kernel] = self._run(kernel, x, threads)
             times[kernel] = time.perf_counter() - start
-        best = min(times, key=times.get)
+        best = min(outputs, key=times.get)
         return best, times, outputs[best]
 
     def kernel_summary(self) -> str:
         """The kernel chosen per input shape, with the measured seconds when several were tried."""
         parts = []
-        for (shape, _threads), kernel in self.kernels.items():
-            times = self.kernel_times.get((shape, _threads)) or {}
+        for key, kernel in self.kernels.items():
+            shape, batch = key[0], self.kernel_batch.get(key, 1)
+            times = self.kernel_times.get(key) or {}
             measured = ", ".join(f"{k} {t * 1e3:.0f} ms" for k, t in times.items())
-            size = "x".join(str(n) for n in shape[2:])
-            parts.append(f"{kernel} for {shape[0]} x {size}" + (f" (measured: {measured})" if measured else ""))
+            size = "x".join(str(n) for n in shape[1:])
+            parts.append(f"{kernel} for {size}" + (f" (measured on {batch}: {measured})" if measured else ""))
         return "; ".join(parts) or "none yet"
 
     def geometry(self, shape: tuple[int, int, int], lanes: int = 1, threads: int | None = None) -> StreamGeometry:
@@ -587,10 +601,16 @@ def _balanced(pieces: list, parts: int) -> list[list]:
 def _in_worker(task, scratch, arg_range, arg) -> None:
     # Intra-op thread counts and inference mode are per thread (OpenMP, autograd TLS):
     # pin this worker thread to one intra-op thread and run it in inference mode like the caller.
-    if torch.get_num_threads() != 1:
+    # Set unconditionally: get_num_threads() may report the caller's setting while this
+    # thread's own OpenMP team size is still the default (oversubscribing the cores).
+    if not getattr(_WORKER_STATE, "pinned", False):
         torch.set_num_threads(1)
+        _WORKER_STATE.pinned = True
     with torch.inference_mode():
         task(scratch, arg_range, arg)
+
+
+_WORKER_STATE = threading.local()
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
