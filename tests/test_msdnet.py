@@ -230,6 +230,25 @@ def test_load_refuses_other_stage_other_files_and_corruption(tmp_path):
         load_model(bad)
 
 
+def test_bundled_copy_halves_the_file_and_keeps_outputs_close(tmp_path):
+    from vpdetect.nn.checkpoint import bundle_model
+
+    torch.manual_seed(6)
+    net = MSDNet(1, 3, width=2, depth=6, max_dilation=3)
+    full, small = tmp_path / "full.pt", tmp_path / "small.pt"
+    save_model(full, net, _card("classifier", ("background", "a", "b")),
+               training_state={"optimizer": {"m": torch.randn(5000)}})
+    bundle_model(full, small, {"test_time_flips": 4})
+    loaded, card = load_model(small, stage="classifier")
+    assert card["weights_storage"] == "float16" and card["test_time_flips"] == 4
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert small.stat().st_size < 0.7 * full.stat().st_size
+    x = torch.randn(1, 1, 10, 10, 10)
+    with torch.no_grad():
+        assert torch.allclose(net.predict(x), loaded.predict(x), atol=1e-2)
+        assert not torch.equal(net(x), loaded(x))  # rounded, not the same weights
+
+
 def test_save_refuses_inconsistent_cards_and_leaves_no_file(tmp_path):
     net = MSDNet(1, 2, width=1, depth=2, max_dilation=2)
     with pytest.raises(VPDetectError, match="class names"):

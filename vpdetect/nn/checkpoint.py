@@ -82,12 +82,14 @@ def _check_card(card: dict, source: str) -> None:
         )
 
 
-def save_model(path, model, card: dict, training_state: dict | None = None) -> None:
+def save_model(path, model, card: dict, training_state: dict | None = None, half_weights: bool = False) -> None:
     """Write `model`'s weights and its card to `path` atomically.
 
     The card's `format` and `arch` are filled in from the model; `stage` and
     `class_names` must be given. `training_state` (optimizer, scheduler, RNG
     states; tensors and plain types only) is kept for `--resume`.
+    `half_weights` stores floating-point tensors as float16 (half the file;
+    `load_model` restores float32; the card says `weights_storage: float16`).
     """
     import torch
 
@@ -95,12 +97,17 @@ def save_model(path, model, card: dict, training_state: dict | None = None) -> N
     full["format"] = FORMAT
     full["arch"] = _plain(model.arch())
     full.setdefault("normalisation", "zscore")
+    if half_weights:
+        full["weights_storage"] = "float16"
     _check_card(full, str(path))
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if half_weights:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "card": full,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "state_dict": state,
     }
     if training_state is not None:
         payload["training_state"] = training_state
@@ -189,6 +196,13 @@ def build_from_arch(arch: dict):
     if is_box_arch(arch):
         return build_box_classifier(arch["name"], **{k: arch[k] for k in BOX_ARCH_KEYS})
     return MSDNet(**{k: arch[k] for k in ARCH_KEYS})
+
+
+def bundle_model(source, destination, card_updates: dict | None = None) -> None:
+    """Copy a trained model for shipping: float16 weights, no training state, the card
+    updated with `card_updates` (e.g. inference defaults chosen after training)."""
+    model, card = load_model(source)
+    save_model(destination, model, {**card, **(card_updates or {})}, half_weights=True)
 
 
 def load_model(path, stage: str | None = None, device="cpu"):
