@@ -188,8 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         return row
 
     rows = []
-    if not args.no_bundled or (args.work / "bundled MSDNet.score.json").is_file():
-        rows.append(scored("bundled MSDNet", default_model_path("classifier"), None))
+    from vpdetect.nn.checkpoint import read_model_card
+
+    bundled = default_model_path("classifier")
+    card = read_model_card(bundled)
+    flips = card.get("test_time_flips", 1)
+    bundled_name = f"bundled {card['arch'].get('name', 'msdnet')}" + (f", {flips} test-time flips" if flips > 1 else "")
+    if not args.no_bundled or (args.work / f"{bundled_name}.score.json").is_file():
+        rows.append(scored(bundled_name, bundled, None))
         print(markdown(rows[-1:]), flush=True)
     for arch in [] if args.bundled_only else args.arch or list(RECIPES):
         model, seconds = train(arch, folders, args.work, args.minutes, args.threads, args.seed)
