@@ -20,7 +20,8 @@ NOT_PARAMETERS = {"tomograms", "tables", "output", "output_dir", "overwrite", "s
                   "verbose", "quiet", "log_file", "model", "localizer", "classifier"}
 # Option name -> where the sidecar keeps it, where the names differ.
 RECORDED_AS = {"output_format": "format", "box_batch_size": "classify.batch_size",
-               "search_radius": "search_radius", "drop_unknown": "drop_unknown"}
+               "search_radius": "search_radius", "drop_unknown": "drop_unknown",
+               "test_time_flips": "flips"}
 
 
 def command_args(files: dict, command: str, out_dir, *extra):
@@ -85,7 +86,7 @@ def test_sidecar_records_version_models_parameters_and_input(kit, command):  # n
         expected = used.get(param.name, param.default)
         assert value == (list(expected) if isinstance(expected, tuple) else expected), param.name
         checked += 1
-    assert checked == {"localize": 26, "classify": 12, "pick": 28}[command], checked
+    assert checked == {"localize": 26, "classify": 13, "pick": 29}[command], checked
     assert record["result"]["n_particles"] >= 0
 
 
