@@ -239,3 +239,20 @@ def test_engine_measures_the_fastest_kernel_per_shape():
     assert big.kernels[key] == "engine" and big.kernel_times[key] == {}
     with pytest.raises(VPDetectError, match="kernel"):
         InferenceEngine(model, kernel="winograd")
+
+
+@pytest.mark.parametrize(
+    ("arch", "shape", "batch", "threads"),
+    [((1, 2, 2, 5, 3), (9, 23, 11), 1, 2), ((1, 2, 2, 4, 4), (12, 17, 9), 3, 2), ((2, 2, 2, 6, 4), (15, 10, 12), 2, 1)],
+)
+def test_engine_multiplies_large_planes_in_bands_of_rows(monkeypatch, arch, shape, batch, threads):
+    from vpdetect.nn import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "BAND_COLUMNS", 150)  # so that these small planes are banded
+    model = random_net(*arch)
+    x = torch.randn(batch, arch[0], *shape)
+    engine = Engine(model, threads=threads, slab_columns=100)
+    got = engine.predict(x)
+    plan = next(iter(engine._plans.values()))
+    assert 1 <= plan.band_rows < shape[1]
+    assert torch.allclose(got, model.predict(x), atol=1e-5, rtol=0)

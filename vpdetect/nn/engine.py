@@ -57,6 +57,10 @@ from vpdetect.nn.precision import check_precision, inference_arithmetic, resolve
 # tap outputs (27*w rows) and the inputs of a slab stay in L2/L3, large enough
 # for an efficient multiply (measured on AVX-512: ~20k is the sweet spot).
 SLAB_COLUMNS = 20_000
+# Planes larger than this many columns are multiplied in bands of rows (each band
+# recomputes the taps of `pad` rows either side): a whole 256^2 or 512^2 plane per multiply
+# leaves the caches and runs at a fraction of the rate.
+BAND_COLUMNS = 20_000
 # Work units per thread and layer (see `_CpuPlan`).
 CHUNKS_PER_THREAD = 2
 
@@ -434,7 +438,10 @@ class _CpuPlan:
         ]
         self.zsums = torch.empty((weights.width, 3, self.step, height, self.compute_width), dtype=torch.float32)
         self.margin = pad * self.row_pitch + pad
-        t_width = self.per_worker * self.plane_pitch + 2 * self.margin
+        # Bands of rows when a plane exceeds BAND_COLUMNS (else whole planes per multiply).
+        self.band_rows = height if self.plane_pitch <= BAND_COLUMNS else max(1, BAND_COLUMNS // self.row_pitch)
+        band_width = (min(height, self.band_rows) + 2 * pad) * self.row_pitch + pad
+        t_width = max(self.per_worker * self.plane_pitch, band_width) + 2 * self.margin
         self.scratch = [
             _Scratch(27 * weights.width, t_width, self.per_worker, height, self.compute_width)
             for _ in range(threads)
@@ -498,13 +505,21 @@ class _CpuPlan:
             piece
             for part in _split(a, b, self.threads)
             for z0, z1 in _segments(*part, self.ring)
-            for piece in [(s, min(s + self.per_worker, z1)) for s in range(z0, z1, self.per_worker)]
+            for piece in self._pieces(z0, z1)
         ]
         self._parallel(self._taps, _balanced(pieces, self.threads), (layer, a))
         finished = depth_z if b == depth_z else max(done, b - reach)
         touched = (max(0, a - reach), min(depth_z, b + reach))
         self._parallel(self._gather, _split(*touched, self.threads), (layer, a, b, done, finished))
         return finished
+
+    def _pieces(self, z0: int, z1: int) -> list[tuple[int, int, int, int]]:
+        """(z0, z1, row0, row1) units of one multiply: several whole planes, or bands of one."""
+        height = self.geometry.shape[1]
+        if self.band_rows >= height:
+            return [(s, min(s + self.per_worker, z1), 0, height) for s in range(z0, z1, self.per_worker)]
+        return [(z, z + 1, r, min(r + self.band_rows, height)) for z in range(z0, z1)
+                for r in range(0, height, self.band_rows)]
 
     def _parallel(self, task, ranges, arg) -> None:
         """Run `task(scratch, range, arg)` once per range (a barrier: all finish before return)."""
@@ -529,20 +544,29 @@ class _CpuPlan:
         pitch, rpitch, margin = self.plane_pitch, self.row_pitch, self.margin
         _, height, _ = self.geometry.shape
         cwidth = self.compute_width
-        for z0, z1 in pieces:
-            n = z1 - z0
-            torch.mm(matrix, self.slots(slice(0, n_in), z0, z1), out=taps[:, margin : margin + n * pitch])
+        for z0, z1, r0, r1 in pieces:
+            n, rows = z1 - z0, r1 - r0
+            # T column `margin` is row r0, column 0 of plane z0. The taps read rows r0 - pad to
+            # r1 + pad and pad columns more before: rows above the plane must read zeros.
+            want = (r0 - self.pad) * rpitch - self.pad  # plane-relative column, maybe negative
+            lo = max(0, want)
+            hi = (z1 - z0) * pitch if rows == height else min(height + self.pad, r1 + self.pad) * rpitch
+            start = margin + lo - r0 * rpitch
+            if lo > want and rows < height:
+                taps[:, :start].zero_()  # earlier bands wrote here
+            base = (z0 % self.ring) * pitch
+            torch.mm(matrix, self.buffer[:n_in, base + lo : base + hi], out=taps[:, start : start + hi - lo])
             for j, dil in enumerate(wts.dilations[layer]):
                 # (kz, ky, kx, z, y, x) view: tap (kz, ky, kx) of voxel (z, y, x) is T at
                 # column (z, y + (ky-1)*dil, x + (kx-1)*dil) of row j*27 + 9*kz + 3*ky + kx.
                 view = taps.as_strided(
-                    (3, 3, 3, n, height, cwidth),
+                    (3, 3, 3, n, rows, cwidth),
                     (9 * t_width, 3 * t_width + dil * rpitch, t_width + dil, pitch, rpitch, 1),
                     taps.storage_offset() + j * 27 * t_width + margin - dil * rpitch - dil,
                 )
                 # Two single-axis sums (a sum over two strided axes at once is ~30x slower).
-                by_row = torch.sum(view, dim=2, out=scratch.by_row[:, :, :n])
-                torch.sum(by_row, dim=1, out=self.zsums[j, :, z0 - a : z1 - a])
+                by_row = torch.sum(view, dim=2, out=scratch.by_row[:, :, :n, :rows])
+                torch.sum(by_row, dim=1, out=self.zsums[j, :, z0 - a : z1 - a, r0:r1])
 
     def _gather(self, scratch: _Scratch, out_range, arg) -> None:
         """Add the z-taps of input planes [a, b) to output planes `out_range`; finish those
