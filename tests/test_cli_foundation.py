@@ -102,6 +102,19 @@ def test_info_on_a_tomogram(tmp_path):
     assert "0 / 1535" in result.output  # min / max
 
 
+@pytest.mark.parametrize("stage", ["localizer", "classifier"])
+def test_info_on_the_bundled_models(stage):
+    """The bundled cards hold what `train` and `tune` write today (the localizer's bandwidth
+    as a multiple of the measured particle radius); `info` must describe them."""
+    model = Path(vpdetect.__file__).parent / "models" / f"{stage}.pt"
+    result = invoke("info", model)
+    assert result.exit_code == 0, result.output
+    assert f"vpdetect {stage} model" in result.output
+    if stage == "localizer":
+        text = " ".join(result.output.split())  # rich wraps long lines
+        assert "x the measured particle radius" in text and "x the bandwidth" in text
+
+
 # --------------------------------------------------------------------------- convert
 
 

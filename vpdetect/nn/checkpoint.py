@@ -231,6 +231,26 @@ def _fmt_number(value) -> str:
     return str(value)
 
 
+def _describe_postprocess(postprocess: dict) -> str:
+    """The tuned post-processing in words: fixed bandwidths (voxels) or ones that follow the
+    particle radius measured on each map (bandwidth_factor, merge_factor)."""
+    parts = [f"threshold {_fmt_number(postprocess.get('threshold', '?'))}"]
+    if postprocess.get("bandwidth_factor") is not None:
+        parts.append(f"bandwidth {_fmt_number(postprocess['bandwidth_factor'])} x the measured particle radius")
+        if postprocess.get("merge_factor") is not None:
+            parts.append(f"merge radius {_fmt_number(postprocess['merge_factor'])} x the bandwidth")
+    else:
+        parts.append(f"bandwidth {_fmt_number(postprocess.get('bandwidth', '?'))} voxels")
+        if postprocess.get("merge_radius") is not None:
+            parts.append(f"merge radius {_fmt_number(postprocess['merge_radius'])} voxels")
+    if postprocess.get("min_size") is not None:
+        parts.append(f"min size {_fmt_number(postprocess['min_size'])} voxels")
+    text = ", ".join(parts)
+    if postprocess.get("f1") is not None:
+        text += f" (tuned F1 {postprocess['f1']:.3f})"
+    return text
+
+
 def format_model_card(card: dict) -> str:
     """A readable multi-line summary of a model card (for `vpdetect info MODEL.pt`)."""
     arch = card.get("arch", {})
@@ -262,10 +282,7 @@ def format_model_card(card: dict) -> str:
         lines.append(f"  receptive-field halo: {card['halo']} voxels")
     postprocess = card.get("postprocess")
     if postprocess:
-        lines.append(
-            "  localize defaults (tuned): threshold {threshold}, bandwidth {bandwidth}, "
-            "merge radius {merge_radius}, min size {min_size} (F1 {f1:.3f})".format(**postprocess)
-        )
+        lines.append(f"  localize defaults (tuned): {_describe_postprocess(postprocess)}")
     provenance = card.get("provenance") or {}
     if provenance:
         lines.append("  provenance:")
