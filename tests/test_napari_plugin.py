@@ -171,8 +171,29 @@ def test_reader_opens_mrc_tomograms_as_images(tmp_path):
 # ---------------------------------------------------------------- the viewer, headless
 
 
+@pytest.fixture(scope="session")
+def gl_capabilities():
+    """napari reads the GL extensions and texture limits once per process, from whichever
+    vispy canvas is current when the first image layer is added. After an earlier test's
+    viewer has closed, that can be a canvas whose context is gone (glGetString gives None and
+    add_image fails, depending on garbage-collection timing). Reading them here, from a fresh
+    canvas of our own, fills napari's caches with valid values for the whole session."""
+    from napari._vispy.utils.gl import get_gl_extensions, get_max_texture_sizes
+    from vispy.app import Canvas
+
+    canvas = Canvas(show=False)
+    try:
+        canvas.set_current()
+        extensions = get_gl_extensions()
+        get_max_texture_sizes()
+    finally:
+        canvas.close()
+    assert extensions, "no OpenGL context: the viewer tests need an X display with GLX"
+    return extensions
+
+
 @pytest.fixture
-def viewer():
+def viewer(gl_capabilities):
     import napari
     from npe2 import PluginManager
 
