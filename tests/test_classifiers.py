@@ -202,6 +202,30 @@ def test_validation_boxes_enumerate_every_particle(volumes):
     assert labels == [*vols[0].centre_classes.tolist(), 0, 0, 0]
 
 
+def test_gain_jitter_scales_training_boxes_only_within_its_bounds(volumes):
+    vols, _ = volumes
+    plain = BoxDataset(vols, 12, seed=5, augment=True)
+    jittered = BoxDataset(vols, 12, seed=5, augment=True, gain_jitter=0.3)
+    gains = []
+    for i in range(60):
+        image, label = plain.box(i)
+        scaled, label_scaled = jittered.box(i)
+        assert label == label_scaled  # same box, same flips: only the gain differs
+        gain = float(np.sum(scaled * image) / np.sum(image * image))
+        np.testing.assert_allclose(scaled, gain * image, rtol=1e-5, atol=1e-6)
+        gains.append(gain)
+    gains = np.array(gains)
+    assert gains.min() >= 1 / 1.3 - 1e-6 and gains.max() <= 1.3 + 1e-6
+    assert (gains < 0.95).any() and (gains > 1.05).any()  # dims as well as brightens
+    np.testing.assert_array_equal(jittered.box(3)[0], jittered.box(3)[0])  # a function of the seed
+    # Validation boxes are never jittered.
+    val_plain = BoxDataset(vols, 12, seed=5, augment=False, stream=1, exhaustive=True)
+    val_jit = BoxDataset(vols, 12, seed=5, augment=False, stream=1, exhaustive=True, gain_jitter=0.3)
+    np.testing.assert_array_equal(val_plain.box(0)[0], val_jit.box(0)[0])
+    with pytest.raises(VPDetectError, match="gain jitter"):
+        BoxDataset(vols, 12, seed=5, gain_jitter=1.5)
+
+
 def _wedge_power(volume):
     """Spectral power inside a +-60 degree tilt series' missing wedge (tilt axis y)."""
     f = np.fft.fftn(volume)
@@ -315,12 +339,13 @@ def test_train_classify_and_pick_paths_from_the_card(tmp_path, volumes):
     runner = CliRunner()
     args = ["train", "classifier", "--arch", "dsrf3d-v2", "--width-divisor", "8", "--crop-size", "12",
             "--data", str(folder), "--val", str(folder), "--out", str(out), "--epochs", "2",
-            "--steps-per-epoch", "2", "--batch-size", "4", "--threads", "1"]
+            "--steps-per-epoch", "2", "--batch-size", "4", "--threads", "1", "--gain-jitter", "0.25"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     card = read_model_card(out)
     assert card["arch"]["name"] == "dsrf3d-v2" and card["crop_size"] == 12
     assert card["provenance"]["sampling"] == "class-balanced"
+    assert card["provenance"]["augmentation"] == "flips of z, y, x, gain in [1/1.25, 1.25]"
     assert {"accuracy", "macro_F1", "class_F1"} <= set(card["metrics"])
     assert (tmp_path / "box.log.csv").read_text().startswith("epoch,lr,train_loss,val_loss,accuracy,macro_F1")
 

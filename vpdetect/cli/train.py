@@ -145,6 +145,11 @@ def train(
         0.1, "--background-share", min=0.0, max=0.95,
         help="Box classifiers: share of non-particle boxes (background, vesicles), the rest class-balanced.",
     ),
+    gain_jitter: float = typer.Option(
+        0.0, "--gain-jitter", min=0.0, max=0.95,
+        help="Box classifiers: multiply each training box by a random gain in [1/(1+J), 1+J], so that "
+        "the class is read from shape rather than from contrast, which differs between tomograms.",
+    ),
     classes: str = typer.Option(
         None, "--classes", help="Comma-separated classes to train (others become background); default all."
     ),
@@ -342,6 +347,7 @@ def train(
         width_divisor=width_divisor,
         max_shift=max_shift,
         background_share=background_share,
+        gain_jitter=gain_jitter,
     )
     if not val_volumes:
         # A separate stream of crops from the training tomograms: a sanity check, not a held-out score.
@@ -349,7 +355,8 @@ def train(
     if boxes:
         from vpdetect.train.boxes import BoxDataset
 
-        train_set = BoxDataset(volumes, crop_size, seed, max_shift, background_share, augment=True, stream=0)
+        train_set = BoxDataset(volumes, crop_size, seed, max_shift, background_share, augment=True, stream=0,
+                               gain_jitter=gain_jitter)
         # Validation: every particle of the validation tomograms plus non-particle boxes in the training share.
         checked = val_volumes or volumes
         n_val_particles = sum(len(tv.centre_classes) for tv in checked)
@@ -400,7 +407,10 @@ def train(
             "provenance": {
                 "arch": arch,
                 **({"max_shift": max_shift, "background_share": background_share,
-                    "sampling": "class-balanced", "augmentation": "flips of z, y, x"} if boxes else {}),
+                    "sampling": "class-balanced",
+                    "augmentation": "flips of z, y, x"
+                    + (f", gain in [1/{1 + gain_jitter:g}, {1 + gain_jitter:g}]" if gain_jitter else "")}
+                   if boxes else {}),
                 "data": data_names,
                 "init": str(init) if init is not None else None,
                 "validation": [str(p) for p in val] + [str(p) for p in val_tomogram],

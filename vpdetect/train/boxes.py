@@ -10,7 +10,11 @@ a box is a pure function of (seed, stream, index).
 Augmentation keeps the missing wedge where it is: only flips of z, y and x,
 each with probability 1/2. A single-axis tilt series about y leaves a wedge
 that every mirror maps onto itself, whereas a 90-degree turn about z would
-swap x and y and move the tilt axis where real data never has it.
+swap x and y and move the tilt axis where real data never has it. A random
+gain (`gain_jitter`) scales each normalised box: the particles' contrast
+against the noise differs between tomograms (with their crowding, ice and
+dose), and a classifier that reads size from contrast confuses neighbouring
+sizes on a tomogram whose contrast it has not seen.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ class BoxDataset:
     """Boxes (1, B, B, B) float32 and labels (int64 scalar): 0 = non-particle, k = target class k.
 
     `exhaustive=False` (training): index i draws a random box, a share
-    `background_share` of them non-particle. `exhaustive=True` (validation):
+    `background_share` of them non-particle; with `augment`, flipped and, if
+    `gain_jitter` j > 0, multiplied by a gain drawn log-uniformly in [1/(1+j), 1+j]. `exhaustive=True` (validation):
     the first indices are every particle of every volume in order (shifted
     like training boxes), then `n_background` non-particle boxes; `len()`
     counts them.
@@ -56,6 +61,7 @@ class BoxDataset:
         stream: int = 0,
         exhaustive: bool = False,
         n_background: int = 0,
+        gain_jitter: float = 0.0,
     ) -> None:
         if not volumes:
             raise VPDetectError("no training volumes")
@@ -63,6 +69,8 @@ class BoxDataset:
             raise VPDetectError(f"box size must be at least 4, got {box_size}")
         if max_shift < 0:
             raise VPDetectError(f"maximum shift must be >= 0, got {max_shift}")
+        if not 0.0 <= gain_jitter < 1.0:
+            raise VPDetectError(f"gain jitter must lie in [0, 1), got {gain_jitter}")
         if not 0.0 <= background_share <= 1.0:
             raise VPDetectError(f"non-particle share must lie in [0, 1], got {background_share}")
         self.volumes = list(volumes)
@@ -71,6 +79,7 @@ class BoxDataset:
         self.max_shift = int(max_shift)
         self.background_share = float(background_share)
         self.augment = augment
+        self.gain_jitter = float(gain_jitter)
         self.stream = int(stream)
         self.exhaustive = exhaustive
         self.n_background = int(n_background)
@@ -128,6 +137,10 @@ class BoxDataset:
         image = normalise(cut_crop(tv.volume, corner, self.box_size, fill=tv.mean), tv.mean, tv.std)
         if self.augment:
             image = flip_box(image, rng)
+            if self.gain_jitter > 0:
+                # Log-uniform in [1 / (1 + j), 1 + j]: as likely to dim as to brighten.
+                bound = np.log1p(self.gain_jitter)
+                image = image * np.float32(np.exp(rng.uniform(-bound, bound)))
         return image, label
 
     def __getitem__(self, index: int):

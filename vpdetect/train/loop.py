@@ -69,12 +69,13 @@ class TrainConfig:
     width_divisor: int = 1  # box classifiers: channel widths divided by this (1 = the paper's)
     max_shift: int = 2  # box classifiers: random shift of particle boxes off the true centre
     background_share: float = 0.1  # box classifiers: share of non-particle boxes
+    gain_jitter: float = 0.0  # box classifiers: random gain of training boxes in [1/(1+j), 1+j]
 
     # Options that must match for --resume to continue the same schedule and data stream.
     RESUME_KEYS = (
         "stage", "width", "depth", "max_dilation", "crop_size", "batch_size", "steps_per_epoch",
         "lr", "lr_step", "lr_factor", "gamma", "alpha", "seed", "particle_share", "class_names",
-        "arch", "width_divisor", "max_shift", "background_share",
+        "arch", "width_divisor", "max_shift", "background_share", "gain_jitter",
     )
 
     @property
