@@ -80,11 +80,15 @@ else
     # whole-box classifier (widths / 4, 24^3 boxes, class-balanced with a non-particle
     # class): 2,000 short epochs of 3 steps, lr x0.1 after epoch 1,000 (about 60 min on one
     # thread of a loaded machine; the bundled one stopped at its time limit, see its card).
+    # Then CLS_TUNE: 600 epochs more from those weights with a random gain per box (the first
+    # classifier read size from contrast and confused neighbouring small classes on tomograms
+    # of other contrast; 13 min on one thread).
     LOC_ARCH=(--width 2 --depth 20 --max-dilation 7 --crop-size 40 --batch-size 4 --threads 2)
     LOC_SCHEDULE=(--epochs 80 --steps-per-epoch 20 --lr 1e-3 --lr-step 60 --time-limit 70)
     [[ -n "${INIT:-}" ]] && LOC_SCHEDULE+=(--init "$INIT")
     CLS_ARCH=(--arch rb3d --width-divisor 4 --crop-size 24 --batch-size 16 --threads 1)
     CLS_SCHEDULE=(--epochs 2000 --steps-per-epoch 3 --lr 1e-3 --lr-step 1000 --seed 3)
+    CLS_TUNE=(--epochs 600 --steps-per-epoch 3 --lr 1e-3 --lr-step 300 --seed 4 --gain-jitter 0.3)
 fi
 
 # Continue an interrupted run (MODEL.last.pt) instead of starting over.
@@ -95,12 +99,19 @@ resume_flag() { [[ -f "${1%.pt}.last.pt" ]] && echo --resume || echo --overwrite
     "${LOC_ARCH[@]}" "${LOC_SCHEDULE[@]}" --particle-share 0.7 --val-crops 10 --seed 1 "$(resume_flag "$WORK/localizer.pt")" \
     > "$WORK/train_localizer.log" 2>&1 &
 LOC_PID=$!
-"$VPDETECT" train classifier "${TRAIN[@]}" --val "$WORK/val/model_0" --out "$WORK/classifier.pt" \
-    "${CLS_ARCH[@]}" "${CLS_SCHEDULE[@]}" "$(resume_flag "$WORK/classifier.pt")" \
+CLS_OUT="$WORK/classifier.pt"
+[[ -n "${CLS_TUNE:-}" ]] && CLS_OUT="$WORK/classifier_stage1.pt"
+"$VPDETECT" train classifier "${TRAIN[@]}" --val "$WORK/val/model_0" --out "$CLS_OUT" \
+    "${CLS_ARCH[@]}" "${CLS_SCHEDULE[@]}" "$(resume_flag "$CLS_OUT")" \
     > "$WORK/train_classifier.log" 2>&1 &
 CLS_PID=$!
-wait "$LOC_PID"
 wait "$CLS_PID"
+if [[ -n "${CLS_TUNE:-}" ]]; then
+    "$VPDETECT" train classifier "${TRAIN[@]}" --val "$WORK/val/model_0" --out "$WORK/classifier.pt" \
+        "${CLS_ARCH[@]}" "${CLS_TUNE[@]}" --init "$WORK/classifier_stage1.pt" --overwrite \
+        > "$WORK/train_classifier_gain.log" 2>&1
+fi
+wait "$LOC_PID"
 tail -n 3 "$WORK/train_localizer.log" "$WORK/train_classifier.log"
 
 # Choose the localizer's post-processing (threshold, bandwidth as a multiple of the particle
