@@ -17,6 +17,16 @@ classify pipeline's own timing). The bundled classifier is scored alongside.
 Trainings and scores already present in `--work` are reused (delete NAME.score.json to score again);
 `--arch` limits the run to some architectures. The JSON of all scores goes to
 `--work/classifiers.json` and the markdown table to stdout.
+
+`--test-seed` adds held-out tomograms (the same preset and size, other seeds),
+`--model` scores other classifier files beside the bundled one (e.g. an older
+bundled classifier from git), and `--gains 0.6,0.8,1,1.25,1.6` also reports
+accuracy on the true coordinates when every normalised box is multiplied by
+each gain (how much the classifier reads size from contrast):
+
+    git show 1787c24~1:vpdetect/models/classifier.pt > old.pt
+    .venv/bin/python -m benchmarks.bench_classifiers --work bench_cls --bundled-only \
+        --model old.pt --test-seed 7 --test-seed 11 --test-seed 12 --gains 0.6,0.8,1,1.25,1.6
 """
 
 from __future__ import annotations
@@ -49,19 +59,23 @@ def _vpdetect() -> list[str]:
     return [str(Path(sys.executable).parent / "vpdetect")]
 
 
-def simulate_data(root: Path) -> dict[str, list[Path]]:
-    """The benchmark's tomograms (made once; the simulator is deterministic)."""
-    counts = {"train": 6, "val": 1, "test": 1}
-    folders = {}
-    for split, n in counts.items():
-        out = root / split
+def simulate_data(root: Path, test_seeds: list[int] | None = None) -> dict[str, list[Path]]:
+    """The benchmark's tomograms (made once; the simulator is deterministic).
+
+    "test" holds one held-out tomogram per test seed (seed 7 in test/, others in test_SEED/)."""
+    splits = [("train", "train", 6, SEEDS["train"]), ("val", "val", 1, SEEDS["val"])]
+    splits += [("test", "test" if seed == SEEDS["test"] else f"test_{seed}", 1, seed)
+               for seed in test_seeds or [SEEDS["test"]]]
+    folders: dict[str, list[Path]] = {}
+    for split, name, n, seed in splits:
+        out = root / name
         if not (out / f"model_{n - 1}" / "simulation.json").is_file():
             subprocess.run(
                 [*_vpdetect(), "simulate", str(out), "--n-tomograms", str(n), "--preset", "shrec21",
-                 "--shape", *SHAPE, "--slab-thickness", "100", "--seed", str(SEEDS[split])],
+                 "--shape", *SHAPE, "--slab-thickness", "100", "--seed", str(seed)],
                 check=True,
             )
-        folders[split] = [out / f"model_{i}" for i in range(n)]
+        folders.setdefault(split, []).extend(out / f"model_{i}" for i in range(n))
     return folders
 
 
@@ -113,8 +127,23 @@ def localize_test(folder: Path, threads: int, cache: Path):
     return tomo, table
 
 
-def score(model_path: Path, tomo, coords_tables: dict, truth_folder: Path) -> dict:
-    """Size-group and per-class F1 for each coordinate set, and inference ms per 1,000 boxes."""
+def gain_accuracy(model, card, tomo, truth, gains: list[float]) -> dict[str, float]:
+    """Accuracy on the true coordinates with every normalised box multiplied by each gain."""
+    from vpdetect.classify.pipeline import classify_table
+    from vpdetect.preprocess import streamed_zscore_params
+
+    mean, std = streamed_zscore_params(tomo.data)
+    truth_class = truth.data["class_name"].to_numpy()
+    result = {}
+    for gain in gains:
+        classified = classify_table(tomo, truth, model, card, stats=(mean, std / gain))
+        result[f"{gain:g}"] = round(float((classified.data["class_name"].to_numpy() == truth_class).mean()), 3)
+    return result
+
+
+def score(model_path: Path, tomo, coords_tables: dict, truth_folder: Path, gains: list[float] | None = None) -> dict:
+    """Size-group and per-class F1 for each coordinate set, inference ms per 1,000 boxes, and
+    with `gains` the accuracy on the true coordinates per gain (`gain_accuracy`)."""
     from vpdetect.classify.pipeline import classify_table
     from vpdetect.evaluate.shrec import evaluate_picks, read_size_groups, read_truth
     from vpdetect.nn.checkpoint import load_model
@@ -136,23 +165,33 @@ def score(model_path: Path, tomo, coords_tables: dict, truth_folder: Path) -> di
             "per_class": {c: round(v["f1"], 3) for c, v in classification["per_class"].items()},
         }
     result["ms_per_1000_boxes"] = round(1000.0 * seconds / boxes * 1000.0, 0)
+    if gains:
+        result["gain_accuracy"] = gain_accuracy(model, card, tomo, coords_tables["gt"], gains)
     return result
 
 
 def markdown(rows: list[dict]) -> str:
     groups = ("small", "medium", "large")
-    head = ("| classifier | parameters | train time | GT small | GT medium | GT large "
+    head = ("| classifier | test seed | parameters | train time | GT small | GT medium | GT large "
             "| pick small | pick medium | pick large | inference per 1,000 boxes |")
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         gt = [r["gt"]["size_groups"].get(g, float("nan")) for g in groups]
         pk = [r["pick"]["size_groups"].get(g, float("nan")) for g in groups]
         train_time = "-" if r.get("train_s") is None else f"{r['train_s'] / 60:.1f} min"
         lines.append(
-            f"| {r['name']} | {r['n_parameters']:,} | {train_time} | "
+            f"| {r['name']} | {r.get('test_seed', SEEDS['test'])} | {r['n_parameters']:,} | {train_time} | "
             + " | ".join(f"{v:.3f}" for v in gt + pk)
             + f" | {r['ms_per_1000_boxes'] / 1000:.1f} s |"
         )
+    gained = [r for r in rows if r.get("gain_accuracy")]
+    if gained:
+        gains = list(gained[0]["gain_accuracy"])
+        lines += ["", "| accuracy on the true coordinates, boxes x gain | test seed | "
+                  + " | ".join(gains) + " |", "|" + "---|" * (len(gains) + 2)]
+        lines += [f"| {r['name']} | {r.get('test_seed', SEEDS['test'])} | "
+                  + " | ".join(f"{r['gain_accuracy'].get(g, float('nan')):.3f}" for g in gains) + " |"
+                  for r in gained]
     return "\n".join(lines)
 
 
@@ -166,26 +205,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=3, help="training seed")
     parser.add_argument("--no-bundled", action="store_true", help="do not score the bundled classifier (a score already in --work is still shown)")
     parser.add_argument("--bundled-only", action="store_true", help="score only the bundled classifier")
+    parser.add_argument("--model", type=Path, action="append", default=[],
+                        help="another classifier file to score (repeatable; named by its file name)")
+    parser.add_argument("--test-seed", type=int, action="append", default=None,
+                        help=f"held-out tomogram seed (repeatable; default {SEEDS['test']})")
+    parser.add_argument("--gains", default="", help="comma list: accuracy on the true coordinates per box gain")
     args = parser.parse_args(argv)
+    gains = [float(g) for g in args.gains.split(",") if g.strip()]
     import torch
 
     from vpdetect.io.particles import read_particles
     from vpdetect.models import default_model_path
 
     args.work.mkdir(parents=True, exist_ok=True)
-    folders = simulate_data(args.data or args.work)
-    test = folders["test"][0]
+    test_seeds = args.test_seed or [SEEDS["test"]]
+    folders = simulate_data(args.data or args.work, test_seeds)
     torch.set_num_threads(args.threads)
-    tomo, picked = localize_test(test, args.threads, args.work / "test_picks.csv")
-    coords = {"gt": read_particles(test / "particle_locations.txt", fmt="shrec"), "pick": picked}
+    tests = []
+    for seed, test in zip(test_seeds, folders["test"], strict=True):
+        suffix = "" if seed == SEEDS["test"] else f"_{seed}"
+        tomo, picked = localize_test(test, args.threads, args.work / f"test{suffix}_picks.csv")
+        coords = {"gt": read_particles(test / "particle_locations.txt", fmt="shrec"), "pick": picked}
+        tests.append((seed, suffix, test, tomo, coords))
 
-    def scored(name: str, model: Path, train_s: float | None) -> dict:
-        cached = args.work / f"{name}.score.json"
-        if cached.is_file():
-            return json.loads(cached.read_text())
-        row = {"name": name, "train_s": train_s, **score(model, tomo, coords, test)}
-        cached.write_text(json.dumps(row, indent=1))
-        return row
+    def scored(name: str, model: Path, train_s: float | None) -> list[dict]:
+        rows = []
+        for seed, suffix, test, tomo, coords in tests:
+            cached = args.work / f"{name}{suffix}.score.json"
+            row = json.loads(cached.read_text()) if cached.is_file() else {}
+            if not row or (gains and "gain_accuracy" not in row):
+                row = {"name": name, "test_seed": seed, "train_s": train_s,
+                       **score(model, tomo, coords, test, gains)}
+                cached.write_text(json.dumps(row, indent=1))
+            rows.append(row)
+        print(markdown(rows), flush=True)
+        return rows
 
     rows = []
     from vpdetect.nn.checkpoint import read_model_card
@@ -195,16 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     flips = card.get("test_time_flips", 1)
     bundled_name = f"bundled {card['arch'].get('name', 'msdnet')}" + (f", {flips} test-time flips" if flips > 1 else "")
     if not args.no_bundled or (args.work / f"{bundled_name}.score.json").is_file():
-        rows.append(scored(bundled_name, bundled, None))
-        print(markdown(rows[-1:]), flush=True)
+        rows += scored(bundled_name, bundled, None)
+    for path in args.model:
+        rows += scored(path.stem, path, None)
     for arch in [] if args.bundled_only else args.arch or list(RECIPES):
         model, seconds = train(arch, folders, args.work, args.minutes, args.threads, args.seed)
         if not model.is_file():
             print(f"{arch}: no epoch finished within {args.minutes} min; see {arch}.train.log", flush=True)
             continue
         torch.set_num_threads(args.threads)
-        rows.append(scored(arch, model, seconds))
-        print(markdown(rows[-1:]), flush=True)
+        rows += scored(arch, model, seconds)
     (args.work / "classifiers.json").write_text(json.dumps(rows, indent=1))
     print(markdown(rows))
     return 0
