@@ -87,7 +87,7 @@ else
     LOC_SCHEDULE=(--epochs 80 --steps-per-epoch 20 --lr 1e-3 --lr-step 60 --time-limit 70)
     [[ -n "${INIT:-}" ]] && LOC_SCHEDULE+=(--init "$INIT")
     CLS_ARCH=(--arch rb3d --width-divisor 4 --crop-size 24 --batch-size 16 --threads 1)
-    CLS_SCHEDULE=(--epochs 2000 --steps-per-epoch 3 --lr 1e-3 --lr-step 1000 --seed 3)
+    CLS_SCHEDULE=(--epochs 2000 --steps-per-epoch 3 --lr 1e-3 --lr-step 1000 --seed 3 --gain-jitter 0)
     CLS_TUNE=(--epochs 600 --steps-per-epoch 3 --lr 1e-3 --lr-step 300 --seed 4 --gain-jitter 0.3)
 fi
 

@@ -146,7 +146,7 @@ def train(
         help="Box classifiers: share of non-particle boxes (background, vesicles), the rest class-balanced.",
     ),
     gain_jitter: float = typer.Option(
-        0.0, "--gain-jitter", min=0.0, max=0.95,
+        0.3, "--gain-jitter", min=0.0, max=0.95,
         help="Box classifiers: multiply each training box by a random gain in [1/(1+J), 1+J], so that "
         "the class is read from shape rather than from contrast, which differs between tomograms.",
     ),
