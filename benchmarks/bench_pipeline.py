@@ -100,12 +100,15 @@ def paper_sized_models(directory: Path, reconstruction, class_mask) -> tuple[Pat
 
 def _predict_seconds_per_voxel(model, shape: tuple[int, ...], engine: bool) -> float:
     """Seconds per input voxel of one call on a batch of `shape` (N, D, H, W): vpdetect's
-    `fast_predict` (kernel measured) or plain `MSDNet.predict`."""
+    path (an MSDNet through the engine, kernel measured) or the plain `model.predict`.
+    Whole-box classifiers have no engine: `classify` calls their `predict`, so both are it."""
     import torch
 
     from vpdetect.nn.engine import InferenceEngine
+    from vpdetect.nn.msdnet import MSDNet
 
     x = torch.randn(shape[0], 1, *shape[1:], generator=torch.Generator().manual_seed(SEED))
+    engine = engine and isinstance(model, MSDNet)
     predict = InferenceEngine(model).predict if engine else model.predict
     if engine:
         predict(x)  # buffers, kernel measurement
