@@ -347,7 +347,7 @@ def train(
         width_divisor=width_divisor,
         max_shift=max_shift,
         background_share=background_share,
-        gain_jitter=gain_jitter,
+        gain_jitter=gain_jitter if boxes else 0.0,  # MSDNet crops are not jittered
     )
     if not val_volumes:
         # A separate stream of crops from the training tomograms: a sanity check, not a held-out score.
