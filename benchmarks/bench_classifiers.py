@@ -195,6 +195,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _gain_list(text: str) -> list[float]:
+    try:
+        gains = [float(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of numbers: {text!r}") from None
+    if any(g <= 0 for g in gains):
+        raise argparse.ArgumentTypeError(f"gains must be positive: {text!r}")
+    return gains
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("bench_classifiers"), help="folder for data and models")
@@ -209,9 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="another classifier file to score (repeatable; named by its file name)")
     parser.add_argument("--test-seed", type=int, action="append", default=None,
                         help=f"held-out tomogram seed (repeatable; default {SEEDS['test']})")
-    parser.add_argument("--gains", default="", help="comma list: accuracy on the true coordinates per box gain")
+    parser.add_argument("--gains", type=_gain_list, default=[],
+                        help="comma list of positive gains: accuracy on the true coordinates per box gain")
     args = parser.parse_args(argv)
-    gains = [float(g) for g in args.gains.split(",") if g.strip()]
+    gains = args.gains
     import torch
 
     from vpdetect.io.particles import read_particles

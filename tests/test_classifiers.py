@@ -385,3 +385,14 @@ def test_pick_takes_the_box_path_and_drops_non_particles(scenes, tmp_path):  # n
                      "--drop-unknown", *LOCALIZE_ARGS)
     assert result.exit_code == 0, result.output
     assert len(read_particles(dropped).data) == 0
+
+
+def test_classifier_benchmark_reads_a_gain_list_or_refuses_it():
+    import argparse
+
+    from benchmarks.bench_classifiers import _gain_list
+
+    assert _gain_list("0.6, 1,1.25") == [0.6, 1.0, 1.25]
+    for bad in ("a,b", "1,0", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _gain_list(bad)
