@@ -294,3 +294,40 @@ def test_a_tomogram_at_half_the_voxel_size_is_resampled_and_coordinates_map_back
     assert read_tomogram(tmp_path / "m.mrc").data.shape == fine.shape
     kept = tmp_path / "kept.csv"
     assert run("localize", tmp_path / "fine.mrc", "--model", model, "-o", kept, "--no-rescale").exit_code == 0
+
+
+def test_a_model_with_background_sigma_sees_through_an_intensity_gradient(tmp_path, rng):
+    # The tiny localizer thresholds half-way between background and particles of the
+    # background-subtracted scene; a ramp across x then moves nothing, while a model that
+    # sees the ramp marks its bright side as particle.
+    from vpdetect.nn.checkpoint import load_model, save_model
+    from vpdetect.preprocess import subtract_background
+
+    volume = scene(rng)
+    ramp = np.broadcast_to(np.linspace(-0.5, 0.5, SHAPE[2], dtype=np.float32), SHAPE)
+    write_mrc(tmp_path / "ramp.mrc", volume + ramp, voxel_size=10.0)
+    flat = intensity_localizer(tmp_path / "flat.pt", np.asarray(subtract_background(volume, 8.0)))
+    net, model_card = load_model(flat)
+    save_model(flat, net, {**model_card, "background_sigma": 8.0})
+    plain = intensity_localizer(tmp_path / "plain.pt", volume)
+    for model, expected in ((flat, True), (plain, False)):
+        out = tmp_path / f"{model.stem}.csv"
+        result = run("localize", tmp_path / "ramp.mrc", "--model", model, "-o", out)
+        assert result.exit_code == 0, result.output
+        if expected:
+            assert_centres(read_particles(out), CENTRES)
+        else:
+            assert len(read_particles(out)) != len(CENTRES)
+    assert "background subtracted" in run("info", flat).output
+
+
+def test_a_card_with_a_negative_background_sigma_is_refused_in_one_line(data):
+    from vpdetect.nn.checkpoint import load_model, save_model
+
+    tmp_path, _, model = data
+    net, model_card = load_model(model)
+    save_model(tmp_path / "bad.pt", net, {**model_card, "background_sigma": -2})
+    out = tmp_path / "bad.csv"
+    result = run("localize", tmp_path / "TS_01.mrc", "--model", tmp_path / "bad.pt", "-o", out)
+    assert result.exit_code == 2 and "background_sigma must be a non-negative number" in result.output
+    assert not out.exists()

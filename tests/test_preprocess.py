@@ -1,17 +1,22 @@
 """Robust normalisation, contrast detection and voxel-size resampling."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 
 from vpdetect.errors import VPDetectError
 from vpdetect.preprocess import (
     ROBUST_CLIP,
+    BackgroundSubtracted,
+    binned_mean,
     clip_of,
     contrast_sign,
     detect_contrast,
     normalisation_params,
     normalise,
     robust_params,
+    subtract_background,
     zscore_params,
 )
 from vpdetect.resample import (
@@ -117,3 +122,56 @@ def test_mask_and_map_resampling_align_with_the_grid():
     ramp = np.broadcast_to(np.arange(10, dtype=np.float32), (10, 10, 10))
     big = linear_resample(ramp, (20, 20, 20))
     assert big[0, 0, 8] == pytest.approx(4.0) and big[0, 0, 9] == pytest.approx(4.5)
+
+
+def test_background_subtraction_removes_a_gradient_and_keeps_particles(rng):
+    """An ice-density ramp across x (as in a thickness gradient) is gone away from the faces;
+    particles (radius 3) keep most of their contrast; noise passes unchanged."""
+    shape = (48, 64, 64)
+    particles = blobs(rng, shape, sign=-1.0, n=20, radius=3.0, noise=0.0)
+    noise = rng.normal(0.0, 1.0, shape).astype(np.float32)
+    ramp = np.broadcast_to(np.linspace(-3.0, 3.0, shape[2], dtype=np.float32), shape)
+    flat = np.asarray(subtract_background(particles + noise + ramp, 8.0))
+    inner = (slice(12, -12),) * 3
+    residual = flat - (particles + noise)
+    assert np.abs(np.median(residual[inner])) < 0.05
+    assert np.abs(residual[inner]).mean() < 0.15  # the ramp was 1.5 on average
+    inside = particles[inner] < -1.0
+    assert -flat[inner][inside].mean() > 0.8 * 2.0  # blob contrast was 2
+    assert subtract_background(noise, 0) is noise and subtract_background(noise, None) is noise
+
+
+def test_background_view_reads_like_the_materialised_volume(rng):
+    volume = rng.normal(size=(30, 41, 37)).astype(np.float32) + np.arange(37, dtype=np.float32) * 0.1
+    view = BackgroundSubtracted(volume, 6.0)
+    # Equal up to float32 rounding: a block's background sums only the bins its planes touch.
+    close = partial(np.testing.assert_allclose, rtol=0.0, atol=1e-5)
+    whole = np.asarray(view)
+    assert whole.shape == volume.shape and whole.dtype == np.float32
+    sub = view[4:20]
+    assert isinstance(sub, BackgroundSubtracted) and sub.shape == (16, 41, 37)
+    close(sub[2:9, ::3, 5], whole[6:13, ::3, 5])
+    close(view[::4, 1::5, ::2], whole[::4, 1::5, ::2])
+    close(view[7], whole[7])
+    close(view[..., 3], whole[:, :, 3])
+    assert view[5:5].shape == (0, 41, 37) and np.asarray(view[5:5]).shape == (0, 41, 37)
+    with pytest.raises(VPDetectError, match="must be positive"):
+        BackgroundSubtracted(volume, 0.0)
+
+
+def test_background_of_a_memory_mapped_tomogram_equals_the_in_memory_one(rng, tmp_path):
+    from vpdetect.io.mrc import read_tomogram, write_mrc
+
+    volume = rng.normal(size=(20, 24, 28)).astype(np.float32)
+    write_mrc(tmp_path / "t.mrc", volume, 10.0)
+    mapped = read_tomogram(tmp_path / "t.mrc", mmap=True).data
+    np.testing.assert_array_equal(np.asarray(BackgroundSubtracted(mapped, 4.0)),
+                                  np.asarray(BackgroundSubtracted(volume, 4.0)))
+
+
+def test_binned_mean_averages_partial_blocks_at_the_far_faces():
+    volume = np.arange(5 * 3 * 4, dtype=np.float32).reshape(5, 3, 4)
+    binned = binned_mean(volume, 2)
+    assert binned.shape == (3, 2, 2)
+    assert binned[0, 0, 0] == pytest.approx(volume[:2, :2, :2].mean())
+    assert binned[2, 1, 1] == pytest.approx(volume[4:, 2:, 2:].mean())

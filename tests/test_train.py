@@ -344,6 +344,7 @@ def test_cli_trains_writes_model_log_curves_and_resumes(shrec_dir, tmp_path):
     assert card["stage"] == "localizer" and card["class_names"] == ["background", "particle"]
     assert card["arch"]["depth"] == 3 and card["crop_size"] == 10 and card["voxel_size"] == 10.0
     assert card["provenance"]["seed"] == 0 and "MIoU" in card["metrics"]
+    assert card["background_sigma"] == 8.0  # the localizer default, recorded for inference
 
     again = runner.invoke(app, [*args, "--epochs", "2"])
     assert again.exit_code == 2 and "--resume" in again.output
@@ -356,6 +357,7 @@ def test_cli_trains_writes_model_log_curves_and_resumes(shrec_dir, tmp_path):
 
     info = runner.invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "localizer" in info.output
+    assert "background subtracted: Gaussian of sigma 8 voxels" in info.output
     with pytest.raises(VPDetectError, match="classifier model is needed"):
         load_model(out, stage="classifier")
 
@@ -391,6 +393,7 @@ def test_cli_classifier_from_coordinates(tmp_path, shrec_dir):
         (["train", "classifier", "--data", "X", "--classes", "ribosome"], "not in the data: ribosome"),
         (["train", "localizer", "--tomogram", "X"], "one --table per --tomogram"),
         (["train", "localizer", "--data", "X", "--resume"], "cannot resume"),
+        (["train", "classifier", "--data", "X", "--background-sigma", "4"], "applies to localizers only"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, shrec_dir, tmp_path):

@@ -11,6 +11,15 @@ training did:
 Statistics are read block by block (a bounded number of voxels in float64;
 a memory-mapped volume is never copied whole); the robust ones from a strided sample of at most ROBUST_SAMPLES voxels.
 
+Background: a localizer may also record `background_sigma` (voxels at its voxel
+size; 0 or absent: none). The tomogram minus a smooth background (a Gaussian of
+that sigma) is what it sees: an ice-thickness or density gradient, or the
+halo of a carbon edge, then no longer inflates the scale nor hides particles
+on one side. The background is taken on a grid binned by `background_bin`
+(a Gaussian of sigma / bin there) and interpolated linearly, so a tomogram
+larger than memory costs one binned copy; `BackgroundSubtracted` is the lazy
+view that training crops and inference tiles are read from alike.
+
 Contrast: models also record the sign of particle contrast they expect
 ("dark": dense matter below the background, as reconstructed; "bright":
 contrast-inverted). A tomogram of the other sign is negated, which folds into
@@ -36,6 +45,9 @@ MAD_TO_STD = 1.4826  # the MAD of a normal distribution times this is its standa
 # DoG sigma pairs spanning particles of about 2.5 to 15 nm at 1 nm voxels.
 CONTRAST_SIGMAS = ((1.0, 2.0), (2.0, 4.0))
 CONTRAST_CROP = (64, 192, 192)  # z, y, x: the central region read for detection
+
+
+BACKGROUND_SIGMA = 0.0  # what a card without the field means: no background subtraction
 
 
 # Voxels converted to float64 at a time while summing statistics (32 MB), however large the
@@ -177,3 +189,117 @@ def contrast_sign(found: str, expected: str) -> float:
         if name not in CONTRASTS:
             raise VPDetectError(f"contrast must be dark or bright, got {name!r}")
     return 1.0 if found == expected else -1.0
+
+
+def background_bin(sigma: float) -> int:
+    """Binning of the grid the background is computed on: about sigma / 2 voxels (at least 1),
+    so the Gaussian spans 2 binned voxels and linear interpolation of it is smooth."""
+    return max(1, int(sigma // 2))
+
+
+def binned_mean(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over `factor`^3 blocks (float32; partial blocks at the far faces average what they
+    hold), reading `factor` planes of a (memory-mapped) volume at a time."""
+    nz, ny, nx = volume.shape
+    bz, by, bx = (-(-n // factor) for n in (nz, ny, nx))
+    out = np.empty((bz, by, bx), dtype=np.float32)
+    pad_y, pad_x = by * factor - ny, bx * factor - nx
+    for k in range(bz):
+        slab = np.asarray(volume[k * factor : (k + 1) * factor], dtype=np.float64)
+        sums = np.pad(slab, ((0, 0), (0, pad_y), (0, pad_x))).reshape(
+            slab.shape[0], by, factor, bx, factor).sum(axis=(0, 2, 4))
+        counts = np.pad(np.ones((ny, nx)), ((0, pad_y), (0, pad_x))).reshape(by, factor, bx, factor).sum(axis=(1, 3))
+        out[k] = sums / (counts * slab.shape[0])
+    return out
+
+
+def _interpolation_matrix(indices: np.ndarray, n_bins: int, factor: int) -> np.ndarray:
+    """Rows of linear-interpolation weights from bin centres ((b + 0.5) * factor - 0.5) to the
+    voxel `indices` (clamped at the outer centres): (len(indices), n_bins) float32."""
+    position = np.clip((indices - (factor - 1) / 2.0) / factor, 0.0, n_bins - 1.0)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, n_bins - 1)
+    weight = (position - low).astype(np.float32)
+    matrix = np.zeros((len(indices), n_bins), dtype=np.float32)
+    rows = np.arange(len(indices))
+    np.add.at(matrix, (rows, low), 1.0 - weight)
+    np.add.at(matrix, (rows, high), weight)
+    return matrix
+
+
+class BackgroundSubtracted:
+    """A read-only float32 view of a [z, y, x] volume minus its smooth background.
+
+    Indexing with slices (any steps) or integers returns an ndarray; a plain
+    z range (`view[a:b]`) returns another lazy view, so tiled inference reads
+    the source (possibly memory-mapped) block by block as before.
+    """
+
+    def __init__(self, volume: np.ndarray, sigma: float, _background=None, _z0: int = 0, _nz: int | None = None):
+        from scipy import ndimage
+
+        if sigma <= 0:
+            raise VPDetectError(f"background sigma must be positive, got {sigma:g}")
+        self.source = volume
+        self.sigma = float(sigma)
+        self.factor = background_bin(sigma)
+        if _background is None:
+            _background = ndimage.gaussian_filter(binned_mean(volume, self.factor), self.sigma / self.factor,
+                                                  mode="nearest")
+        self.background = _background
+        self._z0 = _z0
+        nz = volume.shape[0] - _z0 if _nz is None else _nz
+        self.shape = (nz, *volume.shape[1:])
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 3
+        self.size = int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:, :, :]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(self.shape[0])
+            return BackgroundSubtracted(self.source, self.sigma, self.background, self._z0 + start,
+                                        max(0, stop - start))
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key):
+            at = key.index(Ellipsis)
+            key = key[:at] + (slice(None),) * (3 - len(key) + 1) + key[at + 1 :]
+        key = key + (slice(None),) * (3 - len(key))
+        if len(key) != 3 or not all(isinstance(k, (slice, int, np.integer)) for k in key):
+            raise TypeError(f"BackgroundSubtracted takes slices or integers, got {key!r}")
+        indices = []
+        for k, n in zip(key, self.shape, strict=True):
+            indices.append(np.arange(n)[k] if isinstance(k, slice) else np.atleast_1d(np.arange(n)[k]))
+        indices[0] = indices[0] + self._z0
+        source_key = tuple(
+            slice(int(i[0]), int(i[-1]) + 1, int(i[1] - i[0]) if len(i) > 1 else 1) if len(i) else slice(0, 0)
+            for i in indices
+        )
+        block = np.asarray(self.source[source_key], dtype=np.float32)
+        block = block.reshape(tuple(len(i) for i in indices)) - self._background_at(indices)
+        squeeze = tuple(axis for axis, k in enumerate(key) if not isinstance(k, slice))
+        return block.squeeze(axis=squeeze) if squeeze else block
+
+    def _background_at(self, indices: list[np.ndarray]) -> np.ndarray:
+        if any(len(i) == 0 for i in indices):
+            return np.zeros(tuple(len(i) for i in indices), np.float32)
+        wz, wy, wx = (_interpolation_matrix(i, n, self.factor) for i, n in zip(indices, self.background.shape,
+                                                                             strict=True))
+        used = np.flatnonzero(wz.any(axis=0))  # only the z bins these planes touch
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        small = self.background[lo:hi]
+        out = (wz[:, lo:hi] @ small.reshape(hi - lo, -1)).reshape(len(indices[0]), *small.shape[1:])
+        return np.matmul(wy, out) @ wx.T
+
+
+def subtract_background(volume: np.ndarray, sigma: float | None):
+    """`volume` as a model with `background_sigma` = sigma sees it (the volume itself for 0/None)."""
+    if not sigma:
+        return volume
+    return BackgroundSubtracted(volume, float(sigma))

@@ -116,7 +116,8 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     prepared = model_input(tomo, localizer_card, options)
     # One pass over the tomogram serves both stages when they normalise alike on the same grid.
     method = classifier_card.get("normalisation", NORMALISATION)
-    if prepared.scale_zyx is None and method == localizer_card.get("normalisation", NORMALISATION):
+    if (prepared.scale_zyx is None and method == localizer_card.get("normalisation", NORMALISATION)
+            and not localizer_card.get("background_sigma")):
         stats = (prepared.centre, abs(prepared.scale))
     else:
         stats = tomogram_stats(tomo.data, method)

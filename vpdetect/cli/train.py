@@ -44,6 +44,9 @@ STAGE_DEFAULTS = {
 # (Dilated-DenseNet on SHREC'19).
 BOX_DEFAULTS = {"gamma": 0.0, "alpha": "none", "crop_size": 32}
 MSDNET_CROP_SIZE = 64
+# Localizers: sigma (voxels) of the smooth background subtracted from their input. Twice the
+# largest particle radius (about 8 voxels at 1 nm): particles keep their contrast, gradients go.
+LOCALIZER_BACKGROUND_SIGMA = 8.0
 
 
 def side_paths(out: Path) -> dict[str, Path]:
@@ -150,6 +153,12 @@ def train(
         help="Box classifiers: multiply each training box by a random gain in [1/(1+J), 1+J], so that "
         "the class is read from shape rather than from contrast, which differs between tomograms.",
     ),
+    background_sigma: float = typer.Option(
+        None, "--background-sigma", min=0.0,
+        help=f"Localizers: subtract a smooth background (a Gaussian of this sigma, voxels) from every tomogram, "
+        f"in training and, recorded in the model, at inference: ice and density gradients no longer hide "
+        f"particles. 0 turns it off (default {LOCALIZER_BACKGROUND_SIGMA:g} for localizers).",
+    ),
     classes: str = typer.Option(
         None, "--classes", help="Comma-separated classes to train (others become background); default all."
     ),
@@ -245,6 +254,10 @@ def train(
         raise VPDetectError(f"--normalisation must be {' or '.join(NORMALISATIONS)}, got {normalisation!r}")
     if contrast not in (*CONTRASTS, "auto"):
         raise VPDetectError(f"--contrast must be dark, bright or auto, got {contrast!r}")
+    if background_sigma and stage != "localizer":
+        raise VPDetectError("--background-sigma applies to localizers only (classifiers read boxes as they are)")
+    background_sigma = (LOCALIZER_BACKGROUND_SIGMA if stage == "localizer" else 0.0) if background_sigma is None \
+        else float(background_sigma)
     if init is not None and resume:
         raise VPDetectError("--init starts a new run; it cannot be combined with --resume")
     paths = side_paths(out)
@@ -307,8 +320,10 @@ def train(
     select = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     excluded = [e.strip() for e in exclude.split(",") if e.strip()]
     mapping = build_class_mapping(names_seen, stage, select, parse_merge(merge), excluded)
-    volumes = [prepare_volume(av, mapping, normalisation, contrast, MODEL_CONTRAST) for av in sources]
-    val_volumes = [prepare_volume(av, mapping, normalisation, contrast, MODEL_CONTRAST) for av in val_sources]
+    volumes = [prepare_volume(av, mapping, normalisation, contrast, MODEL_CONTRAST, background_sigma)
+               for av in sources]
+    val_volumes = [prepare_volume(av, mapping, normalisation, contrast, MODEL_CONTRAST, background_sigma)
+                   for av in val_sources]
     flipped = [tv.name for tv in volumes + val_volumes if tv.contrast != MODEL_CONTRAST]
     if flipped:
         say(f"{len(flipped)} tomogram(s) with bright contrast negated for training: {', '.join(flipped[:8])}"
@@ -348,6 +363,7 @@ def train(
         max_shift=max_shift,
         background_share=background_share,
         gain_jitter=gain_jitter if boxes else 0.0,  # MSDNet crops are not jittered
+        background_sigma=background_sigma,
     )
     if not val_volumes:
         # A separate stream of crops from the training tomograms: a sanity check, not a held-out score.
@@ -399,6 +415,7 @@ def train(
             "stage": stage,
             "class_names": mapping.class_names,
             "normalisation": normalisation,
+            **({"background_sigma": background_sigma} if background_sigma else {}),
             "contrast": MODEL_CONTRAST,
             "voxel_size": voxel_sizes[0] if voxel_sizes else None,
             "crop_size": crop_size,

@@ -37,6 +37,7 @@ from vpdetect.preprocess import (
     detect_contrast,
     robust_from_sample,
     streamed_zscore_params,
+    subtract_background,
 )
 from vpdetect.resample import (
     fourier_resample,
@@ -230,7 +231,8 @@ class ModelInput:
 
 
 def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None = None) -> ModelInput:
-    """Resample (if the voxel sizes differ), measure the normalisation and decide the contrast."""
+    """Resample (if the voxel sizes differ), subtract the smooth background (where the card asks),
+    measure the normalisation and decide the contrast."""
     start = time.perf_counter()
     volume = tomo.data
     scale_zyx = None
@@ -246,6 +248,7 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
         if timings is not None:
             timings["rescale"] = time.perf_counter() - start
     start = time.perf_counter()
+    volume = subtract_background(volume, card.get("background_sigma"))
     method = card.get("normalisation", NORMALISATION)
     centre, scale = tomogram_stats(volume, method)
     # Models of version 0.1 record no contrast: they get the tomogram as it is.

@@ -174,6 +174,9 @@ def check_inference_card(card: dict, stage: str) -> None:
         raise VPDetectError(
             f"model expects {normalisation!r} input normalisation; vpdetect applies {' or '.join(NORMALISATIONS)}"
         )
+    sigma = card.get("background_sigma", 0.0)
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or sigma < 0:
+        raise VPDetectError(f"model card background_sigma must be a non-negative number, got {sigma!r}")
     if card.get("contrast", "dark") not in CONTRASTS:
         raise VPDetectError(f"model expects input contrast {card['contrast']!r}; vpdetect knows dark or bright")
 
@@ -273,6 +276,8 @@ def format_model_card(card: dict) -> str:
     names = card.get("class_names", [])
     lines.append(f"  classes: {', '.join(f'{i}={n}' for i, n in enumerate(names))}")
     lines.append(f"  normalisation: {card.get('normalisation', '?')}")
+    if card.get("background_sigma"):
+        lines.append(f"  background subtracted: Gaussian of sigma {card['background_sigma']:g} voxels")
     lines.append(f"  contrast: {card.get('contrast', 'not recorded (tomograms used as given)')}")
     voxel = card.get("voxel_size")
     lines.append(f"  voxel size: {'unknown' if voxel is None else f'{voxel:.3f} A'}")

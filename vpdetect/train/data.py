@@ -32,6 +32,7 @@ from vpdetect.preprocess import (
     detect_contrast,
     normalisation_params,
     normalise,
+    subtract_background,
 )
 
 BACKGROUND = "background"
@@ -211,8 +212,13 @@ def prepare_volume(
     normalisation: str = "zscore",
     contrast: str = "auto",
     expected_contrast: str = "dark",
+    background_sigma: float = 0.0,
 ) -> TrainingVolume:
     """Map source ids to target classes and compute the tomogram's normalisation.
+
+    With `background_sigma` the tomogram minus its smooth background
+    (`vpdetect.preprocess.subtract_background`, as at inference) is what
+    crops are cut from, held in memory as float32.
 
     The tomogram's contrast is its simulation record's, else `contrast`
     ("auto": detected); one whose contrast is not `expected_contrast` (what
@@ -231,15 +237,16 @@ def prepare_volume(
     classes = np.array([mapping.index(n) for n in av.centre_names], dtype=np.int64)
     keep = classes > 0
     centres = np.rint(np.asarray(av.centres_zyx, dtype=np.float64).reshape(-1, 3)[keep]).astype(np.int64)
+    volume = av.volume if not background_sigma else np.asarray(subtract_background(av.volume, background_sigma))
     try:
-        mean, std = normalisation_params(av.volume, normalisation)
-        own = av.contrast or (detect_contrast(av.volume)[0] if contrast == "auto" else contrast)
+        mean, std = normalisation_params(volume, normalisation)
+        own = av.contrast or (detect_contrast(volume)[0] if contrast == "auto" else contrast)
         std *= contrast_sign(own, expected_contrast)
     except VPDetectError as exc:
         raise VPDetectError(f"{av.name}: {exc}") from None
     return TrainingVolume(
         name=av.name,
-        volume=av.volume,
+        volume=volume,
         mean=mean,
         std=std,
         targets=targets,

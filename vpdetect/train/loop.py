@@ -70,12 +70,14 @@ class TrainConfig:
     max_shift: int = 2  # box classifiers: random shift of particle boxes off the true centre
     background_share: float = 0.1  # box classifiers: share of non-particle boxes
     gain_jitter: float = 0.0  # box classifiers: random gain of training boxes in [1/(1+j), 1+j]
+    background_sigma: float = 0.0  # localizers: a Gaussian background of this sigma subtracted (0: none)
 
     # Options that must match for --resume to continue the same schedule and data stream.
     RESUME_KEYS = (
         "stage", "width", "depth", "max_dilation", "crop_size", "batch_size", "steps_per_epoch",
         "lr", "lr_step", "lr_factor", "gamma", "alpha", "seed", "particle_share", "class_names",
         "arch", "width_divisor", "max_shift", "background_share", "gain_jitter",
+        "background_sigma",
     )
 
     @property
