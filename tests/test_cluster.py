@@ -288,3 +288,26 @@ def test_adaptive_bandwidth_without_particles_is_the_fallback():
     assert len(find_particles(np.zeros((8, 8, 8), np.float32), bandwidth=None, bandwidth_factor=2.0)) == 0
     with pytest.raises(VPDetectError, match="bandwidth"):
         find_particles(np.zeros((5, 5, 5)), bandwidth=None)
+
+
+def test_a_centre_between_two_lobes_snaps_onto_the_particle_and_a_ring_keeps_its_centre():
+    from vpdetect.cli.localize import DEFAULT_SNAP_DISTANCE as cli_default
+    from vpdetect.localize.pipeline import DEFAULT_SNAP_DISTANCE
+
+    assert cli_default == DEFAULT_SNAP_DISTANCE  # the CLI repeats it to keep --help light
+    # Two lobes of radius 3 one voxel apart, joined by a thin bridge 3 voxels off their axis
+    # into one component: its centroid (the mean-shift mode) falls in the gap between them.
+    prob = spheres((32, 32, 32), [(16, 16, 11.0), (16, 16, 19.0)], 3.0)
+    prob[16, 19, 11:20] = 1.0
+    found = find_particles(prob, opening_radius=0, bandwidth=8.0, min_size=1, snap_distance=0.0)
+    centre = xyz_to_zyx(found)[0]
+    assert prob[tuple(np.rint(centre).astype(int))] == 0.0  # the plain centroid is in the gap
+    snapped = xyz_to_zyx(find_particles(prob, opening_radius=0, bandwidth=8.0, min_size=1, snap_distance=2.0))[0]
+    assert prob[tuple(np.rint(snapped).astype(int))] == 1.0
+    assert np.linalg.norm(snapped - centre) <= 2.0
+    # A ring (torus of tube radius 1.5 around a hole of radius 5): its centre stays in the hole.
+    z, y, x = np.indices((32, 32, 32))
+    ring = ((np.hypot(y - 16, x - 16) - 6.5) ** 2 + (z - 16) ** 2 <= 1.5**2).astype(np.float32)
+    kept = xyz_to_zyx(find_particles(ring, opening_radius=0, bandwidth=10.0, min_size=1, max_centre_gap=0,
+                                     snap_distance=2.0))
+    np.testing.assert_allclose(kept, [[16.0, 16.0, 16.0]], atol=1e-6)

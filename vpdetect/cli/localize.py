@@ -58,6 +58,7 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_OPENING_RADIUS = 1
 DEFAULT_MIN_SIZE = 10
 DEFAULT_BANDWIDTH = 5.0
+DEFAULT_SNAP_DISTANCE = 2.0
 DEFAULT_BATCH_SIZE = 1
 
 
@@ -115,6 +116,14 @@ def max_centre_gap_option():
         None, "--max-centre-gap", min=0.0,
         help="Drop connected components whose centroid lies more than this many voxels outside "
         "them: hollow shells such as vesicle membranes (default: the bandwidth; 0 = keep all).",
+    )
+
+
+def snap_distance_option():
+    return typer.Option(
+        DEFAULT_SNAP_DISTANCE, "--snap-distance", min=0.0,
+        help="Move a centre that falls off the segmented particle (between two lobes) to the nearest "
+        "foreground voxel within this many voxels (0 = keep the mean-shift centre).",
     )
 
 
@@ -198,6 +207,7 @@ def build_localize_options(
     particle_diameter: float | None = None,
     min_size: int | None = None,
     max_centre_gap: float | None = None,
+    snap_distance: float = DEFAULT_SNAP_DISTANCE,
     tile: int | None = None,
     halo: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -227,6 +237,7 @@ def build_localize_options(
         particle_diameter=particle_diameter,
         min_size=min_size,
         max_centre_gap=max_centre_gap,
+        snap_distance=snap_distance,
         tile=tile,
         halo=halo,
         batch_size=batch_size,
@@ -328,7 +339,7 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         "postprocess": {
             "threshold": options.threshold, "opening_radius": options.opening_radius,
             "min_size": options.min_size, "merge_radius": options.merge_radius,
-            "max_centre_gap": options.max_centre_gap,
+            "max_centre_gap": options.max_centre_gap, "snap_distance": options.snap_distance,
         },
         "halo": options.resolved_halo(model),
         "map": str(saved_map) if saved_map is not None else None,
@@ -362,6 +373,7 @@ def localize(
     particle_diameter: float = particle_diameter_option(),
     min_size: int = min_size_option(),
     max_centre_gap: float = max_centre_gap_option(),
+    snap_distance: float = snap_distance_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
     batch_size: int = batch_size_option(),
@@ -394,7 +406,7 @@ def localize(
     options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
-        max_centre_gap=max_centre_gap,
+        max_centre_gap=max_centre_gap, snap_distance=snap_distance,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
         contrast=contrast, rescale=rescale,
     )

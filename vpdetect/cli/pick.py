@@ -64,6 +64,7 @@ from vpdetect.cli.localize import (
     pixel_size_option,
     precision_option,
     rescale_option,
+    snap_distance_option,
     table_format_option,
     table_output_option,
     threshold_option,
@@ -163,7 +164,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
         "postprocess": {
             "threshold": options.threshold, "opening_radius": options.opening_radius,
             "min_size": options.min_size, "merge_radius": options.merge_radius,
-            "max_centre_gap": options.max_centre_gap,
+            "max_centre_gap": options.max_centre_gap, "snap_distance": options.snap_distance,
         },
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "kernels": kernels,
@@ -193,6 +194,7 @@ def pick(
     particle_diameter: float = particle_diameter_option(),
     min_size: int = min_size_option(),
     max_centre_gap: float = max_centre_gap_option(),
+    snap_distance: float = snap_distance_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
     batch_size: int = batch_size_option(),
@@ -234,7 +236,7 @@ def pick(
     localize_options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
-        max_centre_gap=max_centre_gap,
+        max_centre_gap=max_centre_gap, snap_distance=snap_distance,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
         contrast=contrast, rescale=rescale,
     )

@@ -57,6 +57,9 @@ DEFAULT_OPENING_RADIUS = 1
 # covers the large ones without merging small touching neighbours.
 DEFAULT_BANDWIDTH = 5.0
 DEFAULT_MIN_SIZE = 10
+# The mean of a two-lobed particle's voxels can sit in the gap between its lobes, 1-2 voxels off
+# the particle (SHREC's GET3 dimer); a ring's hole is wider and keeps its centre.
+DEFAULT_SNAP_DISTANCE = 2.0
 
 
 @dataclass
@@ -90,6 +93,8 @@ class LocalizeOptions:
     merge_radius: float | None = None
     # Drop hollow components (membranes) whose centroid is this far outside them; None = bandwidth.
     max_centre_gap: float | None = None
+    # A centre off the foreground moves to the nearest foreground voxel within this many voxels.
+    snap_distance: float = DEFAULT_SNAP_DISTANCE
     # Bandwidth (and merge radius) as multiples of the particles' radius measured on the map,
     # used when neither bandwidth nor particle_diameter is set (from a tuned model card).
     bandwidth_factor: float | None = None
@@ -360,6 +365,7 @@ def particles_from_map(
         max_centre_gap=options.max_centre_gap,
         bandwidth_factor=options.bandwidth_factor,
         merge_factor=options.merge_factor,
+        snap_distance=options.snap_distance,
     )
     if bandwidth is None:
         log.info("%s: mean-shift bandwidth %.1f voxels (%g x the particles' radius measured on the map; "
