@@ -289,12 +289,16 @@ class BackgroundSubtracted:
     def _background_at(self, indices: list[np.ndarray]) -> np.ndarray:
         if any(len(i) == 0 for i in indices):
             return np.zeros(tuple(len(i) for i in indices), np.float32)
-        wz, wy, wx = (_interpolation_matrix(i, n, self.factor) for i, n in zip(indices, self.background.shape,
-                                                                             strict=True))
-        used = np.flatnonzero(wz.any(axis=0))  # only the z bins these planes touch
-        lo, hi = int(used[0]), int(used[-1]) + 1
-        small = self.background[lo:hi]
-        out = (wz[:, lo:hi] @ small.reshape(hi - lo, -1)).reshape(len(indices[0]), *small.shape[1:])
+        weights, spans = [], []
+        for axis_indices, n_bins in zip(indices, self.background.shape, strict=True):
+            matrix = _interpolation_matrix(axis_indices, n_bins, self.factor)
+            used = np.flatnonzero(matrix.any(axis=0))  # only the bins this block touches
+            lo, hi = int(used[0]), int(used[-1]) + 1
+            weights.append(matrix[:, lo:hi])
+            spans.append(slice(lo, hi))
+        wz, wy, wx = weights
+        small = self.background[tuple(spans)]
+        out = (wz @ small.reshape(small.shape[0], -1)).reshape(len(indices[0]), *small.shape[1:])
         return np.matmul(wy, out) @ wx.T
 
 
