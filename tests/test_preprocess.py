@@ -157,6 +157,8 @@ def test_background_view_reads_like_the_materialised_volume(rng):
     assert view[5:5].shape == (0, 41, 37) and np.asarray(view[5:5]).shape == (0, 41, 37)
     with pytest.raises(VPDetectError, match="must be positive"):
         BackgroundSubtracted(volume, 0.0)
+    with pytest.raises(TypeError, match="forward slices"):
+        view[::-1]
 
 
 def test_background_of_a_memory_mapped_tomogram_equals_the_in_memory_one(rng, tmp_path):

@@ -47,9 +47,6 @@ CONTRAST_SIGMAS = ((1.0, 2.0), (2.0, 4.0))
 CONTRAST_CROP = (64, 192, 192)  # z, y, x: the central region read for detection
 
 
-BACKGROUND_SIGMA = 0.0  # what a card without the field means: no background subtraction
-
-
 # Voxels converted to float64 at a time while summing statistics (32 MB), however large the
 # tomogram's planes are: a 4k x 4k tomogram in 32-plane float64 slabs needed ~8 GB at once.
 STATS_BLOCK_VOXELS = 1 << 22
@@ -204,11 +201,11 @@ def binned_mean(volume: np.ndarray, factor: int) -> np.ndarray:
     bz, by, bx = (-(-n // factor) for n in (nz, ny, nx))
     out = np.empty((bz, by, bx), dtype=np.float32)
     pad_y, pad_x = by * factor - ny, bx * factor - nx
+    counts = np.pad(np.ones((ny, nx)), ((0, pad_y), (0, pad_x))).reshape(by, factor, bx, factor).sum(axis=(1, 3))
     for k in range(bz):
         slab = np.asarray(volume[k * factor : (k + 1) * factor], dtype=np.float64)
         sums = np.pad(slab, ((0, 0), (0, pad_y), (0, pad_x))).reshape(
             slab.shape[0], by, factor, bx, factor).sum(axis=(0, 2, 4))
-        counts = np.pad(np.ones((ny, nx)), ((0, pad_y), (0, pad_x))).reshape(by, factor, bx, factor).sum(axis=(1, 3))
         out[k] = sums / (counts * slab.shape[0])
     return out
 
@@ -271,8 +268,9 @@ class BackgroundSubtracted:
             at = key.index(Ellipsis)
             key = key[:at] + (slice(None),) * (3 - len(key) + 1) + key[at + 1 :]
         key = key + (slice(None),) * (3 - len(key))
-        if len(key) != 3 or not all(isinstance(k, (slice, int, np.integer)) for k in key):
-            raise TypeError(f"BackgroundSubtracted takes slices or integers, got {key!r}")
+        if len(key) != 3 or not all(isinstance(k, (slice, int, np.integer)) for k in key) or any(
+                isinstance(k, slice) and (k.step or 1) < 0 for k in key):
+            raise TypeError(f"BackgroundSubtracted takes integers and forward slices, got {key!r}")
         indices = []
         for k, n in zip(key, self.shape, strict=True):
             indices.append(np.arange(n)[k] if isinstance(k, slice) else np.atleast_1d(np.arange(n)[k]))
