@@ -307,7 +307,7 @@ def test_one_forward_labels_many_boxes_and_non_particles_are_named_or_dropped():
 
 def test_test_time_flips_average_the_softmax_over_axis_flips():
     from vpdetect.classify.extract import extract_boxes
-    from vpdetect.classify.pipeline import FLIP_DIMS
+    from vpdetect.nn.flips import FLIP_DIMS
     from vpdetect.preprocess import zscore_params
 
     tomo, table = _tomo_and_table(6)

@@ -526,3 +526,11 @@ def test_relion_parses_our_star_files(tmp_path, rng, fmt):
     assert [r[5] for r in rows] == table.class_labels()
     pixel = _relion_print(path, "data_optics", "rlnTomoTiltSeriesPixelSize")
     assert float(pixel[0][0]) == pytest.approx(13.48)
+
+
+def test_star_with_a_repeated_label_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "repeated.star"
+    path.write_text("data_particles\n\nloop_\n_rlnCoordinateX\n_rlnCoordinateX\n_rlnCoordinateY\n"
+                    "_rlnCoordinateZ\n1 2 3 4\n")
+    with pytest.raises(VPDetectError, match="repeats the label.*rlnCoordinateX"):
+        read_particles(path)

@@ -21,7 +21,9 @@ NOT_PARAMETERS = {"tomograms", "tables", "output", "output_dir", "overwrite", "s
 # Option name -> where the sidecar keeps it, where the names differ.
 RECORDED_AS = {"output_format": "format", "box_batch_size": "classify.batch_size",
                "search_radius": "search_radius", "drop_unknown": "drop_unknown",
-               "test_time_flips": "flips"}
+               "test_time_flips": "flips", "localizer_flips": "flips"}
+# In pick, the top-level options are the localizer's: the classifier's flips are in its group.
+RECORDED_IN_PICK = {**RECORDED_AS, "test_time_flips": "classify.flips"}
 
 
 def command_args(files: dict, command: str, out_dir, *extra):
@@ -86,7 +88,7 @@ def test_sidecar_records_version_models_parameters_and_input(kit, command):  # n
         expected = used.get(param.name, param.default)
         assert value == (list(expected) if isinstance(expected, tuple) else expected), param.name
         checked += 1
-    assert checked == {"localize": 27, "classify": 13, "pick": 30}[command], checked
+    assert checked == {"localize": 28, "classify": 13, "pick": 31}[command], checked
     assert record["result"]["n_particles"] >= 0
 
 

@@ -308,3 +308,39 @@ def test_statistics_read_a_bounded_number_of_voxels_at_once(rng):
     with pytest.raises(VPDetectError, match="NaN"):
         volume[5, 39, 49] = np.nan
         volume_stats(volume, block_voxels=700)
+
+
+@pytest.mark.parametrize("tile,flips", [((26, 33, 30), 2), ((26, 19, 17), 4), (15, 8)])
+def test_test_time_flips_average_whole_volume_passes_of_the_flipped_tomogram(rng, tile, flips):
+    # Flipping each tile (with its symmetric halo) gives the map of the flipped tomogram, so the
+    # tiled average equals the mean of whole-volume passes over the flips, each flipped back.
+    from vpdetect.nn.flips import FLIP_DIMS
+
+    net = small_net(seed=7)
+    volume = rng.normal(size=(26, 33, 30)).astype(np.float32)
+    mean, std = zscore_params(volume)
+    passes = []
+    for dims in FLIP_DIMS[:flips]:
+        axes = tuple(d - 2 for d in dims)  # (N, C, D, H, W) dims -> (z, y, x) axes
+        flipped = np.ascontiguousarray(np.flip(volume, axes))
+        passes.append(np.flip(whole_volume_foreground(net, flipped, mean, std), axes))
+    reference = np.mean(passes, axis=0)
+    calls = []
+    got = predict_map(net, volume, mean, std, tile=tile, halo=net.halo, flips=flips,
+                      progress=lambda done, total: calls.append((done, total)))
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+    # The flips see different context: the average is not the unflipped map.
+    assert np.abs(reference - passes[0]).max() > 1e-4
+    # Progress counts every pass's planes and ends at the total.
+    assert calls[-1][0] == calls[-1][1] and all(a <= b for (a, _), (b, _) in zip(calls[:-1], calls[1:], strict=True))
+
+
+def test_localizer_flips_come_from_the_card_unless_given():
+    from vpdetect.localize.pipeline import LocalizeOptions
+
+    card = {"test_time_flips": 2}
+    assert LocalizeOptions().with_model_defaults(card).flips == 2
+    assert LocalizeOptions(flips=1).with_model_defaults(card).flips == 1
+    assert LocalizeOptions().with_model_defaults({}).flips == 1
+    with pytest.raises(VPDetectError, match="test-time flips must be 1 to 8, got 9"):
+        LocalizeOptions().with_model_defaults({"test_time_flips": 9})

@@ -26,6 +26,7 @@ import numpy as np
 from vpdetect.classify.extract import extract_boxes, inside_volume
 from vpdetect.classify.vote import NO_VOTE, Vote, central_mask, needs_tiebreak, vote_in_mask
 from vpdetect.errors import VPDetectError
+from vpdetect.nn.flips import check_flips, flip_averaged
 
 UNKNOWN_CLASS = "unknown"
 NON_PARTICLE_CLASS = "non-particle"
@@ -52,8 +53,6 @@ class ClassifyOptions:
     flips: int | None = None
 
 
-# The axis flips averaged at test time, in order of use: (z, y, x) dims of (N, C, D, H, W).
-FLIP_DIMS = ((), (4,), (3,), (3, 4), (2,), (2, 4), (2, 3), (2, 3, 4))
 
 
 def classifier_classes(card: dict) -> list[str]:
@@ -107,9 +106,7 @@ def classify_table(
     boxes = is_box_arch(card.get("arch"))
     batch_size = options.batch_size or DEFAULT_BATCH["boxes" if boxes else "msdnet"]
     flips = options.flips if options.flips is not None else int(card.get("test_time_flips", 1))
-    if not 1 <= flips <= len(FLIP_DIMS):
-        raise VPDetectError(f"test-time flips must be 1 to {len(FLIP_DIMS)}, got {flips}")
-    options = dataclasses.replace(options, flips=flips)
+    options = dataclasses.replace(options, flips=check_flips(flips))
     n_classes = len(class_names)
     if getattr(model, "n_classes", n_classes) != n_classes:
         raise VPDetectError(
@@ -214,10 +211,7 @@ def _label_boxes(volume, coords, box, mean, std, model, n_classes, options, batc
     def probabilities(model, inputs):
         inputs = inputs.to(device, non_blocking=True)
         with inference_arithmetic(arithmetic, device):
-            total = model.predict(inputs).float()
-            for dims in FLIP_DIMS[1:flips]:
-                total += model.predict(torch.flip(inputs, dims)).float()
-        return total / flips
+            return flip_averaged(model.predict, inputs, flips)
 
     def votes_of(probs):
         top = torch.topk(probs, k=min(2, n_classes), dim=1).values.cpu().numpy().astype(np.float64)

@@ -127,6 +127,14 @@ def snap_distance_option():
     )
 
 
+def localizer_flips_option(flag: str = "--test-time-flips"):
+    return typer.Option(
+        None, flag, min=1, max=8,
+        help="Average the localizer's map over this many of the 8 axis flips of each tile (flips keep the "
+        "missing wedge in place; each costs one more network pass; 1 = none). Default: the model card's choice.",
+    )
+
+
 def tile_option():
     return typer.Option(
         None, "--tile", min=8,
@@ -208,6 +216,7 @@ def build_localize_options(
     min_size: int | None = None,
     max_centre_gap: float | None = None,
     snap_distance: float = DEFAULT_SNAP_DISTANCE,
+    flips: int | None = None,
     tile: int | None = None,
     halo: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -238,6 +247,7 @@ def build_localize_options(
         min_size=min_size,
         max_centre_gap=max_centre_gap,
         snap_distance=snap_distance,
+        flips=flips,
         tile=tile,
         halo=halo,
         batch_size=batch_size,
@@ -341,6 +351,7 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
             "min_size": options.min_size, "merge_radius": options.merge_radius,
             "max_centre_gap": options.max_centre_gap, "snap_distance": options.snap_distance,
         },
+        "test_time_flips": options.flips,
         "halo": options.resolved_halo(model),
         "map": str(saved_map) if saved_map is not None else None,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
@@ -374,6 +385,7 @@ def localize(
     min_size: int = min_size_option(),
     max_centre_gap: float = max_centre_gap_option(),
     snap_distance: float = snap_distance_option(),
+    test_time_flips: int = localizer_flips_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
     batch_size: int = batch_size_option(),
@@ -406,7 +418,7 @@ def localize(
     options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
-        max_centre_gap=max_centre_gap, snap_distance=snap_distance,
+        max_centre_gap=max_centre_gap, snap_distance=snap_distance, flips=test_time_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
         contrast=contrast, rescale=rescale,
     )

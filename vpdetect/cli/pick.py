@@ -56,6 +56,7 @@ from vpdetect.cli.localize import (
     build_localize_options,
     contrast_option,
     halo_option,
+    localizer_flips_option,
     mask_option,
     max_centre_gap_option,
     min_size_option,
@@ -166,6 +167,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
             "min_size": options.min_size, "merge_radius": options.merge_radius,
             "max_centre_gap": options.max_centre_gap, "snap_distance": options.snap_distance,
         },
+        "localizer_flips": options.flips,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "kernels": kernels,
     }
@@ -195,6 +197,7 @@ def pick(
     min_size: int = min_size_option(),
     max_centre_gap: float = max_centre_gap_option(),
     snap_distance: float = snap_distance_option(),
+    localizer_flips: int = localizer_flips_option("--localizer-flips"),
     tile: int = tile_option(),
     halo: int = halo_option(),
     batch_size: int = batch_size_option(),
@@ -236,7 +239,7 @@ def pick(
     localize_options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
-        max_centre_gap=max_centre_gap, snap_distance=snap_distance,
+        max_centre_gap=max_centre_gap, snap_distance=snap_distance, flips=localizer_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
         contrast=contrast, rescale=rescale,
     )

@@ -29,6 +29,7 @@ from vpdetect.localize.tiling import (
     tile_shape,
 )
 from vpdetect.nn.checkpoint import check_inference_card
+from vpdetect.nn.flips import check_flips
 from vpdetect.preprocess import (
     CONTRASTS,
     NORMALISATION,
@@ -99,6 +100,9 @@ class LocalizeOptions:
     # used when neither bandwidth nor particle_diameter is set (from a tuned model card).
     bandwidth_factor: float | None = None
     merge_factor: float | None = None
+    # The map averaged over this many axis flips of each tile (`vpdetect.nn.flips`; each
+    # costs one more network pass); None = the model card's "test_time_flips", else 1.
+    flips: int | None = None
     tile: int | None = None
     halo: int | None = None
     batch_size: int = 1
@@ -139,6 +143,8 @@ class LocalizeOptions:
         ):
             if getattr(self, name) is None:
                 updates[name] = type(default)(tuned.get(name, default))
+        if self.flips is None:
+            updates["flips"] = check_flips(card.get("test_time_flips", 1))
         user_size = self.bandwidth is not None or self.particle_diameter is not None
         if not user_size and self.bandwidth_factor is None and tuned.get("bandwidth_factor") is not None:
             updates["bandwidth_factor"] = float(tuned["bandwidth_factor"])
@@ -322,6 +328,7 @@ def segment_volume(
         precision=options.precision,
         timings=timings,
         clip=prepared.clip,
+        flips=check_flips(options.flips if options.flips is not None else card.get("test_time_flips", 1)),
     )
     return prob, timings
 

@@ -392,6 +392,7 @@ def predict_map(
     precision: str = "auto",
     timings: dict | None = None,
     clip: float | None = None,
+    flips: int = 1,
 ) -> np.ndarray:
     """Foreground probability map [z, y, x] of `volume` by tiled inference.
 
@@ -403,9 +404,12 @@ def predict_map(
     (float16, float32 or a memmap); by default a float32 array is returned.
     `progress(done, total)` is called after each batch of tiles, and after each step
     of a z-streamed column, counting tile planes; `timings` (if given) accumulates
-    seconds under "network" and "stitch".
+    seconds under "network" and "stitch". `flips` > 1 averages the foreground over that many
+    axis flips of each tile (`vpdetect.nn.flips`), one network pass each.
     """
     import torch
+
+    from vpdetect.nn.flips import flip_averaged
 
     halo = int(model.halo if halo is None else halo)
     if min(np.atleast_1d(tile)) < 1 or batch_size < 1 or halo < 0:
@@ -420,7 +424,7 @@ def predict_map(
     timings.setdefault("stitch", 0.0)
     model.eval()
     predict = predictor(model, precision, device)
-    planes = tile_shape(tuple(volume.shape), tile)[0]
+    planes = tile_shape(tuple(volume.shape), tile)[0] * flips
     total = len(tiles) * planes
     done = 0
     with torch.inference_mode():
@@ -428,15 +432,21 @@ def predict_map(
             start = time.perf_counter()
             crops = np.stack([normalise(volume[t.source], mean, std, clip) for t in batch])[:, None]
             inputs = torch.from_numpy(crops).to(device)
-            if streams_columns(model, device):
-                def within(finished, _planes, base=done, lanes=len(batch)):
+            passes = iter(range(flips))
+
+            def one_pass(x, batch=batch, base=done, passes=passes):
+                if not streams_columns(model, device):
+                    return predict(x)
+                start_plane = next(passes) * x.shape[2]
+
+                def within(finished, _planes):
                     if progress is not None:
-                        progress(base + finished * lanes, total)
+                        progress(base + (start_plane + finished) * len(batch), total)
 
                 # Timing the kernels pays only when the tile shape recurs often.
-                probs = predict(inputs, progress=within, measure=len(tiles) >= MEASURE_MIN_TILES)
-            else:
-                probs = predict(inputs)
+                return predict(x, progress=within, measure=len(tiles) * flips >= MEASURE_MIN_TILES)
+
+            probs = flip_averaged(one_pass, inputs, flips)
             foreground = probs[:, 1:].sum(dim=1).float().cpu().numpy()
             middle = time.perf_counter()
             for t, fg in zip(batch, foreground, strict=True):

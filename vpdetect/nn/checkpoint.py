@@ -283,6 +283,8 @@ def format_model_card(card: dict) -> str:
     lines.append(f"  voxel size: {'unknown' if voxel is None else f'{voxel:.3f} A'}")
     if card.get("crop_size") is not None:
         lines.append(f"  crop size: {card['crop_size']}")
+    if int(card.get("test_time_flips", 1)) > 1:
+        lines.append(f"  test-time flips: {card['test_time_flips']} (predictions averaged over axis flips)")
     if "halo" in card:
         lines.append(f"  receptive-field halo: {card['halo']} voxels")
     postprocess = card.get("postprocess")

@@ -70,6 +70,9 @@ def star_blocks(path: Path) -> dict[str, pd.DataFrame]:
     blocks: dict[str, pd.DataFrame] = {}
     for name, block in raw.items():
         if isinstance(block, pd.DataFrame):
+            repeated = sorted(set(block.columns[block.columns.duplicated()].astype(str)))
+            if repeated:
+                raise VPDetectError(f"{path}: block data_{name} repeats the label(s) {', '.join(repeated)}")
             blocks[str(name)] = block
         elif isinstance(block, dict):  # a single-row block written as key-value pairs
             blocks[str(name)] = pd.DataFrame({k: [v] for k, v in block.items()})
