@@ -528,4 +528,3 @@ def test_relion_parses_our_star_files(tmp_path, rng, fmt):
     assert [r[5] for r in rows] == table.class_labels()
     pixel = _relion_print(path, "data_optics", "rlnTomoTiltSeriesPixelSize")
     assert float(pixel[0][0]) == pytest.approx(13.48)
-

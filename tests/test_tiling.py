@@ -342,5 +342,6 @@ def test_localizer_flips_come_from_the_card_unless_given():
     assert LocalizeOptions().with_model_defaults(card).flips == 2
     assert LocalizeOptions(flips=1).with_model_defaults(card).flips == 1
     assert LocalizeOptions().with_model_defaults({}).flips == 1
-    with pytest.raises(VPDetectError, match="test-time flips must be 1 to 8, got 9"):
-        LocalizeOptions().with_model_defaults({"test_time_flips": 9})
+    for bad in (9, 0, 1.5, "two", None):
+        with pytest.raises(VPDetectError, match="test-time flips must be a whole number from 1 to 8"):
+            LocalizeOptions().with_model_defaults({"test_time_flips": bad})

@@ -26,7 +26,7 @@ import numpy as np
 from vpdetect.classify.extract import extract_boxes, inside_volume
 from vpdetect.classify.vote import NO_VOTE, Vote, central_mask, needs_tiebreak, vote_in_mask
 from vpdetect.errors import VPDetectError
-from vpdetect.nn.flips import check_flips, flip_averaged
+from vpdetect.nn.flips import flip_averaged, resolve_flips
 
 UNKNOWN_CLASS = "unknown"
 NON_PARTICLE_CLASS = "non-particle"
@@ -105,8 +105,7 @@ def classify_table(
     class_names = classifier_classes(card)
     boxes = is_box_arch(card.get("arch"))
     batch_size = options.batch_size or DEFAULT_BATCH["boxes" if boxes else "msdnet"]
-    flips = options.flips if options.flips is not None else int(card.get("test_time_flips", 1))
-    options = dataclasses.replace(options, flips=check_flips(flips))
+    options = dataclasses.replace(options, flips=resolve_flips(options.flips, card))
     n_classes = len(class_names)
     if getattr(model, "n_classes", n_classes) != n_classes:
         raise VPDetectError(

@@ -29,7 +29,7 @@ from vpdetect.localize.tiling import (
     tile_shape,
 )
 from vpdetect.nn.checkpoint import check_inference_card
-from vpdetect.nn.flips import check_flips
+from vpdetect.nn.flips import resolve_flips
 from vpdetect.preprocess import (
     CONTRASTS,
     NORMALISATION,
@@ -143,8 +143,7 @@ class LocalizeOptions:
         ):
             if getattr(self, name) is None:
                 updates[name] = type(default)(tuned.get(name, default))
-        if self.flips is None:
-            updates["flips"] = check_flips(card.get("test_time_flips", 1))
+        updates["flips"] = resolve_flips(self.flips, card)
         user_size = self.bandwidth is not None or self.particle_diameter is not None
         if not user_size and self.bandwidth_factor is None and tuned.get("bandwidth_factor") is not None:
             updates["bandwidth_factor"] = float(tuned["bandwidth_factor"])
@@ -328,7 +327,7 @@ def segment_volume(
         precision=options.precision,
         timings=timings,
         clip=prepared.clip,
-        flips=check_flips(options.flips if options.flips is not None else card.get("test_time_flips", 1)),
+        flips=resolve_flips(options.flips, card),
     )
     return prob, timings
 

@@ -17,11 +17,17 @@ from vpdetect.errors import VPDetectError
 FLIP_DIMS = ((), (4,), (3,), (3, 4), (2,), (2, 4), (2, 3), (2, 3, 4))
 
 
-def check_flips(flips: int) -> int:
-    """The number of flips as an int, or a one-line error outside 1..8."""
-    if not 1 <= int(flips) <= len(FLIP_DIMS):
-        raise VPDetectError(f"test-time flips must be 1 to {len(FLIP_DIMS)}, got {flips}")
+def check_flips(flips) -> int:
+    """The number of flips as an int, or a one-line error unless a whole number in 1..8."""
+    if isinstance(flips, bool) or not isinstance(flips, int | float) or flips != int(flips) \
+            or not 1 <= flips <= len(FLIP_DIMS):
+        raise VPDetectError(f"test-time flips must be a whole number from 1 to {len(FLIP_DIMS)}, got {flips!r}")
     return int(flips)
+
+
+def resolve_flips(given: int | None, card: dict) -> int:
+    """The flips to use: those given, else the model card's "test_time_flips", else 1 (checked)."""
+    return check_flips(given if given is not None else card.get("test_time_flips", 1))
 
 
 def flip_averaged(predict: Callable, inputs, flips: int):
