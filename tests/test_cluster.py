@@ -311,3 +311,30 @@ def test_a_centre_between_two_lobes_snaps_onto_the_particle_and_a_ring_keeps_its
     kept = xyz_to_zyx(find_particles(ring, opening_radius=0, bandwidth=10.0, min_size=1, max_centre_gap=0,
                                      snap_distance=2.0))
     np.testing.assert_allclose(kept, [[16.0, 16.0, 16.0]], atol=1e-6)
+
+
+def test_oversized_components_are_dropped_and_particles_and_clumps_kept():
+    """A membrane-like sheet (one long component) becomes a row of false particles unless
+    components over `max_component` bandwidth balls are dropped; a ball and a clump of
+    two touching balls stay."""
+    from vpdetect.localize.cluster import Foreground, drop_components, oversized_components
+
+    shape = (40, 80, 120)
+    prob = spheres(shape, [(20, 20, 100), (20, 60, 96), (20, 60, 104)], 4.0)
+    prob[18:22, 5:75, 10:70] = 1.0  # a sheet 4 voxels thick, 70 x 60 across
+    bandwidth = 6.0
+    everything = find_particles(prob, 0.5, 0, bandwidth, 10)
+    assert len(everything) > 4  # mean-shift scatters modes over the sheet
+    found = find_particles(prob, 0.5, 0, bandwidth, 10, max_component=3.0)
+    assert len(found) == 3
+    assert np.all(found["x"].to_numpy() > 90)
+    # The sheet holds 16,800 voxels = 18.6 balls of radius 6; the clump 2 x 257 = 0.57.
+    foreground = extract_foreground(prob, 0.5, 0)
+    sizes = np.bincount(foreground.labels)
+    big = oversized_components(foreground, bandwidth, 3.0)
+    assert big.tolist() == (sizes > 3.0 * 4 / 3 * np.pi * bandwidth**3).tolist() and big.sum() == 1
+    assert not oversized_components(foreground, bandwidth, 0.0).any()  # 0: no limit
+    kept = drop_components(foreground, big)
+    assert isinstance(kept, Foreground) and kept.n_components == foreground.n_components - 1
+    assert len(kept.coords) == len(foreground.coords) - sizes[big].sum()
+    assert sorted(np.unique(kept.labels)) == list(range(kept.n_components))  # renumbered

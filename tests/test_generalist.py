@@ -132,3 +132,61 @@ def test_cli_generalist_preset_records_and_reproduces(tmp_path):
     assert meta["parameters"]["preset"] == "generalist" and "randomized" in meta
     bad = CliRunner().invoke(app, [*args, "--recon-filter", "wiener", str(tmp_path / "c")])
     assert bad.exit_code == 2 and "reconstruction filter" in bad.output
+
+
+def test_a_large_membrane_is_a_bilayer_on_its_sphere_inside_the_slab():
+    from vpdetect.simulate.generalist import MEMBRANE_DENSITY, MEMBRANE_LEAFLET_NM, add_membrane
+
+    density = np.zeros((30, 40, 40), np.float32)
+    # A sphere of radius 100 voxels through (20, 20, 15) with its centre 100 voxels along +x:
+    # near the point the membrane is almost the plane x = 20.
+    membrane = {"point_vox": [20.0, 20.0, 15.0], "normal": [1.0, 0.0, 0.0], "radius_nm": 100.0}
+    add_membrane(density, (5, 25), membrane, voxel_nm=1.0)
+    assert np.all(density[:5] == 0) and np.all(density[25:] == 0)
+    profile = density[15, 20]
+    # two leaflets at +-1.6 voxels about x = 20, a trough between them, nothing far away
+    peaks = [int(np.argmax(profile[:20])), 20 + int(np.argmax(profile[20:]))]
+    assert abs(peaks[0] - (20 - MEMBRANE_LEAFLET_NM)) <= 1 and abs(peaks[1] - (20 + MEMBRANE_LEAFLET_NM)) <= 1
+    assert profile[20] < profile[peaks[0]] and profile[peaks[0]] <= MEMBRANE_DENSITY * 1.05
+    assert profile[0] == 0 and profile[39] == 0
+    # at 2 nm voxels the same bilayer is half as wide in voxels, on the same plane
+    coarse = np.zeros_like(density)
+    add_membrane(coarse, (5, 25), {**membrane, "radius_nm": 200.0}, voxel_nm=2.0)
+    width = lambda p: np.ptp(np.flatnonzero(p > 0.05))  # noqa: E731
+    assert width(coarse[15, 20]) < 0.7 * width(profile)
+    assert abs(np.average(np.arange(40), weights=coarse[15, 20]) - 20) < 0.5
+
+
+def test_granular_carbon_is_textured_reproducibly_and_only_on_the_carbon():
+    edge = {"normal_deg": 0.0, "offset_vox": 5.0, "density": 1.0, "width_vox": 1.0}
+    textured = {**edge, "texture": 0.5, "texture_sigma_vox": 1.0, "texture_seed": 11}
+    plain, first, second = (np.zeros((10, 32, 32), np.float32) for _ in range(3))
+    add_context(plain, (2, 8), Context(carbon_edge=edge))
+    add_context(first, (2, 8), Context(carbon_edge=textured))
+    add_context(second, (2, 8), Context(carbon_edge=textured))
+    assert np.array_equal(first, second)
+    grains = first - plain
+    assert np.all(grains[:2] == 0) and np.all(grains[8:] == 0)
+    on_carbon, off_carbon = grains[2:8, :, 28:], grains[2:8, :, :12]
+    assert on_carbon.std() == pytest.approx(0.5, rel=0.2)  # the relative amplitude on dense carbon
+    assert np.abs(off_carbon).max() < 0.05 * np.abs(on_carbon).max()
+
+
+def test_generalist_draws_membranes_gold_contrast_and_carbon_grain_and_records_them():
+    from vpdetect.simulate.generalist import FIDUCIAL_CONTRAST, draw_tomogram
+
+    params = preset_params("generalist", shape_xyz=(96, 96, 48))
+    kinds = set()
+    for seed in range(40):
+        drawn, _, context, record = draw_tomogram(params, np.random.default_rng(seed))
+        assert record["membranes"] == list(context.membranes)
+        for m in context.membranes:
+            assert np.linalg.norm(m["normal"]) == pytest.approx(1.0, abs=1e-3)
+            kinds.add("membrane")
+        if "fiducial_contrast" in record:
+            assert FIDUCIAL_CONTRAST[0] <= record["fiducial_contrast"] <= FIDUCIAL_CONTRAST[1]
+            assert drawn.fiducial_contrast == record["fiducial_contrast"]
+        if context.carbon_edge and context.carbon_edge.get("texture"):
+            assert record["carbon_edge"] == context.carbon_edge
+            kinds.add("granular carbon")
+    assert kinds == {"membrane", "granular carbon"}

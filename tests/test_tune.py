@@ -40,7 +40,7 @@ def test_search_prefers_settings_that_find_each_particle_once(rng):
     prob[2, 2, 2:5] = 1.0
     best, rows = tune_postprocessing(
         [AnnotatedMap(prob, occupancy, truth, 10.0)], opening_radius=0,
-        thresholds=(0.5,), bandwidths=(2.0, 5.0), merge_factors=(1.0,), min_sizes=(1, 10),
+        thresholds=(0.5,), bandwidths=(2.0, 5.0), merge_factors=(1.0,), min_sizes=(1, 10), max_components=(0.0,),
     )
     assert len(rows) == 4
     assert best["f1"] == 1.0 and best["min_size"] == 10
@@ -83,7 +83,8 @@ def test_adaptive_search_stores_factors_and_localize_uses_them(rng):
     calls = []
     best, rows = tune_postprocessing([AnnotatedMap(prob, occupancy, truth, 10.0)], opening_radius=0,
                                      thresholds=(0.5,), merge_factors=(1.0,), min_sizes=(5,),
-                                     bandwidth_factors=(1.0, 2.0), progress=lambda *a: calls.append(a))
+                                     bandwidth_factors=(1.0, 2.0), max_components=(0.0,),
+                                     progress=lambda *a: calls.append(a))
     assert len(rows) == 2 and best["f1"] == 1.0
     assert calls == [(1, 2), (2, 2)]
     assert {"bandwidth_factor", "merge_factor", "bandwidths"} <= set(best) and "bandwidth" not in best
@@ -104,3 +105,49 @@ def test_tune_refuses_a_nonpositive_bandwidth_before_segmenting(tmp_path, rng):
     result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "--bandwidth", "0"])
     assert result.exit_code == 2
     assert "--bandwidth must be positive" in result.output and "segmenting" not in result.output
+
+
+def test_search_finds_the_largest_component_that_drops_a_membrane_and_localize_uses_it(rng):
+    """A sheet segmented as foreground (a membrane) costs precision; the grid's largest-component
+    limit removes it, the card stores the limit and `localize` applies it by default."""
+    from vpdetect.localize.pipeline import DEFAULT_MAX_COMPONENT, LocalizeOptions
+
+    _, occupancy, truth = annotated_scene(rng)
+    prob = (occupancy > 0).astype(np.float32)
+    free = np.ones(SHAPE, bool)
+    z, y, x = np.indices(SHAPE)
+    for c in CENTRES:  # the sheet stays clear of the particles
+        free &= (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 > (RADIUS + 3) ** 2
+    sheet = np.zeros(SHAPE, bool)
+    sheet[:, :, 1:4] = True
+    prob[sheet & free] = 1.0
+    best, rows = tune_postprocessing([AnnotatedMap(prob, occupancy, truth, 10.0)], opening_radius=0,
+                                     thresholds=(0.5,), bandwidths=(5.0,), merge_factors=(1.0,), min_sizes=(5,),
+                                     max_components=(0.0, 3.0))
+    scores = {r["max_component"]: r["f1"] for r in rows}
+    assert scores[3.0] == 1.0 and scores[0.0] < 1.0
+    assert best["max_component"] == 3.0
+    assert LocalizeOptions().with_model_defaults({"postprocess": best}).max_component == 3.0
+    assert LocalizeOptions(max_component=0.0).with_model_defaults({"postprocess": best}).max_component == 0.0
+    # A card tuned before the limit existed keeps every component.
+    assert LocalizeOptions().with_model_defaults({"postprocess": {"threshold": 0.5}}).max_component == 0.0
+    assert DEFAULT_MAX_COMPONENT == 0.0
+
+
+def test_tune_command_searches_the_grid_it_is_given(tmp_path, rng):
+    volume = shrec_folder(tmp_path / "val", rng)
+    model = intensity_localizer(tmp_path / "loc.pt", volume)
+    out = tmp_path / "tuned.pt"
+    grid = ["--threshold", "0.5", "--bandwidth-factor", "2", "--merge-factor", "1", "--min-size", "5",
+            "--max-component", "0", "--max-component", "4"]
+    result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "-o", str(out),
+                                      "--tile", "24", "--device", "cpu", *grid])
+    assert result.exit_code == 0, result.output
+    tuned = read_model_card(out)["postprocess"]
+    assert tuned["grid_points"] == 2 and tuned["threshold"] == 0.5 and tuned["bandwidth_factor"] == 2.0
+    assert tuned["max_component"] in (0.0, 4.0) and "largest component" in result.output
+    for bad, message in ((["--threshold", "1.5"], "--threshold must lie below 1"),
+                         (["--max-component", "-1"], "--max-component must be 0 or positive"),
+                         (["--min-size", "0"], "--min-size must be positive")):
+        result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), *bad])
+        assert result.exit_code == 2 and message in result.output, result.output

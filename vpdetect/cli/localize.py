@@ -119,6 +119,15 @@ def max_centre_gap_option():
     )
 
 
+def max_component_option():
+    return typer.Option(
+        None, "--max-component", min=0.0,
+        help="Drop connected components with more voxels than this many balls of the mean-shift "
+        "bandwidth: membranes, carbon and other extended structures, which would otherwise become rows "
+        "of false particles (default: the model's tuned value, else 0 = keep all).",
+    )
+
+
 def snap_distance_option():
     return typer.Option(
         DEFAULT_SNAP_DISTANCE, "--snap-distance", min=0.0,
@@ -207,6 +216,17 @@ def table_format_option():
     )
 
 
+def postprocess_record(options) -> dict:
+    """The post-processing actually used (command line, else model card, else built-in),
+    for provenance sidecars."""
+    return {
+        "threshold": options.threshold, "opening_radius": options.opening_radius,
+        "min_size": options.min_size, "merge_radius": options.merge_radius,
+        "max_centre_gap": options.max_centre_gap, "snap_distance": options.snap_distance,
+        "max_component": options.max_component,
+    }
+
+
 def build_localize_options(
     *,
     threshold: float | None = None,
@@ -216,6 +236,7 @@ def build_localize_options(
     min_size: int | None = None,
     max_centre_gap: float | None = None,
     snap_distance: float = DEFAULT_SNAP_DISTANCE,
+    max_component: float | None = None,
     flips: int | None = None,
     tile: int | None = None,
     halo: int | None = None,
@@ -247,6 +268,7 @@ def build_localize_options(
         min_size=min_size,
         max_centre_gap=max_centre_gap,
         snap_distance=snap_distance,
+        max_component=max_component,
         flips=flips,
         tile=tile,
         halo=halo,
@@ -345,12 +367,7 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
         "shape_xyz": list(tomo.shape_xyz),
         "voxel_size": tomo.voxel_size,
         "bandwidth_voxels": bandwidth,
-        # The post-processing actually used (command line, else model card, else built-in).
-        "postprocess": {
-            "threshold": options.threshold, "opening_radius": options.opening_radius,
-            "min_size": options.min_size, "merge_radius": options.merge_radius,
-            "max_centre_gap": options.max_centre_gap, "snap_distance": options.snap_distance,
-        },
+        "postprocess": postprocess_record(options),
         "test_time_flips": options.flips,
         "halo": options.resolved_halo(model),
         "map": str(saved_map) if saved_map is not None else None,
@@ -385,6 +402,7 @@ def localize(
     min_size: int = min_size_option(),
     max_centre_gap: float = max_centre_gap_option(),
     snap_distance: float = snap_distance_option(),
+    max_component: float = max_component_option(),
     test_time_flips: int = localizer_flips_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
@@ -418,7 +436,8 @@ def localize(
     options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
         particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
-        max_centre_gap=max_centre_gap, snap_distance=snap_distance, flips=test_time_flips,
+        max_centre_gap=max_centre_gap, snap_distance=snap_distance, max_component=max_component,
+        flips=test_time_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
         contrast=contrast, rescale=rescale,
     )

@@ -9,6 +9,13 @@ import typer
 from vpdetect.cli.app import app, console, user_errors
 from vpdetect.cli.batch import device_option
 from vpdetect.cli.localize import halo_option, tile_option
+from vpdetect.localize.tune import (
+    DEFAULT_BANDWIDTH_FACTORS,
+    DEFAULT_MAX_COMPONENTS,
+    DEFAULT_MERGE_FACTORS,
+    DEFAULT_MIN_SIZES,
+    DEFAULT_THRESHOLDS,
+)
 
 
 @app.command()
@@ -29,11 +36,31 @@ def tune(
         help="Search these fixed bandwidths in voxels (repeat for several) instead of multiples of the "
         "particle radius measured on each map (the default, which follows the user's particle size).",
     ),
+    thresholds: list[float] = typer.Option(
+        None, "--threshold", help="Search these foreground thresholds (repeat for several; default: "
+        f"{', '.join(f'{v:g}' for v in DEFAULT_THRESHOLDS)}).",
+    ),
+    bandwidth_factors: list[float] = typer.Option(
+        None, "--bandwidth-factor", help="Search these multiples of the measured particle radius as the "
+        f"bandwidth (default: {', '.join(f'{v:g}' for v in DEFAULT_BANDWIDTH_FACTORS)}).",
+    ),
+    merge_factors: list[float] = typer.Option(
+        None, "--merge-factor", help="Search these merge radii, as multiples of the bandwidth "
+        f"(default: {', '.join(f'{v:g}' for v in DEFAULT_MERGE_FACTORS)}).",
+    ),
+    min_sizes: list[int] = typer.Option(
+        None, "--min-size", help="Search these minimum cluster sizes in voxels "
+        f"(default: {', '.join(str(v) for v in DEFAULT_MIN_SIZES)}).",
+    ),
+    max_components: list[float] = typer.Option(
+        None, "--max-component", help="Search these largest components, in balls of the bandwidth, "
+        f"0 = no limit (default: {', '.join(f'{v:g}' for v in DEFAULT_MAX_COMPONENTS)}).",
+    ),
     tile: int = tile_option(),
     halo: int = halo_option(),
     device: str = device_option(),
 ) -> None:
-    """Search threshold, bandwidth, merge radius and minimum size for the best SHREC F1.
+    """Search threshold, bandwidth, merge radius, minimum size and largest component for the best SHREC F1.
 
     The winners are stored in the model's card and become `localize`'s and `pick`'s
     defaults for that model (options given on the command line still win).
@@ -48,8 +75,15 @@ def tune(
     from vpdetect.localize.tune import AnnotatedMap, tune_postprocessing
     from vpdetect.nn.checkpoint import load_model, read_training_state, save_model
 
-    if bandwidths and min(bandwidths) <= 0:  # before minutes of segmentation
-        raise VPDetectError(f"--bandwidth must be positive, got {min(bandwidths):g}")
+    grids = {"--bandwidth": bandwidths, "--threshold": thresholds, "--bandwidth-factor": bandwidth_factors,
+             "--merge-factor": merge_factors, "--min-size": min_sizes}
+    for flag, values in grids.items():  # before minutes of segmentation
+        if values and min(values) <= 0:
+            raise VPDetectError(f"{flag} must be positive, got {min(values):g}")
+    if thresholds and max(thresholds) >= 1:
+        raise VPDetectError(f"--threshold must lie below 1, got {max(thresholds):g}")
+    if max_components and min(max_components) < 0:
+        raise VPDetectError(f"--max-component must be 0 or positive, got {min(max_components):g}")
     device = resolve_device(device)
     net, card = load_model(model, stage="localizer", device=device)
     options = build_localize_options(tile=tile, halo=halo, device=device)
@@ -65,6 +99,11 @@ def tune(
         task = bar.add_task("post-processing grid", total=None)
         best, rows = tune_postprocessing(
             maps, opening_radius=opening_radius, bandwidths=bandwidths or None,
+            thresholds=thresholds or DEFAULT_THRESHOLDS,
+            bandwidth_factors=bandwidth_factors or DEFAULT_BANDWIDTH_FACTORS,
+            merge_factors=merge_factors or DEFAULT_MERGE_FACTORS,
+            min_sizes=min_sizes or DEFAULT_MIN_SIZES,
+            max_components=max_components or DEFAULT_MAX_COMPONENTS,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     best["tuned_on"] = [str(folder) for folder in data]
@@ -77,5 +116,6 @@ def tune(
             else f"bandwidth {best['bandwidth']:g}, merge radius {best['merge_radius']:g}")
     console.print(
         f"best mean F1 {best['f1']:.3f}: threshold {best['threshold']}, {size}, "
-        f"min size {best['min_size']} -> {out or model}"
+        f"min size {best['min_size']}, largest component {best['max_component']:g} bandwidth balls "
+        f"(0: any) -> {out or model}"
     )

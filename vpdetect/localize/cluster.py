@@ -337,6 +337,7 @@ def find_particles(
     bandwidth_factor: float | None = None,
     merge_factor: float | None = None,
     snap_distance: float = 0.0,
+    max_component: float = 0.0,
 ):
     """Particle centres from a foreground probability map [z, y, x].
 
@@ -351,7 +352,9 @@ def find_particles(
     `bandwidth_factor` x the particles' typical radius measured on the map
     (`adaptive_bandwidth`). A centre off the foreground (between the lobes of a
     particle) moves to the nearest foreground voxel if one lies within `snap_distance`
-    (`snap_to_foreground`).
+    (`snap_to_foreground`). Components with more voxels than `max_component` balls of
+    the bandwidth (0: no limit) are extended structures, not particles, and are dropped
+    (`oversized_components`).
     """
     import pandas as pd
 
@@ -369,6 +372,7 @@ def find_particles(
         merge_radius = merge_factor * bandwidth
     gap = bandwidth if max_centre_gap is None else max_centre_gap
     foreground = drop_hollow_components(foreground, gap)
+    foreground = drop_components(foreground, oversized_components(foreground, bandwidth, max_component))
     centres, sizes, prob_sums = cluster_foreground(foreground, bandwidth, merge_radius)
     keep = sizes >= max(1, int(min_size))
     centres, sizes, prob_sums = centres[keep], sizes[keep], prob_sums[keep]
@@ -437,17 +441,37 @@ def drop_hollow_components(foreground: Foreground, max_gap: float) -> Foreground
     separation = 4.0 * (np.abs(coords).max() + max_gap + 1.0)
     tree = cKDTree(np.column_stack([coords, labels * separation]))
     gap, _ = tree.query(np.column_stack([centroids, np.arange(n) * separation]), k=1)
-    hollow = gap > max_gap
-    if not hollow.any():
+    return drop_components(foreground, gap > max_gap)
+
+
+def oversized_components(foreground: Foreground, bandwidth: float, max_balls: float) -> np.ndarray:
+    """Per component: True when it has more voxels than `max_balls` balls of radius `bandwidth`
+    (0: none is oversized).
+
+    A particle, or a clump of a few touching ones, fits in one or two such balls (the
+    bandwidth is a few particle radii); a membrane, a carbon edge or a textured region
+    segmented as foreground is one long component that mean-shift would cut into a row
+    of false particles.
+    """
+    n = foreground.n_components
+    if n == 0 or max_balls <= 0:
+        return np.zeros(n, dtype=bool)
+    ball = 4.0 / 3.0 * np.pi * float(bandwidth) ** 3
+    return np.bincount(foreground.labels, minlength=n) > max_balls * ball
+
+
+def drop_components(foreground: Foreground, drop: np.ndarray) -> Foreground:
+    """The foreground without the components flagged in `drop` (one bool per component),
+    the survivors renumbered 0..m-1."""
+    if not drop.any():
         return foreground
-    keep_voxel = ~hollow[labels]
-    # Renumber the surviving components 0..m-1.
-    new_id = np.cumsum(~hollow) - 1
+    keep_voxel = ~drop[foreground.labels]
+    new_id = np.cumsum(~drop) - 1
     return Foreground(
         foreground.coords[keep_voxel],
         foreground.values[keep_voxel],
-        new_id[labels[keep_voxel]].astype(np.int64),
-        int((~hollow).sum()),
+        new_id[foreground.labels[keep_voxel]].astype(np.int64),
+        int((~drop).sum()),
     )
 
 

@@ -61,6 +61,9 @@ DEFAULT_MIN_SIZE = 10
 # The mean of a two-lobed particle's voxels can sit in the gap between its lobes, 1-2 voxels off
 # the particle (SHREC's GET3 dimer); a ring's hole is wider and keeps its centre.
 DEFAULT_SNAP_DISTANCE = 2.0
+# Components larger than this many balls of the bandwidth are dropped (0: none): off unless the
+# card (`vpdetect tune`) or the user sets it, so older models keep their behaviour.
+DEFAULT_MAX_COMPONENT = 0.0
 
 
 @dataclass
@@ -96,6 +99,9 @@ class LocalizeOptions:
     max_centre_gap: float | None = None
     # A centre off the foreground moves to the nearest foreground voxel within this many voxels.
     snap_distance: float = DEFAULT_SNAP_DISTANCE
+    # Drop components with more voxels than this many balls of the bandwidth (membranes,
+    # carbon); None = the card's tuned value, else DEFAULT_MAX_COMPONENT (0: keep all).
+    max_component: float | None = None
     # Bandwidth (and merge radius) as multiples of the particles' radius measured on the map,
     # used when neither bandwidth nor particle_diameter is set (from a tuned model card).
     bandwidth_factor: float | None = None
@@ -140,6 +146,7 @@ class LocalizeOptions:
             ("threshold", DEFAULT_THRESHOLD),
             ("opening_radius", DEFAULT_OPENING_RADIUS),
             ("min_size", DEFAULT_MIN_SIZE),
+            ("max_component", DEFAULT_MAX_COMPONENT),
         ):
             if getattr(self, name) is None:
                 updates[name] = type(default)(tuned.get(name, default))
@@ -372,6 +379,7 @@ def particles_from_map(
         bandwidth_factor=options.bandwidth_factor,
         merge_factor=options.merge_factor,
         snap_distance=options.snap_distance,
+        max_component=options.max_component,
     )
     if bandwidth is None:
         log.info("%s: mean-shift bandwidth %.1f voxels (%g x the particles' radius measured on the map; "

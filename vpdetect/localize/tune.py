@@ -2,7 +2,8 @@
 
 The network's probability map is computed once per tomogram; the threshold,
 mean-shift bandwidth, merge radius and minimum cluster size are then searched
-on a grid for the best mean SHREC localization F1. By default the bandwidth is
+on a grid for the best mean SHREC localization F1, with the largest component
+kept (membranes and carbon segmented as foreground are long components). By default the bandwidth is
 searched as a multiple of the particles' radius measured on each map
 (`cluster.adaptive_bandwidth`): a fixed number of voxels suits only the particle
 size of the tuning data, a multiple follows the user's particles. The winning values are
@@ -23,6 +24,8 @@ DEFAULT_BANDWIDTH_FACTORS = (1.5, 2.0, 2.5, 3.0)  # multiples of the measured pa
 # Merge radius as a multiple of the bandwidth.
 DEFAULT_MERGE_FACTORS = (0.75, 1.0, 1.25)
 DEFAULT_MIN_SIZES = (5, 10, 20, 40)
+# Largest component kept, in balls of the bandwidth (0: no limit; see `cluster.oversized_components`).
+DEFAULT_MAX_COMPONENTS = (0.0, 3.0, 6.0)
 
 
 @dataclass
@@ -43,6 +46,7 @@ def tune_postprocessing(
     merge_factors: Sequence[float] = DEFAULT_MERGE_FACTORS,
     min_sizes: Sequence[int] = DEFAULT_MIN_SIZES,
     bandwidth_factors: Sequence[float] = DEFAULT_BANDWIDTH_FACTORS,
+    max_components: Sequence[float] = DEFAULT_MAX_COMPONENTS,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict, list[dict]]:
     """(best settings with their mean F1, every grid point's scores), ties to the earlier grid point.
@@ -50,54 +54,72 @@ def tune_postprocessing(
     `bandwidths` (voxels) searches fixed bandwidths; None searches `bandwidth_factors`
     (rows then hold bandwidth_factor and merge_factor, and the bandwidth per map).
     Each threshold is applied (and opened, labelled) once per map; each
-    bandwidth and merge radius clustered once; minimum sizes only filter.
+    bandwidth and largest component clustered once; merge radii and minimum sizes
+    only merge and filter those modes.
     `progress(done, total)` is called after each mean-shift of all maps.
     """
-    from vpdetect.evaluate.shrec import evaluate_picks
-    from vpdetect.io.particles import ParticleTable
     from vpdetect.localize.cluster import (
         adaptive_bandwidth,
         cluster_foreground,
+        drop_components,
         drop_hollow_components,
         extract_foreground,
-        merge_close,
+        oversized_components,
     )
 
     adaptive = bandwidths is None
     size_grid = list(bandwidth_factors if adaptive else bandwidths)
-    total, done = len(thresholds) * len(size_grid), 0
+    total, done = len(thresholds) * len(size_grid) * len(max_components), 0
     rows: list[dict] = []
     for threshold in thresholds:
         foregrounds = [extract_foreground(m.prob, threshold, opening_radius) for m in maps]
         for size in size_grid:
             per_map = [adaptive_bandwidth(fg, size) if adaptive else float(size) for fg in foregrounds]
             # As `find_particles` does by default: hollow components (membranes) are dropped.
-            # Mean-shift once per bandwidth; each merge radius only merges its modes.
-            unmerged = [
-                cluster_foreground(drop_hollow_components(fg, bw), bw, merge_radius=0.0)
-                for fg, bw in zip(foregrounds, per_map, strict=True)
-            ]
-            for factor in merge_factors:
-                clustered = [merge_close(*modes, bw * factor) for modes, bw in zip(unmerged, per_map, strict=True)]
-                for min_size in min_sizes:
-                    f1s = []
-                    for m, (centres, sizes, _) in zip(maps, clustered, strict=True):
-                        kept = centres[sizes >= min_size]
-                        table = ParticleTable.from_arrays(
-                            kept[:, ::-1], voxel_size=m.voxel_size, tomo_size=m.occupancy.shape[::-1]
-                        )
-                        f1s.append(evaluate_picks(table, m.occupancy, m.truth)["localization"]["f1"])
-                    row = {"threshold": float(threshold), "opening_radius": int(opening_radius)}
-                    if adaptive:
-                        row.update(bandwidth_factor=float(size), merge_factor=float(factor),
-                                   bandwidths=[round(bw, 2) for bw in per_map])
-                    else:
-                        row.update(bandwidth=float(size), merge_radius=float(size * factor))
-                    row.update(min_size=int(min_size), f1=float(np.mean(f1s)),
-                               f1_per_map=[round(f, 4) for f in f1s])
-                    rows.append(row)
-            done += 1
-            if progress is not None:
-                progress(done, total)
+            solid = [drop_hollow_components(fg, bw) for fg, bw in zip(foregrounds, per_map, strict=True)]
+            for max_component in max_components:
+                # Mean-shift once per bandwidth and largest component; each merge radius only merges its modes.
+                unmerged = [
+                    cluster_foreground(drop_components(fg, oversized_components(fg, bw, max_component)), bw,
+                                       merge_radius=0.0)
+                    for fg, bw in zip(solid, per_map, strict=True)
+                ]
+                common = {"threshold": float(threshold), "opening_radius": int(opening_radius),
+                          "max_component": float(max_component)}
+                rows += _score_modes(maps, unmerged, per_map, common, size, adaptive, merge_factors, min_sizes)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
     best = max(rows, key=lambda row: row["f1"])  # max keeps the first of equal scores
     return dict(best), rows
+
+
+def _score_modes(maps, unmerged, per_map, common: dict, size: float, adaptive: bool,
+                 merge_factors, min_sizes) -> list[dict]:
+    """Grid rows for every merge factor and minimum size of one clustering of all maps
+    (`unmerged`: each map's modes); `common` holds the row's other settings."""
+    from vpdetect.evaluate.shrec import evaluate_picks
+    from vpdetect.io.particles import ParticleTable
+    from vpdetect.localize.cluster import merge_close
+
+    rows = []
+    for factor in merge_factors:
+        clustered = [merge_close(*modes, bw * factor) for modes, bw in zip(unmerged, per_map, strict=True)]
+        for min_size in min_sizes:
+            f1s = []
+            for m, (centres, sizes, _) in zip(maps, clustered, strict=True):
+                kept = centres[sizes >= min_size]
+                table = ParticleTable.from_arrays(
+                    kept[:, ::-1], voxel_size=m.voxel_size, tomo_size=m.occupancy.shape[::-1]
+                )
+                f1s.append(evaluate_picks(table, m.occupancy, m.truth)["localization"]["f1"])
+            row = {"threshold": common["threshold"], "opening_radius": common["opening_radius"]}
+            if adaptive:
+                row.update(bandwidth_factor=float(size), merge_factor=float(factor),
+                           bandwidths=[round(bw, 2) for bw in per_map])
+            else:
+                row.update(bandwidth=float(size), merge_radius=float(size * factor))
+            row.update(min_size=int(min_size), max_component=common["max_component"],
+                       f1=float(np.mean(f1s)), f1_per_map=[round(f, 4) for f in f1s])
+            rows.append(row)
+    return rows

@@ -248,6 +248,8 @@ def _describe_postprocess(postprocess: dict) -> str:
             parts.append(f"merge radius {_fmt_number(postprocess['merge_radius'])} voxels")
     if postprocess.get("min_size") is not None:
         parts.append(f"min size {_fmt_number(postprocess['min_size'])} voxels")
+    if postprocess.get("max_component"):
+        parts.append(f"components over {_fmt_number(postprocess['max_component'])} bandwidth balls dropped")
     text = ", ".join(parts)
     if postprocess.get("f1") is not None:
         text += f" (tuned F1 {postprocess['f1']:.3f})"

@@ -3,7 +3,8 @@
 A tomogram of the `generalist` preset draws, from its own random stream,
 everything a real tomogram may differ in: SNR, defocus, tilt range and step,
 reconstruction filter, contrast sign, crowding, slab thickness, context
-(vesicles, gold, a carbon edge, an ice-thickness gradient) and a handful of
+(vesicles, gold of 6-40 times a protein's contrast, a granular carbon edge,
+large membranes crossing the volume, an ice-thickness gradient) and a handful of
 procedurally generated particle shapes of 2.5-15 nm beside some of the 12
 `syn-*` classes. Every drawn value goes into `simulation.json` under
 `randomized`, so a tomogram can be re-made or filtered by what it contains.
@@ -29,12 +30,13 @@ from vpdetect.simulate.phantoms import (
     box_half_size,
     protein_classes,
 )
+from vpdetect.simulate.scene import slab_range
 
 SHAPE_FAMILIES = ("compact", "elongated", "ring", "multilobe")
 # Every parameter the preset draws; naming one on the command line fixes it.
 RANDOMIZABLE = (
     "snr", "defocus", "tilt_range", "tilt_step", "recon_filter", "contrast", "crowding", "slab_thickness",
-    "shapes", "vesicles", "fiducials", "carbon_edge", "ice_gradient", "b_factor", "shifts",
+    "shapes", "vesicles", "fiducials", "carbon_edge", "ice_gradient", "b_factor", "shifts", "membranes",
 )
 # Ranges of the draws (diameters in nm; SNR log-uniform).
 DIAMETER_NM = (2.5, 15.0)
@@ -45,6 +47,14 @@ PROTEINS_PER_MVOX = (6.0, 60.0)
 RANDOM_SHAPES_PER_TOMOGRAM = (3, 8)
 # Thinnest solid part (radius or semi-axis, nm): thinner parts vanish at 1 nm voxels.
 MIN_THICKNESS_NM = 1.0
+# Gold against protein contrast: real gold (19.3 g/cm^3) is ~50 times a protein's excess over ice;
+# its streaks hide particles, which a picker must learn to see through.
+FIDUCIAL_CONTRAST = (6.0, 40.0)
+# Large membranes (plasma membrane, ER sheets, big organelles): spherical caps of these radii
+# (nm) through the slab, nearly flat at the scale of a tomogram; a bilayer of two leaflets.
+MEMBRANE_RADIUS_NM = (60.0, 600.0)
+MEMBRANE_LEAFLET_NM = 1.6  # leaflet peaks at +-this from the mid-plane (a ~4 nm bilayer)
+MEMBRANE_DENSITY = 0.8  # peak density of a leaflet (protein = 1), as the vesicles'
 
 
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -104,13 +114,20 @@ def random_protein_class(rng: np.random.Generator, family: str, name: str) -> Pa
 class Context:
     """Large-scale structure added to the scene density after placement (densities: protein = 1)."""
 
-    carbon_edge: dict | None = None  # {"normal_deg", "offset_vox", "density", "width_vox"}
+    # {"normal_deg", "offset_vox", "density", "width_vox"} and, for a granular carbon,
+    # {"texture", "texture_sigma_vox", "texture_seed"} (relative amplitude, grain size, noise seed)
+    carbon_edge: dict | None = None
     ice_gradient: dict | None = None  # {"direction_deg", "amplitude"}
+    # Each {"point_vox": [x, y, z], "normal": [x, y, z] unit, "radius_nm"}: a bilayer on the sphere
+    # of that radius through the point, its centre along the normal.
+    membranes: tuple = ()
 
 
-def add_context(density: np.ndarray, slab: tuple[int, int], context: Context) -> None:
-    """Add a carbon edge (a dense half-plane region across the slab, soft edge) and a linear
-    ice-thickness gradient inside the slab, in place."""
+def add_context(density: np.ndarray, slab: tuple[int, int], context: Context, voxel_nm: float = 1.0) -> None:
+    """Add a carbon edge (a dense half-plane region across the slab, soft edge, optionally
+    granular), a linear ice-thickness gradient inside the slab and large membranes, in place."""
+    for membrane in context.membranes:
+        add_membrane(density, slab, membrane, voxel_nm)
     if context.carbon_edge is None and context.ice_gradient is None:
         return
     nz, ny, nx = density.shape
@@ -130,6 +147,38 @@ def add_context(density: np.ndarray, slab: tuple[int, int], context: Context) ->
         plane += gradient["amplitude"] * along
     z0, z1 = slab
     density[z0:z1] += plane[None]
+    edge = context.carbon_edge
+    if edge is not None and edge.get("texture"):
+        # Amorphous carbon is granular: its density varies by grains of a nm or two.
+        from scipy import ndimage
+
+        grains = np.random.default_rng(int(edge["texture_seed"])).standard_normal((z1 - z0, ny, nx))
+        grains = ndimage.gaussian_filter(grains, float(edge["texture_sigma_vox"]))
+        grains *= float(edge["texture"]) / (grains.std() + 1e-12)
+        angle = np.deg2rad(edge["normal_deg"])
+        distance = x * np.cos(angle) + y * np.sin(angle) - edge["offset_vox"]
+        carbon = edge["density"] / (1.0 + np.exp(-distance / edge["width_vox"]))
+        density[z0:z1] += (grains * carbon[None]).astype(density.dtype)
+
+
+def add_membrane(density: np.ndarray, slab: tuple[int, int], membrane: dict, voxel_nm: float = 1.0) -> None:
+    """Add one large membrane (`Context.membranes`) inside the slab, in place: two leaflets of
+    Gaussian profile at +-MEMBRANE_LEAFLET_NM from a sphere of `radius_nm` through `point_vox`."""
+    z0, z1 = slab
+    _, ny, nx = density.shape
+    normal = np.asarray(membrane["normal"], dtype=np.float64)
+    radius = float(membrane["radius_nm"]) / voxel_nm
+    centre = np.asarray(membrane["point_vox"], dtype=np.float64) + radius * normal  # [x, y, z]
+    leaflet = MEMBRANE_LEAFLET_NM / voxel_nm
+    sigma = max(0.5 * leaflet, 0.5)
+    y, x = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    for z in range(z0, z1):
+        signed = np.sqrt((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2) - radius
+        near = np.abs(signed) < leaflet + 4.0 * sigma
+        if near.any():
+            d = signed[near]
+            profile = np.exp(-0.5 * ((d - leaflet) / sigma) ** 2) + np.exp(-0.5 * ((d + leaflet) / sigma) ** 2)
+            density[z][near] += (MEMBRANE_DENSITY * profile).astype(density.dtype)
 
 
 def draw_tomogram(params, rng: np.random.Generator):
@@ -203,6 +252,26 @@ def draw_tomogram(params, rng: np.random.Generator):
             "direction_deg": round(float(rng.uniform(0, 360)), 1),
             "amplitude": round(float(rng.uniform(0.2, 1.5)), 3),
         })
+    # Drawn after everything above, so that the draws of tomograms made before these existed
+    # are unchanged (their volumes gain the new context).
+    if "fiducials" in todo and params.fiducials:
+        changes["fiducial_contrast"] = draw("fiducial_contrast", round(_log_uniform(rng, *FIDUCIAL_CONTRAST), 2))
+    if carbon is not None and rng.random() < 0.7:
+        carbon = draw("carbon_edge", {**carbon, "texture": round(float(rng.uniform(0.1, 0.6)), 3),
+                                      "texture_sigma_vox": round(float(rng.uniform(0.7, 2.0)), 2),
+                                      "texture_seed": int(rng.integers(2**31))})
+    membranes = []
+    if "membranes" in todo:
+        z_lo, z_hi = slab_range(nz, changes.get("slab_thickness", params.slab_thickness))
+        for _ in range(int(rng.choice([0, 0, 0, 1, 1, 2]))):
+            normal = rng.normal(size=3)
+            membranes.append({
+                "point_vox": [round(float(rng.uniform(0, nx)), 1), round(float(rng.uniform(0, ny)), 1),
+                              round(float(rng.uniform(z_lo, z_hi)), 1)],
+                "normal": [round(float(v), 4) for v in normal / np.linalg.norm(normal)],
+                "radius_nm": round(_log_uniform(rng, *MEMBRANE_RADIUS_NM), 1),
+            })
+        draw("membranes", membranes)
     # classes too large for this volume's slab are left out rather than refused
     room = min(nx, ny, changes.get("slab_thickness", params.slab_thickness))
     fits = lambda c: 2 * box_half_size(c.shape, params.voxel_size_nm) + 1 <= room  # noqa: E731
@@ -212,4 +281,5 @@ def draw_tomogram(params, rng: np.random.Generator):
         changes["classes"] = tuple(c.name for c in protein_classes() if c.name in chosen and fits(c))
     microscope = dataclasses.replace(params.microscope, **micro)
     params = dataclasses.replace(params, microscope=microscope, randomize=(), **changes)
-    return params, extra, Context(carbon, gradient), record
+    return params, extra, Context(carbon, gradient, tuple(membranes)), record
+

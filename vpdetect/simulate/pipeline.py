@@ -309,7 +309,7 @@ def simulate_tomogram(
     scene = build_scene(params.shape_xyz, params.slab_thickness, classes, labels, counts,
                         np.random.default_rng(scene_seq), params.voxel_size_nm, strict=explicit)
 
-    add_context(scene.density, scene.slab, context)
+    add_context(scene.density, scene.slab, context, params.voxel_size_nm)
     say("imaging and reconstructing")
     microscope = dataclasses.replace(params.microscope, defocus_um=defocus)
     reconstruction, acquisition = image_and_reconstruct(
