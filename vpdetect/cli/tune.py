@@ -18,6 +18,12 @@ from vpdetect.localize.tune import (
 )
 
 
+def grid_option(flag: str, what: str, defaults):
+    """A repeatable option giving the values one axis of the search takes."""
+    listed = ", ".join(f"{v:g}" for v in defaults)
+    return typer.Option(None, flag, help=f"Search these {what} (repeat for several; default: {listed}).")
+
+
 @app.command()
 @user_errors
 def tune(
@@ -36,25 +42,16 @@ def tune(
         help="Search these fixed bandwidths in voxels (repeat for several) instead of multiples of the "
         "particle radius measured on each map (the default, which follows the user's particle size).",
     ),
-    thresholds: list[float] = typer.Option(
-        None, "--threshold", help="Search these foreground thresholds (repeat for several; default: "
-        f"{', '.join(f'{v:g}' for v in DEFAULT_THRESHOLDS)}).",
+    thresholds: list[float] = grid_option("--threshold", "foreground thresholds", DEFAULT_THRESHOLDS),
+    bandwidth_factors: list[float] = grid_option(
+        "--bandwidth-factor", "multiples of the measured particle radius as the bandwidth", DEFAULT_BANDWIDTH_FACTORS
     ),
-    bandwidth_factors: list[float] = typer.Option(
-        None, "--bandwidth-factor", help="Search these multiples of the measured particle radius as the "
-        f"bandwidth (default: {', '.join(f'{v:g}' for v in DEFAULT_BANDWIDTH_FACTORS)}).",
+    merge_factors: list[float] = grid_option(
+        "--merge-factor", "merge radii, as multiples of the bandwidth", DEFAULT_MERGE_FACTORS
     ),
-    merge_factors: list[float] = typer.Option(
-        None, "--merge-factor", help="Search these merge radii, as multiples of the bandwidth "
-        f"(default: {', '.join(f'{v:g}' for v in DEFAULT_MERGE_FACTORS)}).",
-    ),
-    min_sizes: list[int] = typer.Option(
-        None, "--min-size", help="Search these minimum cluster sizes in voxels "
-        f"(default: {', '.join(str(v) for v in DEFAULT_MIN_SIZES)}).",
-    ),
-    max_components: list[float] = typer.Option(
-        None, "--max-component", help="Search these largest components, in balls of the bandwidth, "
-        f"0 = no limit (default: {', '.join(f'{v:g}' for v in DEFAULT_MAX_COMPONENTS)}).",
+    min_sizes: list[int] = grid_option("--min-size", "minimum cluster sizes in voxels", DEFAULT_MIN_SIZES),
+    max_components: list[float] = grid_option(
+        "--max-component", "largest components, in balls of the bandwidth (0: no limit)", DEFAULT_MAX_COMPONENTS
     ),
     tile: int = tile_option(),
     halo: int = halo_option(),

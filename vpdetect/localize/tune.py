@@ -25,7 +25,7 @@ DEFAULT_BANDWIDTH_FACTORS = (1.5, 2.0, 2.5, 3.0)  # multiples of the measured pa
 DEFAULT_MERGE_FACTORS = (0.75, 1.0, 1.25)
 DEFAULT_MIN_SIZES = (5, 10, 20, 40)
 # Largest component kept, in balls of the bandwidth (0: no limit; see `cluster.oversized_components`).
-DEFAULT_MAX_COMPONENTS = (0.0, 3.0, 6.0)
+DEFAULT_MAX_COMPONENTS = (0.0, 4.0, 8.0)
 
 
 @dataclass
