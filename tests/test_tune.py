@@ -146,6 +146,18 @@ def test_tune_command_searches_the_grid_it_is_given(tmp_path, rng):
     tuned = read_model_card(out)["postprocess"]
     assert tuned["grid_points"] == 2 and tuned["threshold"] == 0.5 and tuned["bandwidth_factor"] == 2.0
     assert tuned["max_component"] in (0.0, 4.0) and "largest component" in result.output
+    # A shipped (float16) model stays float16 when tuned.
+    import torch
+
+    from vpdetect.nn.checkpoint import bundle_model
+
+    bundle_model(model, tmp_path / "shipped.pt")
+    result = CliRunner().invoke(app, ["tune", str(tmp_path / "shipped.pt"), "--data", str(tmp_path / "val"),
+                                      "--tile", "24", "--device", "cpu", *grid])
+    assert result.exit_code == 0, result.output
+    payload = torch.load(tmp_path / "shipped.pt", weights_only=False)
+    assert payload["card"]["weights_storage"] == "float16" and "postprocess" in payload["card"]
+    assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
     for bad, message in ((["--threshold", "1.5"], "--threshold must lie below 1"),
                          (["--max-component", "-1"], "--max-component must be 0 or positive"),
                          (["--min-size", "0"], "--min-size must be positive")):

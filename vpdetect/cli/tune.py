@@ -107,7 +107,9 @@ def tune(
     best["grid_points"] = len(rows)
     card = dict(card)
     card["postprocess"] = best
-    save_model(out or model, net.cpu(), card, training_state=read_training_state(model))
+    # A shipped model keeps its float16 storage (its weights are float16 values already).
+    save_model(out or model, net.cpu(), card, training_state=read_training_state(model),
+               half_weights=card.get("weights_storage") == "float16")
     size = (f"bandwidth {best['bandwidth_factor']:g} x the measured particle radius, merge radius "
             f"{best['merge_factor']:g} x the bandwidth" if "bandwidth_factor" in best
             else f"bandwidth {best['bandwidth']:g}, merge radius {best['merge_radius']:g}")
