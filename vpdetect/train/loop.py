@@ -22,6 +22,7 @@ all-reduce (a hang).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import platform
@@ -38,6 +39,9 @@ from vpdetect.nn.losses import IGNORE_INDEX, focal_loss
 from vpdetect.nn.msdnet import MSDNet
 from vpdetect.nn.precision import training_autocast_dtype
 from vpdetect.train.data import CropDataset, shard_indices
+
+# How long ranks leaving after an error wait for each other (seconds) before leaving alone.
+ERROR_BARRIER_S = 30
 
 
 @dataclass
@@ -163,6 +167,15 @@ def shutdown_distributed(info: DistInfo, finished: bool) -> None:
         return
     if finished:
         dist.barrier()
+    elif dist.get_backend() == "gloo":
+        # The ranks reach here together (stop decisions are shared); leaving one by one let a
+        # rank tear its connections down while a peer's gloo thread still read them, which
+        # aborted that peer ("terminate called without an active exception"). A bounded
+        # barrier keeps the exit orderly and cannot hang on a rank that is gone.
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=ERROR_BARRIER_S))
+        except RuntimeError:
+            pass  # a rank died: leave anyway
     dist.destroy_process_group()
 
 
