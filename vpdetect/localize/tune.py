@@ -3,8 +3,8 @@
 The network's probability map is computed once per tomogram; the threshold,
 mean-shift bandwidth, merge radius and minimum cluster size are then searched
 on a grid for the best mean SHREC localization F1, with the largest component
-kept (membranes and carbon segmented as foreground are long components). By default the bandwidth is
-searched as a multiple of the particles' radius measured on each map
+kept (membranes and carbon segmented as foreground are long components). By
+default the bandwidth is searched as a multiple of the particles' radius measured on each map
 (`cluster.adaptive_bandwidth`): a fixed number of voxels suits only the particle
 size of the tuning data, a multiple follows the user's particles. The winning values are
 stored in the model card (`postprocess`) and become `localize`'s defaults for

@@ -135,11 +135,12 @@ def add_context(density: np.ndarray, slab: tuple[int, int], context: Context, vo
     x -= (nx - 1) / 2.0
     y -= (ny - 1) / 2.0
     plane = np.zeros((ny, nx), np.float32)
-    if context.carbon_edge is not None:
-        edge = context.carbon_edge
+    edge, carbon = context.carbon_edge, None
+    if edge is not None:
         angle = np.deg2rad(edge["normal_deg"])
         distance = x * np.cos(angle) + y * np.sin(angle) - edge["offset_vox"]
-        plane += edge["density"] / (1.0 + np.exp(-distance / edge["width_vox"]))
+        carbon = edge["density"] / (1.0 + np.exp(-distance / edge["width_vox"]))
+        plane += carbon
     if context.ice_gradient is not None:
         gradient = context.ice_gradient
         angle = np.deg2rad(gradient["direction_deg"])
@@ -147,17 +148,13 @@ def add_context(density: np.ndarray, slab: tuple[int, int], context: Context, vo
         plane += gradient["amplitude"] * along
     z0, z1 = slab
     density[z0:z1] += plane[None]
-    edge = context.carbon_edge
-    if edge is not None and edge.get("texture"):
+    if carbon is not None and edge.get("texture"):
         # Amorphous carbon is granular: its density varies by grains of a nm or two.
         from scipy import ndimage
 
         grains = np.random.default_rng(int(edge["texture_seed"])).standard_normal((z1 - z0, ny, nx))
         grains = ndimage.gaussian_filter(grains, float(edge["texture_sigma_vox"]))
         grains *= float(edge["texture"]) / (grains.std() + 1e-12)
-        angle = np.deg2rad(edge["normal_deg"])
-        distance = x * np.cos(angle) + y * np.sin(angle) - edge["offset_vox"]
-        carbon = edge["density"] / (1.0 + np.exp(-distance / edge["width_vox"]))
         density[z0:z1] += (grains * carbon[None]).astype(density.dtype)
 
 
@@ -282,4 +279,3 @@ def draw_tomogram(params, rng: np.random.Generator):
     microscope = dataclasses.replace(params.microscope, **micro)
     params = dataclasses.replace(params, microscope=microscope, randomize=(), **changes)
     return params, extra, Context(carbon, gradient, tuple(membranes)), record
-
