@@ -7,7 +7,7 @@ from torch import nn
 
 from vpdetect.errors import VPDetectError
 from vpdetect.nn.checkpoint import format_model_card, load_model, read_model_card, save_model
-from vpdetect.nn.msdnet import MSDNet, dilation_of, paper_parameter_count
+from vpdetect.nn.msdnet import MSDNet, dilation_of, grow_depth, paper_parameter_count
 
 
 class ReferenceMSDNet(nn.Module):
@@ -337,3 +337,26 @@ def test_reduced_precision_training_accumulates_gradients_in_float32():
     assert all(g.dtype == torch.float32 for g in grads)
     for g, r in zip(grads, reference, strict=True):
         assert torch.linalg.norm(g - r) <= 0.1 * torch.linalg.norm(r)
+
+
+def test_grown_network_computes_the_shallower_ones_map_then_learns_with_its_new_layers():
+    torch.manual_seed(0)
+    small = MSDNet(width=2, depth=4, max_dilation=3)
+    with torch.no_grad():
+        small.final.weight.normal_()
+    deep = MSDNet(width=2, depth=7, max_dilation=3)
+    grow_depth(deep, small)
+    x = torch.randn(1, 1, 12, 11, 10)
+    torch.testing.assert_close(deep(x), small(x), rtol=0, atol=1e-5)
+    assert deep.dilations[:4] == small.dilations
+    # The new layers are live: once the final layer reads them, their weights get gradients.
+    loss = deep(x).square().mean()
+    loss.backward()
+    assert deep.final.weight.grad[:, small.n_feature_maps:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("change", [{"width": 3}, {"max_dilation": 4}, {"depth": 3}, {"n_classes": 3}])
+def test_growing_refuses_anything_but_more_depth(change):
+    small = MSDNet(width=2, depth=4, max_dilation=3)
+    with pytest.raises(ValueError, match="only the depth may increase"):
+        grow_depth(MSDNet(**{**small.arch(), **change}), small)

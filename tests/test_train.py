@@ -362,6 +362,22 @@ def test_cli_trains_writes_model_log_curves_and_resumes(shrec_dir, tmp_path):
         load_model(out, stage="classifier")
 
 
+def test_cli_init_grows_a_shallower_localizer_and_refuses_another_width(shrec_dir, tmp_path):
+    runner = CliRunner()
+    base = ["train", "localizer", "--data", str(shrec_dir), "--epochs", "1", *TINY]
+    first = runner.invoke(app, [*base, "--out", str(tmp_path / "a.pt")])
+    assert first.exit_code == 0, first.output
+    grown = runner.invoke(app, [*base, "--out", str(tmp_path / "b.pt"), "--depth", "5",
+                                "--init", str(tmp_path / "a.pt")])
+    assert grown.exit_code == 0, grown.output
+    assert "depth 3 grown to 5" in " ".join(grown.output.split())
+    assert read_model_card(tmp_path / "b.pt")["arch"]["depth"] == 5
+    wider = runner.invoke(app, [*base, "--out", str(tmp_path / "c.pt"), "--width", "3",
+                                "--init", str(tmp_path / "a.pt")])
+    assert wider.exit_code == 2 and "only the depth may increase" in wider.output
+    assert "Traceback" not in wider.output and not (tmp_path / "c.pt").exists()
+
+
 def test_cli_classifier_from_coordinates(tmp_path, shrec_dir):
     table = ParticleTable(
         data=pd.DataFrame({

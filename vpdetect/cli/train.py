@@ -228,7 +228,8 @@ def train(
         "the model expects dark input.",
     ),
     init: Path = typer.Option(
-        None, "--init", help="Start from this model's weights (same architecture): fine-tuning."
+        None, "--init", help="Start from this model's weights: fine-tuning (same architecture), or a "
+        "shallower MSDNet of the same width and dilations grown to --depth (same map at the start)."
     ),
 ) -> None:
     """Train a localizer (particle vs background) or a classifier (one class per particle type)."""
@@ -277,6 +278,7 @@ def train(
     from vpdetect.devices import resolve_device
     from vpdetect.nn.checkpoint import load_model, read_training_state, save_model
     from vpdetect.nn.losses import parse_alpha
+    from vpdetect.nn.msdnet import MSDNet, grow_depth
     from vpdetect.train.data import (
         CropDataset,
         build_class_mapping,
@@ -387,12 +389,20 @@ def train(
     trainer = Trainer(config, train_set, val_set, torch_device, dist_info)
     if init is not None:
         start_model, start_card = load_model(init, stage=stage)
-        if start_model.arch() != trainer.model.arch():
+        if start_model.arch() == trainer.model.arch():
+            trainer.model.load_state_dict(start_model.state_dict())
+            say(f"starting from the weights of {init}")
+        elif isinstance(start_model, MSDNet) and isinstance(trainer.model, MSDNet):
+            try:
+                grow_depth(trainer.model, start_model)
+            except ValueError as err:
+                raise VPDetectError(f"--init model {init}: {err}") from None
+            say(f"starting from the weights of {init}, depth {start_model.depth} grown to {trainer.model.depth} "
+                "(the new layers start unused)")
+        else:
             raise VPDetectError(
                 f"--init model {init} has architecture {start_model.arch()}, this run {trainer.model.arch()}"
             )
-        trainer.model.load_state_dict(start_model.state_dict())
-        say(f"starting from the weights of {init}")
     if resume:
         model, _ = load_model(paths["last"], stage=stage)
         state = read_training_state(paths["last"])

@@ -353,3 +353,27 @@ def paper_parameter_count(
     final = (width * depth + in_channels) * n_classes
     biases = width * depth + n_classes
     return filters + final + biases
+
+
+def grow_depth(target: MSDNet, source: MSDNet) -> None:
+    """Load `source`'s weights into the deeper `target` so that it computes the same map.
+
+    An MSDNet's layer i reads the input and layers 0..i-1 only, and the dilations cycle by
+    (layer, channel), so a shallower net's layers are exactly the first layers of a deeper
+    one with the same width and dilation cycle. The extra layers keep their initialisation
+    and the final 1x1x1 layer ignores them (zero weights) until training moves it: the
+    deeper net starts where the shallower one ended (`vpdetect train --init`).
+    """
+    same = ("in_channels", "n_classes", "width", "max_dilation")
+    if any(getattr(target, k) != getattr(source, k) for k in same) or source.depth > target.depth:
+        raise ValueError(
+            f"cannot grow an MSDNet {source.arch()} into {target.arch()}: only the depth may increase"
+        )
+    with torch.no_grad():
+        for i in range(source.depth):
+            target.layer_weights[i].copy_(source.layer_weights[i])
+            target.layer_biases[i].copy_(source.layer_biases[i])
+        n = source.n_feature_maps
+        target.final.weight.zero_()
+        target.final.weight[:, :n].copy_(source.final.weight)
+        target.final.bias.copy_(source.final.bias)
