@@ -331,3 +331,32 @@ def test_a_card_with_a_negative_background_sigma_is_refused_in_one_line(data):
     result = run("localize", tmp_path / "TS_01.mrc", "--model", tmp_path / "bad.pt", "-o", out)
     assert result.exit_code == 2 and "background_sigma must be a non-negative number" in result.output
     assert not out.exists()
+
+
+def test_match_spectrum_follows_the_card_and_needs_a_reference(data):
+    from vpdetect.nn.checkpoint import load_model, save_model
+    from vpdetect.spectrum import reference_profile
+
+    tmp_path, volume, model = data
+    out = tmp_path / "m.csv"
+    result = run("localize", tmp_path / "TS_01.mrc", "--model", model, "-o", out, "--match-spectrum")
+    assert result.exit_code == 2 and "records no reference spectrum" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+    net, model_card = load_model(model)
+    matched = tmp_path / "matched.pt"
+    save_model(matched, net, {**model_card, "spectrum_reference": reference_profile([volume]),
+                              "match_spectrum": True})
+    result = run("localize", tmp_path / "TS_01.mrc", "--model", matched, "-o", out, "-v")
+    assert result.exit_code == 0, result.output
+    assert "amplitude spectrum matched" in result.output
+    assert_centres(read_particles(out), CENTRES)  # matched to its own spectrum: the same particles
+    assert json.loads((tmp_path / "m.csv.json").read_text())["parameters"]["match_spectrum"] is None
+    result = run("localize", tmp_path / "TS_01.mrc", "--model", matched, "-o", out, "-v", "--overwrite",
+                 "--no-match-spectrum")
+    assert result.exit_code == 0 and "amplitude spectrum matched" not in result.output
+    assert "matched by default" in run("info", matched).output
+
+    save_model(tmp_path / "bad.pt", net, {**model_card, "spectrum_reference": [1.0, "x"]})
+    result = run("localize", tmp_path / "TS_01.mrc", "--model", tmp_path / "bad.pt", "-o", tmp_path / "b.csv")
+    assert result.exit_code == 2 and "spectrum_reference must be a list" in result.output

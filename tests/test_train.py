@@ -12,10 +12,11 @@ import vpdetect.cli  # noqa: F401  (registers the commands)
 from vpdetect.cli.app import app
 from vpdetect.cli.options import parse_class_values
 from vpdetect.errors import VPDetectError
-from vpdetect.io.mrc import write_mrc
+from vpdetect.io.mrc import read_tomogram, write_mrc
 from vpdetect.io.particles import ParticleTable, write_particles
 from vpdetect.nn.checkpoint import load_model, read_model_card
 from vpdetect.nn.losses import IGNORE_INDEX, focal_loss
+from vpdetect.spectrum import reference_profile
 from vpdetect.train.data import (
     CropDataset,
     annotate_from_table,
@@ -345,6 +346,9 @@ def test_cli_trains_writes_model_log_curves_and_resumes(shrec_dir, tmp_path):
     assert card["arch"]["depth"] == 3 and card["crop_size"] == 10 and card["voxel_size"] == 10.0
     assert card["provenance"]["seed"] == 0 and "MIoU" in card["metrics"]
     assert card["background_sigma"] == 8.0  # the localizer default, recorded for inference
+    # the training tomogram's spectrum, what --match-spectrum filters a user's tomogram towards
+    expected = reference_profile([read_tomogram(shrec_dir / "reconstruction.mrc").data])
+    assert card["spectrum_reference"] == pytest.approx(expected, abs=1e-5)
 
     again = runner.invoke(app, [*args, "--epochs", "2"])
     assert again.exit_code == 2 and "--resume" in again.output

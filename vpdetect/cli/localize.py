@@ -192,6 +192,15 @@ def rescale_option():
     )
 
 
+def match_spectrum_option():
+    return typer.Option(
+        None, "--match-spectrum/--no-match-spectrum",
+        help="Filter the tomogram so that its radial amplitude spectrum follows the model's training data "
+        "(as membrain-seg does; needs a reference in the model card; whole tomogram in memory). Helps "
+        "noisy tomograms, costs elsewhere (see README) (default: the model card's choice, else off).",
+    )
+
+
 def mask_option():
     return typer.Option(
         None, "--mask", help="MRC mask the size of the tomogram: search only where it is nonzero."
@@ -246,6 +255,7 @@ def build_localize_options(
     z_range: tuple[int, int] | None = None,
     contrast: str = "auto",
     rescale: bool = True,
+    match_spectrum: bool | None = None,
 ):
     """A validated `LocalizeOptions` from CLI values (`device` already resolved)."""
     from vpdetect.localize.pipeline import LocalizeOptions
@@ -278,6 +288,7 @@ def build_localize_options(
         z_range=tuple(z_range) if z_range is not None else None,
         contrast=contrast,
         rescale=rescale,
+        match_spectrum=match_spectrum,
     )
 
 
@@ -415,6 +426,7 @@ def localize(
     coords_pixel_size: float = coords_pixel_size_option(),
     contrast: str = contrast_option(),
     rescale: bool = rescale_option(),
+    match_spectrum: bool = match_spectrum_option(),
     copick: Path = copick_option(),
     run: list[str] = run_option(),
     voxel_spacing: float = voxel_spacing_option(),
@@ -439,7 +451,7 @@ def localize(
         max_centre_gap=max_centre_gap, snap_distance=snap_distance, max_component=max_component,
         flips=test_time_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
-        contrast=contrast, rescale=rescale,
+        contrast=contrast, rescale=rescale, match_spectrum=match_spectrum,
     )
     model_path = resolve_model_path(model, "localizer")
     # A wrong model fails once, before any input (checked on the CPU when workers take the GPUs).

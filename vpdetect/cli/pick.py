@@ -58,6 +58,7 @@ from vpdetect.cli.localize import (
     halo_option,
     localizer_flips_option,
     mask_option,
+    match_spectrum_option,
     max_centre_gap_option,
     max_component_option,
     min_size_option,
@@ -214,6 +215,7 @@ def pick(
     coords_pixel_size: float = coords_pixel_size_option(),
     contrast: str = contrast_option(),
     rescale: bool = rescale_option(),
+    match_spectrum: bool = match_spectrum_option(),
     copick: Path = copick_option(),
     run: list[str] = run_option(),
     voxel_spacing: float = voxel_spacing_option(),
@@ -240,7 +242,7 @@ def pick(
         max_centre_gap=max_centre_gap, snap_distance=snap_distance, max_component=max_component,
         flips=localizer_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
-        contrast=contrast, rescale=rescale,
+        contrast=contrast, rescale=rescale, match_spectrum=match_spectrum,
     )
     classify_options = ClassifyOptions(
         batch_size=box_batch_size, search_radius=search_radius, drop_unknown=drop_unknown,

@@ -249,6 +249,7 @@ def train(
     if radius_unit not in ("angstrom", "voxel"):
         raise VPDetectError(f"--radius-unit must be angstrom or voxel, got {radius_unit!r}")
     from vpdetect.preprocess import CONTRASTS, MODEL_CONTRAST, NORMALISATIONS
+    from vpdetect.spectrum import reference_profile
 
     normalisation = normalisation or ("robust" if stage == "localizer" else "zscore")
     if normalisation not in NORMALISATIONS:
@@ -331,6 +332,8 @@ def train(
         say(f"{len(flipped)} tomogram(s) with bright contrast negated for training: {', '.join(flipped[:8])}"
             + (" ..." if len(flipped) > 8 else ""))
 
+    # What `--match-spectrum` filters a user's tomogram towards (vpdetect.spectrum).
+    spectrum = None if stage != "localizer" else reference_profile([av.volume for av in sources])
     alpha_spec = alpha if alpha is not None else defaults["alpha"]
     radii = merged_radii(sources, mapping)
     if alpha is None and alpha_spec == "radius" and any(c not in radii for c in mapping.class_names[1:]):
@@ -426,6 +429,7 @@ def train(
             "class_names": mapping.class_names,
             "normalisation": normalisation,
             **({"background_sigma": background_sigma} if background_sigma else {}),
+            **({"spectrum_reference": spectrum} if spectrum else {}),
             "contrast": MODEL_CONTRAST,
             "voxel_size": voxel_sizes[0] if voxel_sizes else None,
             "crop_size": crop_size,

@@ -47,6 +47,7 @@ from vpdetect.resample import (
     resampled_shape,
     rescale_factor,
 )
+from vpdetect.spectrum import match_spectrum
 
 log = logging.getLogger("vpdetect.localize")
 
@@ -118,6 +119,9 @@ class LocalizeOptions:
     max_map_in_memory_voxels: int = MAP_IN_MEMORY_VOXELS
     contrast: str = "auto"
     rescale: bool = True
+    # Filter the tomogram so its radial amplitude spectrum follows the model's training data
+    # (`vpdetect.spectrum`); None = the card's "match_spectrum", else off.
+    match_spectrum: bool | None = None
 
     def resolved_bandwidth(self, voxel_size: float | None) -> float:
         """The bandwidth in voxels for a tomogram of the given voxel size (Angstrom)."""
@@ -264,6 +268,18 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
         )
         if timings is not None:
             timings["rescale"] = time.perf_counter() - start
+    if options.match_spectrum if options.match_spectrum is not None else card.get("match_spectrum", False):
+        start = time.perf_counter()
+        reference = card.get("spectrum_reference")
+        if not reference:
+            raise VPDetectError(
+                "this localizer's card records no reference spectrum (`vpdetect train` records one): "
+                "run without --match-spectrum"
+            )
+        volume = match_spectrum(volume, reference)
+        log.info("%s: amplitude spectrum matched to the model's training data", tomo.name)
+        if timings is not None:
+            timings["spectrum"] = time.perf_counter() - start
     start = time.perf_counter()
     volume = subtract_background(volume, card.get("background_sigma"))
     method = card.get("normalisation", NORMALISATION)

@@ -177,6 +177,15 @@ def check_inference_card(card: dict, stage: str) -> None:
     sigma = card.get("background_sigma", 0.0)
     if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or sigma < 0:
         raise VPDetectError(f"model card background_sigma must be a non-negative number, got {sigma!r}")
+    reference = card.get("spectrum_reference")
+    if reference is not None and not (
+        isinstance(reference, list) and len(reference) > 1
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in reference)
+    ):
+        raise VPDetectError("model card spectrum_reference must be a list of non-negative numbers")
+    if not isinstance(card.get("match_spectrum", False), bool):
+        raise VPDetectError(f"model card match_spectrum must be true or false, got {card['match_spectrum']!r}")
     if card.get("contrast", "dark") not in CONTRASTS:
         raise VPDetectError(f"model expects input contrast {card['contrast']!r}; vpdetect knows dark or bright")
 
@@ -280,6 +289,9 @@ def format_model_card(card: dict) -> str:
     lines.append(f"  normalisation: {card.get('normalisation', '?')}")
     if card.get("background_sigma"):
         lines.append(f"  background subtracted: Gaussian of sigma {card['background_sigma']:g} voxels")
+    if card.get("spectrum_reference"):
+        use = "matched by default" if card.get("match_spectrum") else "matched with --match-spectrum"
+        lines.append(f"  amplitude spectrum: training reference in {len(card['spectrum_reference'])} shells ({use})")
     lines.append(f"  contrast: {card.get('contrast', 'not recorded (tomograms used as given)')}")
     voxel = card.get("voxel_size")
     lines.append(f"  voxel size: {'unknown' if voxel is None else f'{voxel:.3f} A'}")
