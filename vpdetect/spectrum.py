@@ -15,9 +15,14 @@ axis, mean removed and tapered by a Hann window (the box edges would
 otherwise add a cross of power along the axes), in SHELLS shells of
 spatial frequency from 0 to Nyquist (0.5 cycles/voxel). The filter gain is
 interpolated linearly between shell centres, held beyond Nyquist (the corners
-of the Fourier cube) and capped at MAX_GAIN so that frequencies the tomogram
-barely holds are not blown up into noise. The zero frequency keeps gain 1: the
-mean is the normaliser's business.
+of the Fourier cube) and capped at MAX_GAIN. The default cap is 1: frequencies
+where the tomogram holds relatively more than the training data (after the
+unit-RMS scaling) are turned down, none is raised. Measured with the bundled
+localizer on its 12 tuning tomograms (README): uncapped (10) matching cost
+mean F1 0.810 -> 0.787 (raised frequencies the tomogram barely holds are
+noise), capped at 1 it ties (0.810), gaining on noisy tomograms and losing
+on some others. The zero frequency keeps gain 1: the mean is the normaliser's
+business.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from vpdetect.errors import VPDetectError
 
 SHELLS = 32
 PROFILE_CROP = 128
-MAX_GAIN = 10.0
+MAX_GAIN = 1.0
 
 
 def _frequency_radius(shape: tuple[int, int, int], real_last: bool) -> np.ndarray:
