@@ -163,3 +163,28 @@ def test_tune_command_searches_the_grid_it_is_given(tmp_path, rng):
                          (["--min-size", "0"], "--min-size must be positive")):
         result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), *bad])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_tune_with_spectrum_matching_records_the_choice(tmp_path, rng):
+    from vpdetect.nn.checkpoint import load_model, save_model
+    from vpdetect.spectrum import reference_profile
+
+    volume = shrec_folder(tmp_path / "val", rng)
+    model = intensity_localizer(tmp_path / "loc.pt", volume)
+    grid = ["--threshold", "0.5", "--bandwidth-factor", "2", "--merge-factor", "1", "--min-size", "5",
+            "--max-component", "0", "--tile", "24", "--device", "cpu"]
+    result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "--match-spectrum", *grid])
+    assert result.exit_code == 2 and "records no reference spectrum" in result.output
+    net, card = load_model(model)
+    save_model(model, net, {**card, "spectrum_reference": reference_profile([volume])})
+    for flag, expected in (("--match-spectrum", True), ("--no-match-spectrum", False)):
+        out = tmp_path / f"{flag}.pt"
+        result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "-o", str(out),
+                                          flag, *grid])
+        assert result.exit_code == 0, result.output
+        tuned = read_model_card(out)
+        assert tuned["match_spectrum"] is expected and tuned["postprocess"]["f1"] == 1.0
+    plain = tmp_path / "plain.pt"
+    assert CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "-o", str(plain),
+                                    *grid]).exit_code == 0
+    assert "match_spectrum" not in read_model_card(plain)  # not given: the card is left as it was

@@ -38,7 +38,7 @@ PROFILE_CROP = 128
 MAX_GAIN = 1.0
 
 
-def _frequency_radius(shape: tuple[int, int, int], real_last: bool) -> np.ndarray:
+def frequency_radius(shape: tuple[int, int, int], real_last: bool) -> np.ndarray:
     """|k| in cycles/voxel for every coefficient of an (r)fftn of `shape` (float32)."""
     axes = [np.fft.fftfreq(n).astype(np.float32) for n in shape[:-1]]
     last = np.fft.rfftfreq(shape[-1]) if real_last else np.fft.fftfreq(shape[-1])
@@ -63,7 +63,7 @@ def radial_profile(volume: np.ndarray, shells: int = SHELLS, crop: int = PROFILE
         shape[axis] = n
         block = block * np.hanning(n + 2)[1:-1].reshape(shape)
     amplitude = np.abs(np.fft.rfftn(block))
-    radius = _frequency_radius(block.shape, real_last=True)
+    radius = frequency_radius(block.shape, real_last=True)
     index = np.floor(radius / (0.5 / shells)).astype(np.int64)
     inside = (index < shells) & (radius > 0)
     sums = np.bincount(index[inside], weights=amplitude[inside], minlength=shells)
@@ -107,9 +107,10 @@ def match_spectrum(volume: np.ndarray, reference: Sequence[float], max_gain: flo
     gain = matching_gain(radial_profile(volume, shells), reference, max_gain)
     data = np.asarray(volume, dtype=np.float32)
     spectrum = fft.rfftn(data, workers=threads)
-    radius = _frequency_radius(data.shape, real_last=True)
+    radius = frequency_radius(data.shape, real_last=True)
     centres = shell_centres(shells)
     factor = np.interp(radius, centres, gain).astype(np.float32)  # held beyond the first and last centre
     factor[radius == 0] = 1.0
     spectrum *= factor
     return fft.irfftn(spectrum, s=data.shape, workers=threads).astype(np.float32, copy=False)
+

@@ -8,7 +8,7 @@ import typer
 
 from vpdetect.cli.app import app, console, user_errors
 from vpdetect.cli.batch import device_option
-from vpdetect.cli.localize import halo_option, tile_option
+from vpdetect.cli.localize import halo_option, match_spectrum_option, tile_option
 from vpdetect.localize.tune import (
     DEFAULT_BANDWIDTH_FACTORS,
     DEFAULT_MAX_COMPONENTS,
@@ -53,6 +53,7 @@ def tune(
     max_components: list[float] = grid_option(
         "--max-component", "largest components, in balls of the bandwidth (0: no limit)", DEFAULT_MAX_COMPONENTS
     ),
+    match_spectrum: bool = match_spectrum_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
     device: str = device_option(),
@@ -60,7 +61,9 @@ def tune(
     """Search threshold, bandwidth, merge radius, minimum size and largest component for the best SHREC F1.
 
     The winners are stored in the model's card and become `localize`'s and `pick`'s
-    defaults for that model (options given on the command line still win).
+    defaults for that model (options given on the command line still win). With
+    --match-spectrum or --no-match-spectrum the maps are made that way and the card keeps
+    that choice as the model's default.
     """
     from vpdetect.cli.batch import resolve_device
     from vpdetect.cli.localize import build_localize_options
@@ -83,7 +86,7 @@ def tune(
         raise VPDetectError(f"--max-component must be 0 or positive, got {min(max_components):g}")
     device = resolve_device(device)
     net, card = load_model(model, stage="localizer", device=device)
-    options = build_localize_options(tile=tile, halo=halo, device=device)
+    options = build_localize_options(tile=tile, halo=halo, device=device, match_spectrum=match_spectrum)
     maps = []
     for folder in data:
         tomo = read_tomogram(folder / "reconstruction.mrc")
@@ -107,6 +110,8 @@ def tune(
     best["grid_points"] = len(rows)
     card = dict(card)
     card["postprocess"] = best
+    if match_spectrum is not None:  # tuned with (or without) matching: the model's default from now on
+        card["match_spectrum"] = match_spectrum
     # A shipped model keeps its float16 storage (its weights are float16 values already).
     save_model(out or model, net.cpu(), card, training_state=read_training_state(model),
                half_weights=card.get("weights_storage") == "float16")
