@@ -18,6 +18,7 @@ from vpdetect.nn.checkpoint import load_model, read_model_card
 from vpdetect.nn.losses import IGNORE_INDEX, focal_loss
 from vpdetect.spectrum import reference_profile
 from vpdetect.train.data import (
+    AnnotatedVolume,
     CropDataset,
     annotate_from_table,
     augment,
@@ -241,6 +242,31 @@ def test_crops_are_deterministic_and_near_particles(shrec_dir):
     assert torch.all(img[0][lab == IGNORE_INDEX] == 0)
 
 
+def test_size_balance_centres_more_crops_on_small_particles():
+    # one tomogram, one large (radius 8) and one small (radius 2) particle of one target class
+    shape = (40, 40, 40)
+    av = AnnotatedVolume(
+        name="two", volume=np.random.default_rng(0).normal(size=shape).astype(np.float32),
+        label_map=np.zeros(shape, np.int16),
+        id_names={1: "big", 2: "small"}, centres_zyx=np.array([[10, 10, 10], [30, 30, 30]]),
+        centre_names=["big", "small"], radii_vox={"big": 8.0, "small": 2.0},
+    )
+    av.label_map[8:13, 8:13, 8:13] = 1
+    av.label_map[29:32, 29:32, 29:32] = 2
+    tv = prepare_volume(av, build_class_mapping(["big", "small"], "localizer"), contrast="dark")
+    assert list(tv.centre_radii) == [8.0, 2.0]
+
+    def share_small(balance):
+        data = CropDataset([tv], 8, seed=1, particle_share=1.0, augment=False, size_balance=balance)
+        corners = [data._corner(np.random.default_rng([1, 0, i]))[1] for i in range(400)]
+        return np.mean([c.mean() > 20 for c in corners])
+
+    assert 0.4 < share_small(0.0) < 0.6
+    assert share_small(2.0) > 0.9  # weights 1/4 : 1/64
+    with pytest.raises(VPDetectError, match="size balance"):
+        CropDataset([tv], 8, seed=1, size_balance=-1.0)
+
+
 def test_shards_partition_the_epoch():
     shards = [shard_indices(40, 10, r, 3) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(40, 50))
@@ -414,6 +440,7 @@ def test_cli_classifier_from_coordinates(tmp_path, shrec_dir):
         (["train", "localizer", "--tomogram", "X"], "one --table per --tomogram"),
         (["train", "localizer", "--data", "X", "--resume"], "cannot resume"),
         (["train", "classifier", "--data", "X", "--background-sigma", "4"], "applies to localizers only"),
+        (["train", "classifier", "--data", "X", "--arch", "rb3d", "--size-balance", "2"], "applies to MSDNet crops"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, shrec_dir, tmp_path):

@@ -195,6 +195,12 @@ def train(
         None, "--particle-share", min=0.0, max=1.0,
         help="Share of crops centred near a particle (default 0.5 localizer, 0.8 classifier).",
     ),
+    size_balance: float = typer.Option(
+        0.0, "--size-balance", min=0.0,
+        help="Particle-centred crops choose particles with weight radius^-P (0: every particle alike). "
+        "A localizer learns all sizes as one class, where a small particle holds few voxels and weighs "
+        "little in the loss; 1-3 centre more crops on small particles.",
+    ),
     val_crops: int = typer.Option(
         16, "--val-crops", min=0,
         help="Validation crops per epoch (fixed); box classifiers validate on every validation particle.",
@@ -260,6 +266,8 @@ def train(
         raise VPDetectError("--background-sigma applies to localizers only (classifiers read boxes as they are)")
     background_sigma = (LOCALIZER_BACKGROUND_SIGMA if stage == "localizer" else 0.0) if background_sigma is None \
         else float(background_sigma)
+    if size_balance and boxes:
+        raise VPDetectError("--size-balance applies to MSDNet crops; box classifiers sample classes evenly")
     if init is not None and resume:
         raise VPDetectError("--init starts a new run; it cannot be combined with --resume")
     paths = side_paths(out)
@@ -358,6 +366,7 @@ def train(
         alpha=alpha_values,
         seed=seed,
         particle_share=defaults["particle_share"] if particle_share is None else particle_share,
+        size_balance=size_balance,
         val_crops=val_crops,
         workers=workers,
         amp=amp,
@@ -386,7 +395,8 @@ def train(
                              exhaustive=True, n_background=n_background)
         config.val_crops = len(val_set)
     else:
-        train_set = CropDataset(volumes, crop_size, seed, config.particle_share, augment=True, stream=0)
+        train_set = CropDataset(volumes, crop_size, seed, config.particle_share, augment=True, stream=0,
+                                size_balance=size_balance)
         val_set = CropDataset(val_volumes or volumes, crop_size, seed, config.particle_share, augment=False, stream=1)
 
     trainer = Trainer(config, train_set, val_set, torch_device, dist_info)
@@ -442,6 +452,7 @@ def train(
                     "augmentation": "flips of z, y, x"
                     + (f", gain in [1/{1 + gain_jitter:g}, {1 + gain_jitter:g}]" if gain_jitter else "")}
                    if boxes else {}),
+                **({"size_balance": size_balance} if size_balance else {}),
                 "data": data_names,
                 "init": str(init) if init is not None else None,
                 "validation": [str(p) for p in val] + [str(p) for p in val_tomogram],

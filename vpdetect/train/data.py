@@ -204,6 +204,7 @@ class TrainingVolume:
     voxel_size: float | None = None
     clip: float | None = None  # clip after normalising (robust normalisation)
     contrast: str = "dark"  # the tomogram's own contrast (std < 0 when it is flipped)
+    centre_radii: np.ndarray | None = None  # (n,) radius of each centre's class in voxels (NaN: unknown)
 
 
 def prepare_volume(
@@ -255,6 +256,7 @@ def prepare_volume(
         voxel_size=av.voxel_size,
         clip=clip_of(normalisation),
         contrast=own,
+        centre_radii=np.array([av.radii_vox.get(n, np.nan) for n in av.centre_names], dtype=np.float64)[keep],
     )
 
 
@@ -304,6 +306,9 @@ class CropDataset:
     A share `particle_share` of crops is centred near a particle (class chosen
     uniformly, then a particle of it, then a shift of up to a quarter crop);
     the rest are placed uniformly at random, tomograms weighted by size.
+    `size_balance` P picks a class's particles with weight radius^-P instead of
+    uniformly: a small particle holds few voxels, so in a localizer (one class for
+    all sizes) it weighs little in the loss unless more crops are centred on it.
     Outside a tomogram the image is 0 (its mean) and the target is ignored.
     """
 
@@ -315,6 +320,7 @@ class CropDataset:
         particle_share: float = 0.5,
         augment: bool = True,
         stream: int = 0,
+        size_balance: float = 0.0,
     ) -> None:
         if not volumes:
             raise VPDetectError("no training volumes")
@@ -338,12 +344,27 @@ class CropDataset:
                 pairs = np.stack([np.full(rows.size, v), rows], axis=1)
                 self.by_class[int(c)] = np.concatenate([self.by_class.get(int(c), np.empty((0, 2), int)), pairs])
         self.classes_with_particles = sorted(self.by_class)
+        if not np.isfinite(size_balance) or size_balance < 0:
+            raise VPDetectError(f"size balance must be 0 or positive, got {size_balance}")
+        self.size_balance = float(size_balance)
+        # Per class, the probability of each (volume, particle) pair: radius^-P (None: uniform).
+        self.pair_weights: dict[int, np.ndarray | None] = {c: None for c in self.by_class}
+        if self.size_balance:
+            for c, pairs in self.by_class.items():
+                radii = np.array([self._radius(int(v), int(p)) for v, p in pairs])
+                known = np.isfinite(radii) & (radii > 0)
+                fill = float(np.median(radii[known])) if known.any() else 1.0
+                weights = np.where(known, radii, fill) ** -self.size_balance
+                self.pair_weights[c] = weights / weights.sum()
 
     def _corner(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
         s = self.crop_size
         if self.classes_with_particles and rng.random() < self.particle_share:
             cls = self.classes_with_particles[int(rng.integers(len(self.classes_with_particles)))]
-            v, p = self.by_class[cls][int(rng.integers(len(self.by_class[cls])))]
+            weights = self.pair_weights[cls]
+            row = int(rng.integers(len(self.by_class[cls]))) if weights is None else \
+                int(rng.choice(len(weights), p=weights))
+            v, p = self.by_class[cls][row]
             tv = self.volumes[int(v)]
             shift = rng.integers(-(s // 4), s // 4 + 1, size=3)
             corner = tv.centres_zyx[int(p)] + shift - s // 2
@@ -357,6 +378,10 @@ class CropDataset:
             [int(rng.integers(0, d - s + 1)) if d >= s else (d - s) // 2 for d in dims], dtype=np.int64
         )
         return v, corner
+
+    def _radius(self, v: int, p: int) -> float:
+        radii = self.volumes[v].centre_radii
+        return float(radii[p]) if radii is not None else np.nan
 
     def __getitem__(self, index: int):
         import torch

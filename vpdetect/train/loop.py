@@ -63,6 +63,7 @@ class TrainConfig:
     alpha: list[float] | None = None
     seed: int = 0
     particle_share: float = 0.5
+    size_balance: float = 0.0  # particle-centred crops pick particles with weight radius^-size_balance
     val_crops: int = 16
     workers: int = 0
     amp: bool = False
@@ -81,7 +82,7 @@ class TrainConfig:
         "stage", "width", "depth", "max_dilation", "crop_size", "batch_size", "steps_per_epoch",
         "lr", "lr_step", "lr_factor", "gamma", "alpha", "seed", "particle_share", "class_names",
         "arch", "width_divisor", "max_shift", "background_share", "gain_jitter",
-        "background_sigma",
+        "background_sigma", "size_balance",
     )
 
     @property
