@@ -11,18 +11,19 @@ to unit RMS, so intensity units do not matter) and applies the filter when
 asked (`--match-spectrum`, or `match_spectrum: true` in the card).
 
 Profiles are measured on a central crop of at most PROFILE_CROP voxels per
-axis, mean removed and tapered by a Hann window (the box edges would
-otherwise add a cross of power along the axes), in SHELLS shells of
-spatial frequency from 0 to Nyquist (0.5 cycles/voxel). The filter gain is
-interpolated linearly between shell centres, held beyond Nyquist (the corners
-of the Fourier cube) and capped at MAX_GAIN. The default cap is 1: frequencies
-where the tomogram holds relatively more than the training data (after the
-unit-RMS scaling) are turned down, none is raised. Measured with the bundled
-localizer on its 12 tuning tomograms (README): uncapped (10) matching cost
-mean F1 0.810 -> 0.787 (raised frequencies the tomogram barely holds are
-noise), capped at 1 it ties (0.810), gaining on noisy tomograms and losing
-on some others. The zero frequency keeps gain 1: the mean is the normaliser's
-business.
+axis, clipped at ROBUST_CLIP robust standard deviations (median / MAD) as the
+robust normalisation clips (gold beads would otherwise own the spectrum),
+mean removed and tapered by a Hann window (the box edges would otherwise add a
+cross of power along the axes), in SHELLS shells of spatial frequency from 0 to
+Nyquist (0.5 cycles/voxel). The tomogram is clipped the same way before it is
+filtered (a bead's extreme values would ring across its neighbourhood). The
+filter gain is interpolated linearly between shell centres, held beyond
+Nyquist (the corners of the Fourier cube) and capped at MAX_GAIN. The default
+cap is 1: frequencies where the tomogram holds relatively more than the
+training data (after the unit-RMS scaling) are turned down, none is raised
+(raising frequencies the tomogram barely holds amplifies noise; measured in
+`benchmarks/bench_preprocess.py`). The zero frequency keeps gain 1: the mean
+is the normaliser's business.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vpdetect.errors import VPDetectError
+from vpdetect.preprocess import ROBUST_CLIP, robust_params
 
 SHELLS = 32
 PROFILE_CROP = 128
@@ -57,6 +59,11 @@ def radial_profile(volume: np.ndarray, shells: int = SHELLS, crop: int = PROFILE
         raise VPDetectError(f"a spectrum needs a 3D volume of at least 4 voxels per axis, got {volume.shape}")
     starts = [max(0, (n - crop) // 2) for n in volume.shape]
     block = np.asarray(volume[tuple(slice(s, s + crop) for s in starts)], dtype=np.float64)
+    # Clipped as the robust normalisation clips: gold beads (tens of times a protein's
+    # contrast) would otherwise own the spectrum, and matching would turn down the band the
+    # particles live in.
+    centre, scale = robust_params(block)
+    block = np.clip(block, centre - ROBUST_CLIP * scale, centre + ROBUST_CLIP * scale)
     block = block - block.mean()
     for axis, n in enumerate(block.shape):
         shape = [1, 1, 1]
@@ -98,14 +105,18 @@ def matching_gain(profile: np.ndarray, reference: Sequence[float], max_gain: flo
 
 def match_spectrum(volume: np.ndarray, reference: Sequence[float], max_gain: float = MAX_GAIN,
                    threads: int | None = None) -> np.ndarray:
-    """`volume` filtered so that its radial amplitude profile follows `reference` (float32, in memory).
+    """`volume`, clipped at ROBUST_CLIP robust standard deviations, filtered so that its radial
+    amplitude profile follows `reference` (float32, in memory).
 
     One whole-volume real FFT: memory about three times the volume in float32."""
     from scipy import fft
 
     shells = len(reference)
     gain = matching_gain(radial_profile(volume, shells), reference, max_gain)
-    data = np.asarray(volume, dtype=np.float32)
+    # Filtered clipped, as the network sees it after the robust normalisation: a gold bead's
+    # extreme values would otherwise ring across its neighbourhood.
+    centre, scale = robust_params(volume)
+    data = np.clip(np.asarray(volume, dtype=np.float32), centre - ROBUST_CLIP * scale, centre + ROBUST_CLIP * scale)
     spectrum = fft.rfftn(data, workers=threads)
     radius = frequency_radius(data.shape, real_last=True)
     centres = shell_centres(shells)
