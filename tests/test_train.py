@@ -16,6 +16,7 @@ from vpdetect.io.mrc import read_tomogram, write_mrc
 from vpdetect.io.particles import ParticleTable, write_particles
 from vpdetect.nn.checkpoint import load_model, read_model_card
 from vpdetect.nn.losses import IGNORE_INDEX, focal_loss
+from vpdetect.preprocess import subtract_background
 from vpdetect.spectrum import reference_profile
 from vpdetect.train.data import (
     AnnotatedVolume,
@@ -373,7 +374,8 @@ def test_cli_trains_writes_model_log_curves_and_resumes(shrec_dir, tmp_path):
     assert card["provenance"]["seed"] == 0 and "MIoU" in card["metrics"]
     assert card["background_sigma"] == 8.0  # the localizer default, recorded for inference
     # the training tomogram's spectrum, what --match-spectrum filters a user's tomogram towards
-    expected = reference_profile([read_tomogram(shrec_dir / "reconstruction.mrc").data])
+    seen = subtract_background(read_tomogram(shrec_dir / "reconstruction.mrc").data, 8.0)
+    expected = reference_profile([np.asarray(seen)])
     assert card["spectrum_reference"] == pytest.approx(expected, abs=1e-5)
 
     again = runner.invoke(app, [*args, "--epochs", "2"])

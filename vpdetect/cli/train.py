@@ -341,7 +341,9 @@ def train(
             + (" ..." if len(flipped) > 8 else ""))
 
     # What `--match-spectrum` filters a user's tomogram towards (vpdetect.spectrum).
-    spectrum = None if stage != "localizer" else reference_profile([av.volume for av in sources])
+    # Measured as the model sees its tomograms (after any background subtraction), where
+    # `localize` matches a user's.
+    spectrum = None if stage != "localizer" else reference_profile([tv.volume for tv in volumes])
     alpha_spec = alpha if alpha is not None else defaults["alpha"]
     radii = merged_radii(sources, mapping)
     if alpha is None and alpha_spec == "radius" and any(c not in radii for c in mapping.class_names[1:]):

@@ -268,8 +268,11 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
         )
         if timings is not None:
             timings["rescale"] = time.perf_counter() - start
+    start = time.perf_counter()
+    volume = subtract_background(volume, card.get("background_sigma"))
+    # Matched as the model sees the tomogram: after the background subtraction, so that a
+    # carbon film or thick ice is not clipped into a plateau before it is filtered.
     if options.match_spectrum if options.match_spectrum is not None else card.get("match_spectrum", False):
-        start = time.perf_counter()
         reference = card.get("spectrum_reference")
         if not reference:
             raise VPDetectError(
@@ -278,10 +281,6 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
             )
         volume = match_spectrum(volume, reference)
         log.info("%s: amplitude spectrum matched to the model's training data", tomo.name)
-        if timings is not None:
-            timings["spectrum"] = time.perf_counter() - start
-    start = time.perf_counter()
-    volume = subtract_background(volume, card.get("background_sigma"))
     method = card.get("normalisation", NORMALISATION)
     centre, scale = tomogram_stats(volume, method)
     # Models of version 0.1 record no contrast: they get the tomogram as it is.
