@@ -8,8 +8,10 @@ Every variant filters each tomogram, then runs the model with its card's post-pr
 (`vpdetect tune` with the card's settings as a one-point grid: the same maps and scoring as
 `localize` + `evaluate`), and reports SHREC localization F1 per tomogram and their mean:
 - none: the tomogram as it is;
-- matched: `vpdetect.spectrum.match_spectrum` towards the card's training reference, gain
-  capped at 1 (what `--match-spectrum` does), and uncapped (cap 10);
+- matched (cap 1): `--match-spectrum` as users run it (after the card's background
+  subtraction, towards the card's training reference, no frequency raised); matched (cap 10):
+  the same with gains up to 10 (the background subtracted, matched and written, then the
+  model subtracts it again, which changes nothing but rounding);
 - deconvolved: the Wiener-like deconvolution filter of Warp's and IsoNet's preprocessing,
   ctf / (ctf^2 + 1/snr) with snr(f) = 10^(3 strength) exp(-100 f / (pixel_A falloff)) times a
   1 - cos high-pass over the first 2 % of Nyquist (f the fraction of Nyquist), strength and
@@ -84,16 +86,18 @@ def default_data(root: Path) -> list[Path]:
     return folders
 
 
-def filtered_copy(folder: Path, out: Path, variant: str, reference) -> None:
+def filtered_copy(folder: Path, out: Path, variant: str, card: dict) -> None:
     """`folder` (SHREC layout) with its reconstruction through `variant`, truth copied."""
     from vpdetect.io.mrc import read_tomogram, write_mrc
+    from vpdetect.preprocess import subtract_background
     from vpdetect.spectrum import match_spectrum
 
     out.mkdir(parents=True, exist_ok=True)
     tomo = read_tomogram(folder / "reconstruction.mrc", mmap=False)
     volume = tomo.data
-    if variant.startswith("matched"):
-        volume = match_spectrum(volume, reference, max_gain=1.0 if "cap 1)" in variant else 10.0)
+    if variant == "matched (cap 10)":
+        seen = np.asarray(subtract_background(volume, card.get("background_sigma")))
+        volume = match_spectrum(seen, card["spectrum_reference"], max_gain=10.0)
     elif variant == "deconvolved":
         record = json.loads((folder / "simulation.json").read_text())
         volume = deconvolve(volume, tomo.voxel_size / 10.0, float(record["microscope"]["defocus_um"]))
@@ -133,10 +137,11 @@ def run(argv: list[str] | None = None) -> dict:
         folders = []
         for i, folder in enumerate(data):
             out = args.work_dir / variant.replace(" ", "_").replace("(", "").replace(")", "") / f"t{i:02d}"
-            filtered_copy(folder, out, variant, card["spectrum_reference"])
+            filtered_copy(folder, out, variant, card)
             folders.append(out)
         tuned = args.work_dir / "tuned.pt"
-        _run_cli(["tune", str(model), "-o", str(tuned), *grid, "--no-match-spectrum",
+        matching = "--match-spectrum" if variant == "matched (cap 1)" else "--no-match-spectrum"
+        _run_cli(["tune", str(model), "-o", str(tuned), *grid, matching,
                   *[a for f in folders for a in ("--data", str(f))]])
         scores[variant] = read_model_card(tuned)["postprocess"]["f1_per_map"]
         print(f"  {variant:18s} mean F1 {np.mean(scores[variant]):.3f}", flush=True)
