@@ -99,6 +99,9 @@ else
     # its card asks for it at inference (sigma 8, set after training below: neutral on the
     # tuning tomograms, 0.779 against 0.780, and it fixes ice gradients), and 2 test-time
     # flips (the map averaged over the tomogram and its x flip: 0.784 -> 0.809 there).
+    # Its card's spectrum_reference (for --match-spectrum) was measured after that background
+    # subtraction (2026-12-04): a run with --background-sigma 0 records it without, which
+    # differs only in the lowest shells, where the capped matching never raises anything.
     LOC_ARCH=(--width 2 --depth 20 --max-dilation 7 --crop-size 40 --batch-size 4 --threads 2 --background-sigma 0)
     LOC_SCHEDULE=(--epochs 100 --steps-per-epoch 20 --lr 1e-3 --lr-step 55 --time-limit 90)
     [[ -n "${INIT:-}" ]] && LOC_SCHEDULE+=(--init "$INIT")
