@@ -87,7 +87,8 @@ def default_data(root: Path) -> list[Path]:
 
 
 def filtered_copy(folder: Path, out: Path, variant: str, card: dict) -> None:
-    """`folder` (SHREC layout) with its reconstruction through `variant`, truth copied."""
+    """`folder` (SHREC layout) with its reconstruction through `variant` ("matched (cap 10)" or
+    "deconvolved"), truth copied."""
     from vpdetect.io.mrc import read_tomogram, write_mrc
     from vpdetect.preprocess import subtract_background
     from vpdetect.spectrum import match_spectrum
@@ -96,9 +97,9 @@ def filtered_copy(folder: Path, out: Path, variant: str, card: dict) -> None:
     tomo = read_tomogram(folder / "reconstruction.mrc", mmap=False)
     volume = tomo.data
     if variant == "matched (cap 10)":
-        seen = np.asarray(subtract_background(volume, card.get("background_sigma")))
+        seen = subtract_background(volume, card.get("background_sigma"))
         volume = match_spectrum(seen, card["spectrum_reference"], max_gain=10.0)
-    elif variant == "deconvolved":
+    else:
         record = json.loads((folder / "simulation.json").read_text())
         volume = deconvolve(volume, tomo.voxel_size / 10.0, float(record["microscope"]["defocus_um"]))
     write_mrc(out / "reconstruction.mrc", volume, tomo.voxel_size)
@@ -131,11 +132,15 @@ def run(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{model} records no reference spectrum")
     data = args.data or default_data(args.work_dir / "data")
     grid = one_point_grid(card)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
     print(f"localizer: {model}; {len(data)} tomogram(s); settings {' '.join(grid)}", flush=True)
     scores = {}
     for variant in VARIANTS:
         folders = []
         for i, folder in enumerate(data):
+            if variant in ("none", "matched (cap 1)"):  # the tomograms as they are (cap 1: --match-spectrum)
+                folders.append(folder)
+                continue
             out = args.work_dir / variant.replace(" ", "_").replace("(", "").replace(")", "") / f"t{i:02d}"
             filtered_copy(folder, out, variant, card)
             folders.append(out)

@@ -103,25 +103,24 @@ def matching_gain(profile: np.ndarray, reference: Sequence[float], max_gain: flo
     return np.minimum(gain, max_gain)
 
 
-def match_spectrum(volume: np.ndarray, reference: Sequence[float], max_gain: float = MAX_GAIN,
-                   threads: int | None = None) -> np.ndarray:
+def match_spectrum(volume: np.ndarray, reference: Sequence[float], max_gain: float = MAX_GAIN) -> np.ndarray:
     """`volume`, clipped at ROBUST_CLIP robust standard deviations, filtered so that its radial
     amplitude profile follows `reference` (float32, in memory).
 
     One whole-volume real FFT: memory about three times the volume in float32."""
     from scipy import fft
 
+    # Read once (a lazy background-subtracted view computes its background per read).
+    data = np.array(volume, dtype=np.float32)
     shells = len(reference)
-    gain = matching_gain(radial_profile(volume, shells), reference, max_gain)
+    gain = matching_gain(radial_profile(data, shells), reference, max_gain)
     # Filtered clipped, as the network sees it after the robust normalisation: a gold bead's
     # extreme values would otherwise ring across its neighbourhood.
-    centre, scale = robust_params(volume)
-    data = np.clip(np.asarray(volume, dtype=np.float32), centre - ROBUST_CLIP * scale, centre + ROBUST_CLIP * scale)
-    spectrum = fft.rfftn(data, workers=threads)
+    centre, scale = robust_params(data)
+    np.clip(data, centre - ROBUST_CLIP * scale, centre + ROBUST_CLIP * scale, out=data)
+    spectrum = fft.rfftn(data)
     radius = frequency_radius(data.shape, real_last=True)
-    centres = shell_centres(shells)
-    factor = np.interp(radius, centres, gain).astype(np.float32)  # held beyond the first and last centre
+    factor = np.interp(radius, shell_centres(shells), gain).astype(np.float32)  # held beyond the end centres
     factor[radius == 0] = 1.0
     spectrum *= factor
-    return fft.irfftn(spectrum, s=data.shape, workers=threads).astype(np.float32, copy=False)
-
+    return fft.irfftn(spectrum, s=data.shape).astype(np.float32, copy=False)

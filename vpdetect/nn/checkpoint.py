@@ -290,8 +290,8 @@ def format_model_card(card: dict) -> str:
     if card.get("background_sigma"):
         lines.append(f"  background subtracted: Gaussian of sigma {card['background_sigma']:g} voxels")
     if card.get("spectrum_reference"):
-        use = "matched by default" if card.get("match_spectrum") else "matched with --match-spectrum"
-        lines.append(f"  amplitude spectrum: training reference in {len(card['spectrum_reference'])} shells ({use})")
+        use = "matched by default" if card.get("match_spectrum") else "used with --match-spectrum"
+        lines.append(f"  spectrum reference: {len(card['spectrum_reference'])} shells ({use})")
     lines.append(f"  contrast: {card.get('contrast', 'not recorded (tomograms used as given)')}")
     voxel = card.get("voxel_size")
     lines.append(f"  voxel size: {'unknown' if voxel is None else f'{voxel:.3f} A'}")
