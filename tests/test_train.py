@@ -19,6 +19,7 @@ from vpdetect.nn.losses import IGNORE_INDEX, focal_loss
 from vpdetect.preprocess import subtract_background
 from vpdetect.spectrum import reference_profile
 from vpdetect.train.data import (
+    STRUCTURE_MARGIN,
     AnnotatedVolume,
     CropDataset,
     annotate_from_table,
@@ -30,6 +31,7 @@ from vpdetect.train.data import (
     parse_merge,
     prepare_volume,
     shard_indices,
+    structure_centres,
 )
 from vpdetect.train.loop import TrainConfig, Trainer, fit, history_csv
 
@@ -266,6 +268,55 @@ def test_size_balance_centres_more_crops_on_small_particles():
     assert share_small(2.0) > 0.9  # weights 1/4 : 1/64
     with pytest.raises(VPDetectError, match="size balance"):
         CropDataset([tv], 8, seed=1, size_balance=-1.0)
+
+
+def _bead_volume():
+    """Noise with one particle (target) at one end and a dense bead (not a target) at the other."""
+    shape = (48, 48, 48)
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=shape).astype(np.float32)
+    z, y, x = np.indices(shape)
+    particle = (z - 12) ** 2 + (y - 12) ** 2 + (x - 12) ** 2 <= 9
+    bead = (z - 36) ** 2 + (y - 36) ** 2 + (x - 36) ** 2 <= 9
+    volume[particle] -= 3.0
+    volume[bead] -= 30.0
+    label_map = particle.astype(np.int16)
+    av = AnnotatedVolume(name="bead", volume=volume, label_map=label_map, id_names={1: "p"},
+                         centres_zyx=np.array([[12, 12, 12]]), centre_names=["p"], radii_vox={"p": 3.0})
+    return prepare_volume(av, build_class_mapping(["p"], "localizer"), contrast="dark")
+
+
+def test_structure_centres_find_the_bead_and_not_the_particle():
+    tv = _bead_volume()
+    centres = structure_centres(tv, seed=0, index=0)
+    assert len(centres) > 0
+    distance_to_bead = np.linalg.norm(centres - 36, axis=1)
+    distance_to_particle = np.linalg.norm(centres - 12, axis=1)
+    assert np.mean(distance_to_bead < 12) > 0.95  # around the bead: noise rarely exceeds the floor
+    assert distance_to_particle.min() >= STRUCTURE_MARGIN
+    assert np.array_equal(centres, structure_centres(tv, seed=0, index=0))
+
+
+def test_structure_share_centres_crops_on_structure():
+    tv = _bead_volume()
+
+    def near_bead(share):
+        data = CropDataset([tv], 16, seed=1, particle_share=0.2, augment=False, structure_share=share)
+        corners = [data._corner(np.random.default_rng([1, 0, i]))[1] for i in range(400)]
+        return np.mean([np.all(np.abs(c + 8 - 36) <= 8 + 3) for c in corners])  # the crop holds bead voxels
+
+    uniform, structured = near_bead(0.0), near_bead(0.8)
+    assert uniform < 0.3
+    assert structured > 0.75
+    # particle-centred crops are unchanged by the structure share: the same draw decides the kind
+    plain = CropDataset([tv], 16, seed=1, particle_share=0.2, augment=False)
+    mixed = CropDataset([tv], 16, seed=1, particle_share=0.2, augment=False, structure_share=0.5)
+    for i in range(50):
+        rng_a, rng_b = np.random.default_rng([1, 0, i]), np.random.default_rng([1, 0, i])
+        if rng_a.random() < 0.2:
+            assert np.array_equal(plain._corner(rng_b)[1], mixed._corner(np.random.default_rng([1, 0, i]))[1])
+    with pytest.raises(VPDetectError, match="structure share"):
+        CropDataset([tv], 16, seed=1, particle_share=0.7, structure_share=0.5)
 
 
 def test_shards_partition_the_epoch():

@@ -201,6 +201,12 @@ def train(
         "A localizer learns all sizes as one class, where a small particle holds few voxels and weighs "
         "little in the loss; 1-3 centre more crops on small particles.",
     ),
+    structure_share: float = typer.Option(
+        0.0, "--structure-share", min=0.0, max=1.0,
+        help="Share of crops centred on strong structure that is not a particle (gold, membranes, "
+        "carbon, slab surfaces; found by band-passed energy far above the noise), which uniformly "
+        "placed crops rarely hold. Taken from the randomly placed share (at most 1 - --particle-share).",
+    ),
     val_crops: int = typer.Option(
         16, "--val-crops", min=0,
         help="Validation crops per epoch (fixed); box classifiers validate on every validation particle.",
@@ -268,6 +274,8 @@ def train(
         else float(background_sigma)
     if size_balance and boxes:
         raise VPDetectError("--size-balance applies to MSDNet crops; box classifiers sample classes evenly")
+    if structure_share and boxes:
+        raise VPDetectError("--structure-share applies to MSDNet crops; box classifiers use --background-share")
     if init is not None and resume:
         raise VPDetectError("--init starts a new run; it cannot be combined with --resume")
     paths = side_paths(out)
@@ -369,6 +377,7 @@ def train(
         seed=seed,
         particle_share=defaults["particle_share"] if particle_share is None else particle_share,
         size_balance=size_balance,
+        structure_share=structure_share,
         val_crops=val_crops,
         workers=workers,
         amp=amp,
@@ -398,7 +407,7 @@ def train(
         config.val_crops = len(val_set)
     else:
         train_set = CropDataset(volumes, crop_size, seed, config.particle_share, augment=True, stream=0,
-                                size_balance=size_balance)
+                                size_balance=size_balance, structure_share=structure_share)
         val_set = CropDataset(val_volumes or volumes, crop_size, seed, config.particle_share, augment=False, stream=1)
 
     trainer = Trainer(config, train_set, val_set, torch_device, dist_info)
@@ -455,6 +464,7 @@ def train(
                     + (f", gain in [1/{1 + gain_jitter:g}, {1 + gain_jitter:g}]" if gain_jitter else "")}
                    if boxes else {}),
                 **({"size_balance": size_balance} if size_balance else {}),
+                **({"structure_share": structure_share} if structure_share else {}),
                 "data": data_names,
                 "init": str(init) if init is not None else None,
                 "validation": [str(p) for p in val] + [str(p) for p in val_tomogram],

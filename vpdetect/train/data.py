@@ -36,6 +36,13 @@ from vpdetect.preprocess import (
 )
 
 BACKGROUND = "background"
+# Structure-centred crops (`CropDataset.structure_share`): band-passed energy this many times the
+# tomogram's median marks non-particle structure, sampled on a grid of this stride, at most this
+# many centres per tomogram, at least STRUCTURE_MARGIN voxels from any particle.
+STRUCTURE_FLOOR = 4.0
+STRUCTURE_STRIDE = 3
+MAX_STRUCTURE_CENTRES = 4096
+STRUCTURE_MARGIN = 8  # the band energy of a particle reaches ~8 voxels beyond it
 # Not particles to pick: vesicles are membranes, excluded from targets unless asked for.
 DEFAULT_EXCLUDE = ("vesicle",)
 
@@ -300,12 +307,44 @@ def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> 
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
 
 
+def structure_centres(tv: TrainingVolume, seed: int, index: int) -> np.ndarray:
+    """(n, 3) voxels [z, y, x] of strong structure that is not a particle.
+
+    Gold, membranes, a carbon edge or the surfaces of the ice slab are what a
+    localizer mistakes for particles, and a uniformly placed crop rarely holds
+    one. They stand out from ice by their band-passed energy (a difference of
+    Gaussians of sigma 1 and 4 voxels, squared and smoothed at 2), far above the
+    median, which the noise sets. Voxels within STRUCTURE_MARGIN of a particle
+    are left out; a deterministic subsample of at most MAX_STRUCTURE_CENTRES is kept.
+    """
+    from scipy import ndimage
+
+    image = normalise(np.asarray(tv.volume, dtype=np.float32), tv.mean, tv.std, tv.clip)
+    band = ndimage.gaussian_filter(image, 1.0)
+    band -= ndimage.gaussian_filter(image, 4.0)
+    del image
+    np.square(band, out=band)
+    energy = ndimage.gaussian_filter(band, 2.0)
+    del band
+    grid = (slice(None, None, STRUCTURE_STRIDE),) * 3
+    particle = ndimage.maximum_filter((tv.targets > 0).astype(np.uint8), size=2 * STRUCTURE_MARGIN + 1)
+    strong = (energy[grid] > STRUCTURE_FLOOR * float(np.median(energy))) & (particle[grid] == 0)
+    centres = np.argwhere(strong) * STRUCTURE_STRIDE
+    if len(centres) > MAX_STRUCTURE_CENTRES:
+        rng = np.random.default_rng([seed, index])
+        centres = centres[np.sort(rng.choice(len(centres), MAX_STRUCTURE_CENTRES, replace=False))]
+    return centres.astype(np.int64)
+
+
 class CropDataset:
     """Crops (1, s, s, s) float32 and targets (s, s, s) int64, a pure function of (seed, index).
 
     A share `particle_share` of crops is centred near a particle (class chosen
     uniformly, then a particle of it, then a shift of up to a quarter crop);
-    the rest are placed uniformly at random, tomograms weighted by size.
+    a share `structure_share` is centred near strong non-particle structure
+    (`structure_centres`: gold, membranes, carbon, slab surfaces), so that the
+    model sees enough of what it must not pick; the rest are placed uniformly
+    at random, tomograms weighted by size.
     `size_balance` P picks a class's particles with weight radius^-P instead of
     uniformly: a small particle holds few voxels, so in a localizer (one class for
     all sizes) it weighs little in the loss unless more crops are centred on it.
@@ -321,6 +360,7 @@ class CropDataset:
         augment: bool = True,
         stream: int = 0,
         size_balance: float = 0.0,
+        structure_share: float = 0.0,
     ) -> None:
         if not volumes:
             raise VPDetectError("no training volumes")
@@ -328,6 +368,10 @@ class CropDataset:
             raise VPDetectError(f"crop size must be positive, got {crop_size}")
         if not 0.0 <= particle_share <= 1.0:
             raise VPDetectError(f"particle share must lie in [0, 1], got {particle_share}")
+        if not 0.0 <= structure_share <= 1.0 - particle_share:
+            raise VPDetectError(
+                f"structure share must lie in [0, 1 - particle share = {1.0 - particle_share:g}], got {structure_share}"
+            )
         self.volumes = list(volumes)
         self.crop_size = int(crop_size)
         self.seed = int(seed)
@@ -356,28 +400,44 @@ class CropDataset:
                 fill = float(np.median(radii[known])) if known.any() else 1.0
                 weights = np.where(known, radii, fill) ** -self.size_balance
                 self.pair_weights[c] = weights / weights.sum()
+        self.structure_share = float(structure_share)
+        # (volume index, z, y, x) of every structure centre; empty: such crops are placed at random.
+        self.structure = np.empty((0, 4), np.int64)
+        if self.structure_share:
+            found = [np.column_stack([np.full(len(c), v), c])
+                     for v, tv in enumerate(self.volumes) if len(c := structure_centres(tv, self.seed, v))]
+            if found:
+                self.structure = np.concatenate(found)
 
     def _corner(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
         s = self.crop_size
-        if self.classes_with_particles and rng.random() < self.particle_share:
+        # One draw chooses the kind of crop (none without particles or structure crops, as before these).
+        u = rng.random() if self.classes_with_particles or self.structure_share else 1.0
+        if self.classes_with_particles and u < self.particle_share:
             cls = self.classes_with_particles[int(rng.integers(len(self.classes_with_particles)))]
             weights = self.pair_weights[cls]
             row = int(rng.integers(len(self.by_class[cls]))) if weights is None else \
                 int(rng.choice(len(weights), p=weights))
             v, p = self.by_class[cls][row]
-            tv = self.volumes[int(v)]
-            shift = rng.integers(-(s // 4), s // 4 + 1, size=3)
-            corner = tv.centres_zyx[int(p)] + shift - s // 2
-            dims = np.array(tv.targets.shape)
-            # Stay inside the tomogram where it is big enough, so crops are not padded needlessly.
-            corner = np.where(dims >= s, np.clip(corner, 0, dims - s), (dims - s) // 2)
-            return int(v), corner
+            return int(v), self._around(int(v), self.volumes[int(v)].centres_zyx[int(p)], rng)
+        if len(self.structure) and u < self.particle_share + self.structure_share:
+            v, *centre = self.structure[int(rng.integers(len(self.structure)))]
+            return int(v), self._around(int(v), np.array(centre), rng)
         v = int(rng.choice(len(self.volumes), p=self.volume_weights))
         dims = np.array(self.volumes[v].targets.shape)
         corner = np.array(
             [int(rng.integers(0, d - s + 1)) if d >= s else (d - s) // 2 for d in dims], dtype=np.int64
         )
         return v, corner
+
+    def _around(self, v: int, centre: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The corner of a crop holding `centre`, shifted by up to a quarter crop."""
+        s = self.crop_size
+        shift = rng.integers(-(s // 4), s // 4 + 1, size=3)
+        corner = centre + shift - s // 2
+        dims = np.array(self.volumes[v].targets.shape)
+        # Stay inside the tomogram where it is big enough, so crops are not padded needlessly.
+        return np.where(dims >= s, np.clip(corner, 0, dims - s), (dims - s) // 2)
 
     def _radius(self, v: int, p: int) -> float:
         radii = self.volumes[v].centre_radii

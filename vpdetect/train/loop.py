@@ -64,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     particle_share: float = 0.5
     size_balance: float = 0.0  # particle-centred crops pick particles with weight radius^-size_balance
+    structure_share: float = 0.0  # share of crops centred on non-particle structure (localizers)
     val_crops: int = 16
     workers: int = 0
     amp: bool = False
@@ -82,7 +83,7 @@ class TrainConfig:
         "stage", "width", "depth", "max_dilation", "crop_size", "batch_size", "steps_per_epoch",
         "lr", "lr_step", "lr_factor", "gamma", "alpha", "seed", "particle_share", "class_names",
         "arch", "width_divisor", "max_shift", "background_share", "gain_jitter",
-        "background_sigma", "size_balance",
+        "background_sigma", "size_balance", "structure_share",
     )
 
     @property
