@@ -437,6 +437,9 @@ def test_cli_trains_writes_model_log_curves_and_resumes(shrec_dir, tmp_path):
     assert "resuming after epoch 2" in resumed.output
     assert len((tmp_path / "loc.log.csv").read_text().splitlines()) == 4
     assert read_model_card(tmp_path / "loc.last.pt")["provenance"]["epochs"] == 3
+    # the crop stream is part of the schedule: another structure share cannot resume it
+    changed = runner.invoke(app, [*args, "--epochs", "4", "--resume", "--structure-share", "0.2"])
+    assert changed.exit_code == 2 and "structure share was 0.0, now 0.2" in changed.output
 
     info = runner.invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "localizer" in info.output
@@ -494,6 +497,9 @@ def test_cli_classifier_from_coordinates(tmp_path, shrec_dir):
         (["train", "localizer", "--data", "X", "--resume"], "cannot resume"),
         (["train", "classifier", "--data", "X", "--background-sigma", "4"], "applies to localizers only"),
         (["train", "classifier", "--data", "X", "--arch", "rb3d", "--size-balance", "2"], "applies to MSDNet crops"),
+        (["train", "classifier", "--data", "X", "--arch", "rb3d", "--structure-share", "0.1"], "applies to MSDNet"),
+        (["train", "localizer", "--data", "X", "--particle-share", "0.9", "--structure-share", "0.2"],
+         "structure share must lie in"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, shrec_dir, tmp_path):
