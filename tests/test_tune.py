@@ -1,6 +1,7 @@
 """Post-processing search (`vpdetect tune`) on a hand-made annotated scene."""
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 import vpdetect.cli  # noqa: F401  registers the commands
@@ -141,11 +142,18 @@ def test_tune_command_searches_the_grid_it_is_given(tmp_path, rng):
     grid = ["--threshold", "0.5", "--bandwidth-factor", "2", "--merge-factor", "1", "--min-size", "5",
             "--max-component", "0", "--max-component", "4"]
     result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "-o", str(out),
-                                      "--tile", "24", "--device", "cpu", *grid])
+                                      "--tile", "24", "--device", "cpu", *grid, "--grid-csv", str(tmp_path / "g.csv")])
     assert result.exit_code == 0, result.output
     tuned = read_model_card(out)["postprocess"]
     assert tuned["grid_points"] == 2 and tuned["threshold"] == 0.5 and tuned["bandwidth_factor"] == 2.0
     assert tuned["max_component"] in (0.0, 4.0) and "largest component" in result.output
+    # every grid point, best first, with each tomogram's F1
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "g.csv")
+    assert len(table) == 2 and sorted(table["max_component"]) == [0.0, 4.0]
+    assert table["f1"].iloc[0] == pytest.approx(tuned["f1"], abs=1e-4)
+    assert table[f"f1 {tmp_path / 'val'}"].iloc[0] == pytest.approx(tuned["f1"], abs=1e-4)
     # A shipped (float16) model stays float16 when tuned.
     import torch
 
@@ -160,7 +168,8 @@ def test_tune_command_searches_the_grid_it_is_given(tmp_path, rng):
     assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
     for bad, message in ((["--threshold", "1.5"], "--threshold must lie below 1"),
                          (["--max-component", "-1"], "--max-component must be 0 or positive"),
-                         (["--min-size", "0"], "--min-size must be positive")):
+                         (["--min-size", "0"], "--min-size must be positive"),
+                         (["--grid-csv", str(tmp_path / "missing" / "g.csv")], "output directory does not exist")):
         result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), *bad])
         assert result.exit_code == 2 and message in result.output, result.output
 

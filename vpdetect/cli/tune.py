@@ -53,6 +53,10 @@ def tune(
     max_components: list[float] = grid_option(
         "--max-component", "largest components, in balls of the bandwidth (0: no limit)", DEFAULT_MAX_COMPONENTS
     ),
+    grid_csv: Path = typer.Option(
+        None, "--grid-csv",
+        help="Also write every grid point (settings, mean F1 and each tomogram's F1, best first) to this CSV.",
+    ),
     match_spectrum: bool = match_spectrum_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
@@ -70,9 +74,10 @@ def tune(
     from vpdetect.cli.logs import progress_bar
     from vpdetect.errors import VPDetectError
     from vpdetect.evaluate.shrec import read_truth
+    from vpdetect.io.atomic import atomic_path, check_output_dir
     from vpdetect.io.mrc import read_tomogram
     from vpdetect.localize.pipeline import segment_volume
-    from vpdetect.localize.tune import AnnotatedMap, tune_postprocessing
+    from vpdetect.localize.tune import AnnotatedMap, grid_table, tune_postprocessing
     from vpdetect.nn.checkpoint import load_model, read_training_state, save_model
 
     grids = {"--bandwidth": bandwidths, "--threshold": thresholds, "--bandwidth-factor": bandwidth_factors,
@@ -84,6 +89,8 @@ def tune(
         raise VPDetectError(f"--threshold must lie below 1, got {max(thresholds):g}")
     if max_components and min(max_components) < 0:
         raise VPDetectError(f"--max-component must be 0 or positive, got {min(max_components):g}")
+    if grid_csv is not None:
+        check_output_dir(grid_csv.parent)
     device = resolve_device(device)
     net, card = load_model(model, stage="localizer", device=device)
     options = build_localize_options(tile=tile, halo=halo, device=device, match_spectrum=match_spectrum)
@@ -106,6 +113,9 @@ def tune(
             max_components=max_components or DEFAULT_MAX_COMPONENTS,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
+    if grid_csv is not None:
+        with atomic_path(grid_csv) as temporary:
+            grid_table(rows, [str(folder) for folder in data]).to_csv(temporary, index=False, float_format="%.4f")
     best["tuned_on"] = [str(folder) for folder in data]
     best["grid_points"] = len(rows)
     card = dict(card)

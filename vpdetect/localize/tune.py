@@ -123,3 +123,17 @@ def _score_modes(maps, unmerged, per_map, common: dict, size: float, adaptive: b
                        f1=float(np.mean(f1s)), f1_per_map=[round(f, 4) for f in f1s])
             rows.append(row)
     return rows
+
+
+def grid_table(rows: Sequence[dict], names: Sequence[str]):
+    """Every grid point as a table: its settings, the mean F1 and one F1 column per tomogram
+    (`names`, in the order of the maps), best first (ties in grid order)."""
+    import pandas as pd
+
+    records = []
+    for row in rows:
+        record = {k: v for k, v in row.items() if k not in ("f1_per_map", "bandwidths")}
+        record.update({f"f1 {name}": f for name, f in zip(names, row["f1_per_map"], strict=True)})
+        records.append(record)
+    return pd.DataFrame.from_records(records).sort_values("f1", ascending=False, kind="stable")
+
