@@ -317,6 +317,7 @@ def test_structure_share_centres_crops_on_structure():
             assert np.array_equal(plain._corner(rng_b)[1], mixed._corner(np.random.default_rng([1, 0, i]))[1])
     with pytest.raises(VPDetectError, match="structure share"):
         CropDataset([tv], 16, seed=1, particle_share=0.7, structure_share=0.5)
+    CropDataset([tv], 16, seed=1, particle_share=0.9, structure_share=0.1)  # shares adding up to 1 are fine
 
 
 def test_shards_partition_the_epoch():

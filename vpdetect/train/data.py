@@ -368,7 +368,7 @@ class CropDataset:
             raise VPDetectError(f"crop size must be positive, got {crop_size}")
         if not 0.0 <= particle_share <= 1.0:
             raise VPDetectError(f"particle share must lie in [0, 1], got {particle_share}")
-        if not 0.0 <= structure_share <= 1.0 - particle_share:
+        if not 0.0 <= structure_share <= 1.0 - particle_share + 1e-9:  # 1 - 0.9 < 0.1 in floats
             raise VPDetectError(
                 f"structure share must lie in [0, 1 - particle share = {1.0 - particle_share:g}], got {structure_share}"
             )
