@@ -136,4 +136,3 @@ def grid_table(rows: Sequence[dict], names: Sequence[str]):
         record.update({f"f1 {name}": f for name, f in zip(names, row["f1_per_map"], strict=True)})
         records.append(record)
     return pd.DataFrame.from_records(records).sort_values("f1", ascending=False, kind="stable")
-
