@@ -65,6 +65,19 @@ def test_specks_below_min_size_are_dropped():
     assert sorted(everything["cluster_size"]) == [1, 8, int(np.count_nonzero(spheres((30, 30, 30), [(15, 15, 15)], 4)))]
 
 
+def test_clusters_below_min_score_are_dropped():
+    """A weakly segmented blob (mean probability 0.6) goes with min_score 0.8; a confident one stays."""
+    prob = spheres((30, 40, 30), [(15.0, 12.0, 15.0)], 4, value=0.95) + spheres((30, 40, 30), [(15.0, 28.0, 15.0)], 4,
+                                                                                  value=0.6)
+    both = find_particles(prob, threshold=0.5, opening_radius=0, bandwidth=4, min_size=10)
+    assert sorted(np.round(both["score"], 3)) == [0.6, 0.95]
+    kept = find_particles(prob, threshold=0.5, opening_radius=0, bandwidth=4, min_size=10, min_score=0.8)
+    assert len(kept) == 1
+    np.testing.assert_allclose(xyz_to_zyx(kept)[0], (15, 12, 15), atol=1e-6)
+    # The limit is inclusive: a cluster whose score equals it stays.
+    assert len(find_particles(prob, threshold=0.5, opening_radius=0, bandwidth=4, min_size=10, min_score=0.6)) == 2
+
+
 def test_opening_removes_thin_speckle():
     prob = spheres((30, 30, 30), [(15.0, 15.0, 15.0)], 4)
     prob[2, 2:20, 2] = 1.0  # a one-voxel-thin line

@@ -19,6 +19,7 @@ from vpdetect.evaluate.shrec import (
     read_size_groups,
     read_truth,
     round_and_clip,
+    scoring_mask,
 )
 from vpdetect.io.mrc import write_mrc
 from vpdetect.io.particles import ParticleTable, write_particles
@@ -163,6 +164,10 @@ def test_matches_the_official_rules_on_random_half_voxel_picks():
     confusion = result["classification"]["confusion"]
     diagonal = sum(confusion["matrix"][i][i] for i in range(len(confusion["labels"]) - 1))
     assert diagonal == sum(a == t for a, t in zip(expected["assigned"], names, strict=True))
+    # The truth prepared once (as `tune` does for its grid) scores the same.
+    prepared = evaluate_picks(ParticleTable.from_arrays(pred_xyz, class_name=pred_classes), occupancy, truth,
+                              prepared=scoring_mask(occupancy, truth))
+    assert prepared == result
 
 
 def test_totals_over_tomograms_sum_the_counts():

@@ -106,6 +106,33 @@ def test_tune_refuses_a_nonpositive_bandwidth_before_segmenting(tmp_path, rng):
     result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "--bandwidth", "0"])
     assert result.exit_code == 2
     assert "--bandwidth must be positive" in result.output and "segmenting" not in result.output
+    result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "--min-score", "1"])
+    assert result.exit_code == 2
+    assert "--min-score must lie in [0, 1), got 1" in result.output and "segmenting" not in result.output
+
+
+def test_search_finds_the_min_score_that_drops_weak_clusters_and_localize_uses_it(rng):
+    """A weakly segmented blob away from the particles (structure the network is unsure of) is a
+    false positive; the grid's min score removes it, the card stores it and `localize` applies it."""
+    from vpdetect.localize.pipeline import DEFAULT_MIN_SCORE, LocalizeOptions
+
+    _, occupancy, truth = annotated_scene(rng)
+    prob = np.where(occupancy > 0, 0.95, 0.0).astype(np.float32)
+    z, y, x = np.indices(SHAPE)
+    far = np.min([np.sqrt((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) for c in CENTRES], axis=0)
+    spot = np.unravel_index(np.argmax(far), SHAPE)  # the point farthest from every particle
+    assert far[spot] > RADIUS + 6
+    prob[(z - spot[0]) ** 2 + (y - spot[1]) ** 2 + (x - spot[2]) ** 2 <= 9] = 0.6
+    best, rows = tune_postprocessing([AnnotatedMap(prob, occupancy, truth, 10.0)], opening_radius=0,
+                                     thresholds=(0.5,), bandwidths=(5.0,), merge_factors=(1.0,), min_sizes=(5,),
+                                     max_components=(0.0,), min_scores=(0.0, 0.8))
+    scores = {r["min_score"]: r["f1"] for r in rows}
+    assert scores[0.8] == 1.0 and scores[0.0] < 1.0
+    assert best["min_score"] == 0.8
+    assert LocalizeOptions().with_model_defaults({"postprocess": best}).min_score == 0.8
+    assert LocalizeOptions(min_score=0.0).with_model_defaults({"postprocess": best}).min_score == 0.0
+    # A card tuned before the option existed keeps every cluster.
+    assert LocalizeOptions().with_model_defaults({"postprocess": {"threshold": 0.5}}).min_score == DEFAULT_MIN_SCORE == 0.0
 
 
 def test_search_finds_the_largest_component_that_drops_a_membrane_and_localize_uses_it(rng):
@@ -140,18 +167,20 @@ def test_tune_command_searches_the_grid_it_is_given(tmp_path, rng):
     model = intensity_localizer(tmp_path / "loc.pt", volume)
     out = tmp_path / "tuned.pt"
     grid = ["--threshold", "0.5", "--bandwidth-factor", "2", "--merge-factor", "1", "--min-size", "5",
-            "--max-component", "0", "--max-component", "4"]
+            "--max-component", "0", "--max-component", "4", "--min-score", "0", "--min-score", "0.3"]
     result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "-o", str(out),
                                       "--tile", "24", "--device", "cpu", *grid, "--grid-csv", str(tmp_path / "g.csv")])
     assert result.exit_code == 0, result.output
     tuned = read_model_card(out)["postprocess"]
-    assert tuned["grid_points"] == 2 and tuned["threshold"] == 0.5 and tuned["bandwidth_factor"] == 2.0
+    assert tuned["grid_points"] == 4 and tuned["threshold"] == 0.5 and tuned["bandwidth_factor"] == 2.0
+    assert tuned["min_score"] in (0.0, 0.3) and "min score" in result.output
     assert tuned["max_component"] in (0.0, 4.0) and "largest component" in result.output
     # every grid point, best first, with each tomogram's F1
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "g.csv")
-    assert len(table) == 2 and sorted(table["max_component"]) == [0.0, 4.0]
+    assert len(table) == 4 and sorted(table["max_component"]) == [0.0, 0.0, 4.0, 4.0]
+    assert sorted(table["min_score"]) == [0.0, 0.0, 0.3, 0.3]
     assert table["f1"].iloc[0] == pytest.approx(tuned["f1"], abs=1e-4)
     assert table[f"f1 {tmp_path / 'val'}"].iloc[0] == pytest.approx(tuned["f1"], abs=1e-4)
     # A shipped (float16) model stays float16 when tuned.

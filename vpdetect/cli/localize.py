@@ -111,6 +111,14 @@ def min_size_option():
     )
 
 
+def min_score_option():
+    return typer.Option(
+        None, "--min-score", min=0.0, max=1.0,
+        help="Drop clusters whose voxels' mean probability (the score column) is below this "
+        "(default: the model's tuned value, else 0 = keep all).",
+    )
+
+
 def max_centre_gap_option():
     return typer.Option(
         None, "--max-centre-gap", min=0.0,
@@ -230,7 +238,7 @@ def postprocess_record(options) -> dict:
     for provenance sidecars."""
     return {
         "threshold": options.threshold, "opening_radius": options.opening_radius,
-        "min_size": options.min_size, "merge_radius": options.merge_radius,
+        "min_size": options.min_size, "min_score": options.min_score, "merge_radius": options.merge_radius,
         "max_centre_gap": options.max_centre_gap, "snap_distance": options.snap_distance,
         "max_component": options.max_component,
     }
@@ -243,6 +251,7 @@ def build_localize_options(
     bandwidth: float | None = None,
     particle_diameter: float | None = None,
     min_size: int | None = None,
+    min_score: float | None = None,
     max_centre_gap: float | None = None,
     snap_distance: float = DEFAULT_SNAP_DISTANCE,
     max_component: float | None = None,
@@ -276,6 +285,7 @@ def build_localize_options(
         bandwidth=bandwidth,
         particle_diameter=particle_diameter,
         min_size=min_size,
+        min_score=min_score,
         max_centre_gap=max_centre_gap,
         snap_distance=snap_distance,
         max_component=max_component,
@@ -411,6 +421,7 @@ def localize(
     bandwidth: float = bandwidth_option(),
     particle_diameter: float = particle_diameter_option(),
     min_size: int = min_size_option(),
+    min_score: float = min_score_option(),
     max_centre_gap: float = max_centre_gap_option(),
     snap_distance: float = snap_distance_option(),
     max_component: float = max_component_option(),
@@ -447,7 +458,7 @@ def localize(
     fmt = format_name(output_format) or (None if output is not None else "relion4")
     options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
-        particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
+        particle_diameter=particle_diameter, min_size=min_size, min_score=min_score, tile=tile, halo=halo,
         max_centre_gap=max_centre_gap, snap_distance=snap_distance, max_component=max_component,
         flips=test_time_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,

@@ -61,6 +61,7 @@ from vpdetect.cli.localize import (
     match_spectrum_option,
     max_centre_gap_option,
     max_component_option,
+    min_score_option,
     min_size_option,
     opening_radius_option,
     particle_diameter_option,
@@ -193,6 +194,7 @@ def pick(
     bandwidth: float = bandwidth_option(),
     particle_diameter: float = particle_diameter_option(),
     min_size: int = min_size_option(),
+    min_score: float = min_score_option(),
     max_centre_gap: float = max_centre_gap_option(),
     snap_distance: float = snap_distance_option(),
     max_component: float = max_component_option(),
@@ -238,7 +240,7 @@ def pick(
     fmt = format_name(output_format) or (None if output is not None else "relion4")
     localize_options = build_localize_options(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
-        particle_diameter=particle_diameter, min_size=min_size, tile=tile, halo=halo,
+        particle_diameter=particle_diameter, min_size=min_size, min_score=min_score, tile=tile, halo=halo,
         max_centre_gap=max_centre_gap, snap_distance=snap_distance, max_component=max_component,
         flips=localizer_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,

@@ -13,6 +13,7 @@ from vpdetect.localize.tune import (
     DEFAULT_BANDWIDTH_FACTORS,
     DEFAULT_MAX_COMPONENTS,
     DEFAULT_MERGE_FACTORS,
+    DEFAULT_MIN_SCORES,
     DEFAULT_MIN_SIZES,
     DEFAULT_THRESHOLDS,
 )
@@ -53,6 +54,9 @@ def tune(
     max_components: list[float] = grid_option(
         "--max-component", "largest components, in balls of the bandwidth (0: no limit)", DEFAULT_MAX_COMPONENTS
     ),
+    min_scores: list[float] = grid_option(
+        "--min-score", "least mean probabilities of a cluster's voxels (0: keep all)", DEFAULT_MIN_SCORES
+    ),
     grid_csv: Path = typer.Option(
         None, "--grid-csv",
         help="Also write every grid point (settings, mean F1 and each tomogram's F1, best first) to this CSV.",
@@ -62,7 +66,8 @@ def tune(
     halo: int = halo_option(),
     device: str = device_option(),
 ) -> None:
-    """Search threshold, bandwidth, merge radius, minimum size and largest component for the best SHREC F1.
+    """Search threshold, bandwidth, merge radius, minimum size, minimum score and largest component for the
+    best SHREC F1.
 
     The winners are stored in the model's card and become `localize`'s and `pick`'s
     defaults for that model (options given on the command line still win). With
@@ -89,6 +94,8 @@ def tune(
         raise VPDetectError(f"--threshold must lie below 1, got {max(thresholds):g}")
     if max_components and min(max_components) < 0:
         raise VPDetectError(f"--max-component must be 0 or positive, got {min(max_components):g}")
+    if min_scores and not 0 <= min(min_scores) <= max(min_scores) < 1:
+        raise VPDetectError(f"--min-score must lie in [0, 1), got {min(min_scores) if min(min_scores) < 0 else max(min_scores):g}")
     if grid_csv is not None:
         check_output_dir(grid_csv.parent)
     device = resolve_device(device)
@@ -111,6 +118,7 @@ def tune(
             merge_factors=merge_factors or DEFAULT_MERGE_FACTORS,
             min_sizes=min_sizes or DEFAULT_MIN_SIZES,
             max_components=max_components or DEFAULT_MAX_COMPONENTS,
+            min_scores=min_scores or DEFAULT_MIN_SCORES,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     if grid_csv is not None:
@@ -130,6 +138,6 @@ def tune(
             else f"bandwidth {best['bandwidth']:g}, merge radius {best['merge_radius']:g}")
     console.print(
         f"best mean F1 {best['f1']:.3f}: threshold {best['threshold']}, {size}, "
-        f"min size {best['min_size']}, largest component {best['max_component']:g} bandwidth balls "
+        f"min size {best['min_size']}, min score {best['min_score']:g}, largest component {best['max_component']:g} bandwidth balls "
         f"(0: any) -> {out or model}"
     )

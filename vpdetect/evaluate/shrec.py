@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def _f1(precision: float, recall: float) -> float:
     return _safe_div(2 * precision * recall, precision + recall)
 
 
-def _check_inputs(pred: ParticleTable, occupancy: np.ndarray, truth: ParticleTable) -> np.ndarray:
+def _check_truth(occupancy: np.ndarray, truth: ParticleTable) -> np.ndarray:
     occupancy = np.asarray(occupancy)
     if occupancy.ndim != 3:
         raise VPDetectError(f"occupancy mask must be 3D, got shape {occupancy.shape}")
@@ -101,6 +102,11 @@ def _check_inputs(pred: ParticleTable, occupancy: np.ndarray, truth: ParticleTab
                 f"truth particle {row + 1} at {tuple(truth.coords_xyz()[row])} lies outside the "
                 f"occupancy mask of size (x, y, z) {shape_xyz}: mask and particle list disagree"
             )
+    return occupancy
+
+
+def _check_pred(pred: ParticleTable, shape_zyx: Sequence[int], truth: ParticleTable) -> None:
+    shape_xyz = tuple(int(v) for v in shape_zyx[::-1])
     if pred.tomo_size is not None and tuple(pred.tomo_size) != shape_xyz:
         raise VPDetectError(
             f"predictions are for a tomogram of size (x, y, z) {tuple(pred.tomo_size)} "
@@ -114,27 +120,20 @@ def _check_inputs(pred: ParticleTable, occupancy: np.ndarray, truth: ParticleTab
             f"predictions are at {pred.voxel_size:g} A/voxel but the truth at "
             f"{truth.voxel_size:g} A/voxel; pick in a tomogram sampled like the truth"
         )
-    return occupancy
 
 
-def evaluate_picks(
-    pred: ParticleTable,
-    occupancy: np.ndarray,
-    truth: ParticleTable,
-    size_groups: Mapping[str, Sequence[str]] | None = None,
-) -> dict:
-    """SHREC metrics of `pred` against the occupancy mask [z, y, x] and the truth table.
+@dataclass(frozen=True)
+class ScoringMask:
+    """One tomogram's truth prepared for scoring (`scoring_mask`): the dilated particle-id
+    lookup [z, y, x] and which ids count. Prepare once to score many prediction sets."""
 
-    `size_groups` maps a group name to class names (default: SHREC'21 table 5);
-    groups report the mean F1 of their classes that occur in the truth.
-    Returns {"localization": {...}, "classification": {...} or None}.
-    """
-    occupancy = _check_inputs(pred, occupancy, truth)
-    pred_labels = pred.class_labels()
-    if pred_labels is not None:
-        keep = np.array([_key(v) not in UNSCORED_CLASSES for v in pred_labels], dtype=bool)
-        if not keep.all():
-            pred = ParticleTable(pred.data[keep].reset_index(drop=True), pred.voxel_size, pred.tomo_size)
+    lookup: np.ndarray
+    scored: np.ndarray
+
+
+def scoring_mask(occupancy: np.ndarray, truth: ParticleTable) -> ScoringMask:
+    """The checked, dilated lookup of `occupancy` for `truth` (vesicles are not scored)."""
+    occupancy = _check_truth(occupancy, truth)
     n = len(truth)
     truth_labels = truth.class_labels()
     truth_keys = [_key(v) for v in truth_labels] if truth_labels is not None else [""] * n
@@ -145,10 +144,36 @@ def evaluate_picks(
         if key in UNSCORED_CLASSES:
             scored[i + 1] = False
     id_map = np.where(scored, np.arange(n + 1), 0).astype(occupancy.dtype)
-    lookup = dilate_occupancy(id_map[occupancy])
+    return ScoringMask(dilate_occupancy(id_map[occupancy]), scored)
+
+
+def evaluate_picks(
+    pred: ParticleTable,
+    occupancy: np.ndarray,
+    truth: ParticleTable,
+    size_groups: Mapping[str, Sequence[str]] | None = None,
+    prepared: ScoringMask | None = None,
+) -> dict:
+    """SHREC metrics of `pred` against the occupancy mask [z, y, x] and the truth table.
+
+    `size_groups` maps a group name to class names (default: SHREC'21 table 5);
+    groups report the mean F1 of their classes that occur in the truth.
+    `prepared`: `scoring_mask(occupancy, truth)` made beforehand (when scoring many sets).
+    Returns {"localization": {...}, "classification": {...} or None}.
+    """
+    mask = scoring_mask(occupancy, truth) if prepared is None else prepared
+    lookup, scored = mask.lookup, mask.scored
+    _check_pred(pred, lookup.shape, truth)
+    pred_labels = pred.class_labels()
+    if pred_labels is not None:
+        keep = np.array([_key(v) not in UNSCORED_CLASSES for v in pred_labels], dtype=bool)
+        if not keep.all():
+            pred = ParticleTable(pred.data[keep].reset_index(drop=True), pred.voxel_size, pred.tomo_size)
+    n = len(truth)
+    truth_labels = truth.class_labels()
 
     coords = pred.coords_xyz()
-    voxels, was_clipped = round_and_clip(coords, occupancy.shape)
+    voxels, was_clipped = round_and_clip(coords, lookup.shape)
     hits = lookup[voxels[:, 2], voxels[:, 1], voxels[:, 0]].astype(np.int64)
     counts = np.bincount(hits, minlength=n + 1)
     # First hit of each particle in file order (np.unique returns first occurrences).

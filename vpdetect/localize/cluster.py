@@ -338,13 +338,14 @@ def find_particles(
     merge_factor: float | None = None,
     snap_distance: float = 0.0,
     max_component: float = 0.0,
+    min_score: float = 0.0,
 ):
     """Particle centres from a foreground probability map [z, y, x].
 
     Returns a DataFrame with columns x, y, z (sub-voxel, 0-based voxel
     centres), cluster_size (voxels) and score (mean probability of the
     cluster's voxels), sorted by z, y, x; `attrs["bandwidth"]` holds the bandwidth used.
-    Clusters with fewer than `min_size` voxels are dropped; modes closer than
+    Clusters with fewer than `min_size` voxels, or a score below `min_score`, are dropped; modes closer than
     `merge_radius` (default `merge_factor` x bandwidth if given, else bandwidth/2)
     are merged into their size-weighted mean. Components whose centroid lies more than
     `max_centre_gap` voxels (default: the bandwidth; 0 = keep all) outside them are
@@ -374,7 +375,7 @@ def find_particles(
     foreground = drop_hollow_components(foreground, gap)
     foreground = drop_components(foreground, oversized_components(foreground, bandwidth, max_component))
     centres, sizes, prob_sums = cluster_foreground(foreground, bandwidth, merge_radius)
-    keep = sizes >= max(1, int(min_size))
+    keep = keep_clusters(sizes, prob_sums, min_size, min_score)
     centres, sizes, prob_sums = centres[keep], sizes[keep], prob_sums[keep]
     centres = snap_to_foreground(centres, foreground, snap_distance)
     order = np.lexsort((centres[:, 2], centres[:, 1], centres[:, 0]))
@@ -391,6 +392,13 @@ def find_particles(
     )
     found.attrs["bandwidth"] = float(bandwidth)
     return found
+
+
+def keep_clusters(sizes: np.ndarray, prob_sums: np.ndarray, min_size: int, min_score: float) -> np.ndarray:
+    """Which clusters to keep: at least `min_size` voxels (and one) and a mean probability
+    (`prob_sums / sizes`) of at least `min_score`."""
+    mean = prob_sums / np.maximum(sizes, 1)
+    return (sizes >= max(1, int(min_size))) & (mean >= min_score)
 
 
 def snap_to_foreground(centres: np.ndarray, foreground: Foreground, max_distance: float) -> np.ndarray:

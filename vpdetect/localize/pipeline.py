@@ -59,6 +59,8 @@ DEFAULT_OPENING_RADIUS = 1
 # covers the large ones without merging small touching neighbours.
 DEFAULT_BANDWIDTH = 5.0
 DEFAULT_MIN_SIZE = 10
+# Least mean probability of a cluster's voxels (0: keep all, as older models did).
+DEFAULT_MIN_SCORE = 0.0
 # The mean of a two-lobed particle's voxels can sit in the gap between its lobes, 1-2 voxels off
 # the particle (SHREC's GET3 dimer); a ring's hole is wider and keeps its centre.
 DEFAULT_SNAP_DISTANCE = 2.0
@@ -95,6 +97,8 @@ class LocalizeOptions:
     bandwidth: float | None = None
     particle_diameter: float | None = None
     min_size: int | None = None
+    # Drop clusters whose voxels' mean probability is below this; None = the card's tuned value, else 0.
+    min_score: float | None = None
     merge_radius: float | None = None
     # Drop hollow components (membranes) whose centroid is this far outside them; None = bandwidth.
     max_centre_gap: float | None = None
@@ -150,6 +154,7 @@ class LocalizeOptions:
             ("threshold", DEFAULT_THRESHOLD),
             ("opening_radius", DEFAULT_OPENING_RADIUS),
             ("min_size", DEFAULT_MIN_SIZE),
+            ("min_score", DEFAULT_MIN_SCORE),
             ("max_component", DEFAULT_MAX_COMPONENT),
         ):
             if getattr(self, name) is None:
@@ -387,6 +392,7 @@ def particles_from_map(
         opening_radius=options.opening_radius,
         bandwidth=bandwidth,
         min_size=options.min_size,
+        min_score=options.min_score,
         roi=roi,
         z_range=_model_z_range(options.z_range, scale_zyx),
         merge_radius=options.merge_radius,

@@ -1,7 +1,7 @@
 """Choosing stage 1's post-processing on annotated tomograms.
 
 The network's probability map is computed once per tomogram; the threshold,
-mean-shift bandwidth, merge radius and minimum cluster size are then searched
+mean-shift bandwidth, merge radius, minimum cluster size and minimum score are then searched
 on a grid for the best mean SHREC localization F1, with the largest component
 kept (membranes and carbon segmented as foreground are long components). By
 default the bandwidth is searched as a multiple of the particles' radius measured on each map
@@ -24,6 +24,9 @@ DEFAULT_BANDWIDTH_FACTORS = (1.5, 2.0, 2.5, 3.0)  # multiples of the measured pa
 # Merge radius as a multiple of the bandwidth.
 DEFAULT_MERGE_FACTORS = (0.75, 1.0, 1.25)
 DEFAULT_MIN_SIZES = (5, 10, 20, 40)
+# Least mean probability of a cluster's voxels (0: keep all); strong structure that is not a
+# particle (membranes, carbon) tends to come out as clusters of lower mean probability.
+DEFAULT_MIN_SCORES = (0.0,)
 # Largest component kept, in balls of the bandwidth (0: no limit; see `cluster.oversized_components`).
 DEFAULT_MAX_COMPONENTS = (0.0, 4.0, 8.0)
 
@@ -47,6 +50,7 @@ def tune_postprocessing(
     min_sizes: Sequence[int] = DEFAULT_MIN_SIZES,
     bandwidth_factors: Sequence[float] = DEFAULT_BANDWIDTH_FACTORS,
     max_components: Sequence[float] = DEFAULT_MAX_COMPONENTS,
+    min_scores: Sequence[float] = DEFAULT_MIN_SCORES,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict, list[dict]]:
     """(best settings with their mean F1, every grid point's scores), ties to the earlier grid point.
@@ -54,10 +58,11 @@ def tune_postprocessing(
     `bandwidths` (voxels) searches fixed bandwidths; None searches `bandwidth_factors`
     (rows then hold bandwidth_factor and merge_factor, and the bandwidth per map).
     Each threshold is applied (and opened, labelled) once per map; each
-    bandwidth and largest component clustered once; merge radii and minimum sizes
-    only merge and filter those modes.
+    bandwidth and largest component clustered once; merge radii, minimum sizes and
+    minimum scores only merge and filter those modes.
     `progress(done, total)` is called after each mean-shift of all maps.
     """
+    from vpdetect.evaluate.shrec import scoring_mask
     from vpdetect.localize.cluster import (
         adaptive_bandwidth,
         cluster_foreground,
@@ -67,6 +72,7 @@ def tune_postprocessing(
         oversized_components,
     )
 
+    masks = [scoring_mask(m.occupancy, m.truth) for m in maps]  # once, for every grid point
     adaptive = bandwidths is None
     size_grid = list(bandwidth_factors if adaptive else bandwidths)
     total, done = len(thresholds) * len(size_grid) * len(max_components), 0
@@ -86,7 +92,8 @@ def tune_postprocessing(
                 ]
                 common = {"threshold": float(threshold), "opening_radius": int(opening_radius),
                           "max_component": float(max_component)}
-                rows += _score_modes(maps, unmerged, per_map, common, size, adaptive, merge_factors, min_sizes)
+                rows += _score_modes(maps, masks, unmerged, per_map, common, size, adaptive, merge_factors,
+                                     min_sizes, min_scores)
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -94,34 +101,35 @@ def tune_postprocessing(
     return dict(best), rows
 
 
-def _score_modes(maps, unmerged, per_map, common: dict, size: float, adaptive: bool,
-                 merge_factors, min_sizes) -> list[dict]:
+def _score_modes(maps, masks, unmerged, per_map, common: dict, size: float, adaptive: bool,
+                 merge_factors, min_sizes, min_scores) -> list[dict]:
     """Grid rows for every merge factor and minimum size of one clustering of all maps
     (`unmerged`: each map's modes); `common` holds the row's other settings."""
     from vpdetect.evaluate.shrec import evaluate_picks
     from vpdetect.io.particles import ParticleTable
-    from vpdetect.localize.cluster import merge_close
+    from vpdetect.localize.cluster import keep_clusters, merge_close
 
     rows = []
     for factor in merge_factors:
         clustered = [merge_close(*modes, bw * factor) for modes, bw in zip(unmerged, per_map, strict=True)]
         for min_size in min_sizes:
-            f1s = []
-            for m, (centres, sizes, _) in zip(maps, clustered, strict=True):
-                kept = centres[sizes >= min_size]
-                table = ParticleTable.from_arrays(
-                    kept[:, ::-1], voxel_size=m.voxel_size, tomo_size=m.occupancy.shape[::-1]
-                )
-                f1s.append(evaluate_picks(table, m.occupancy, m.truth)["localization"]["f1"])
-            row = {"threshold": common["threshold"], "opening_radius": common["opening_radius"]}
-            if adaptive:
-                row.update(bandwidth_factor=float(size), merge_factor=float(factor),
-                           bandwidths=[round(bw, 2) for bw in per_map])
-            else:
-                row.update(bandwidth=float(size), merge_radius=float(size * factor))
-            row.update(min_size=int(min_size), max_component=common["max_component"],
-                       f1=float(np.mean(f1s)), f1_per_map=[round(f, 4) for f in f1s])
-            rows.append(row)
+            for min_score in min_scores:
+                f1s = []
+                for m, mask, (centres, sizes, prob_sums) in zip(maps, masks, clustered, strict=True):
+                    kept = centres[keep_clusters(sizes, prob_sums, min_size, min_score)]
+                    table = ParticleTable.from_arrays(
+                        kept[:, ::-1], voxel_size=m.voxel_size, tomo_size=m.occupancy.shape[::-1]
+                    )
+                    f1s.append(evaluate_picks(table, m.occupancy, m.truth, prepared=mask)["localization"]["f1"])
+                row = {"threshold": common["threshold"], "opening_radius": common["opening_radius"]}
+                if adaptive:
+                    row.update(bandwidth_factor=float(size), merge_factor=float(factor),
+                               bandwidths=[round(bw, 2) for bw in per_map])
+                else:
+                    row.update(bandwidth=float(size), merge_radius=float(size * factor))
+                row.update(min_size=int(min_size), min_score=float(min_score), max_component=common["max_component"],
+                           f1=float(np.mean(f1s)), f1_per_map=[round(f, 4) for f in f1s])
+                rows.append(row)
     return rows
 
 

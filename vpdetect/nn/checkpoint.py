@@ -257,6 +257,8 @@ def _describe_postprocess(postprocess: dict) -> str:
             parts.append(f"merge radius {_fmt_number(postprocess['merge_radius'])} voxels")
     if postprocess.get("min_size") is not None:
         parts.append(f"min size {_fmt_number(postprocess['min_size'])} voxels")
+    if postprocess.get("min_score"):
+        parts.append(f"min score {_fmt_number(postprocess['min_score'])}")
     if postprocess.get("max_component"):
         parts.append(f"components over {_fmt_number(postprocess['max_component'])} bandwidth balls dropped")
     text = ", ".join(parts)
