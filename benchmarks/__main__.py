@@ -7,6 +7,7 @@ Options (everything from the first argument that starts with "-") go to the
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import platform
 import sys
@@ -37,11 +38,14 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"error: unknown benchmark(s) {unknown}; available: {available}", file=sys.stderr)
         return 2
+    modules = {name: importlib.import_module(f"benchmarks.bench_{name}") for name in chosen}
+    if options and "argv" not in inspect.signature(modules[chosen[0]].run).parameters:
+        print(f"error: benchmark {chosen[0]} takes no options, got {options}", file=sys.stderr)
+        return 2
     print(f"machine: {machine_summary()}")
-    for name in chosen:
+    for name, module in modules.items():
         print(f"\n=== {name} ===", flush=True)
         start = time.perf_counter()
-        module = importlib.import_module(f"benchmarks.bench_{name}")
         module.run(options) if options else module.run()
         print(f"({name}: {time.perf_counter() - start:.1f} s)", flush=True)
     return 0
