@@ -191,6 +191,15 @@ def tomogram_pass(model, shape: tuple[int, int, int]) -> dict:
             "recompute": recompute_factor(shape, tile, halo), "kernel": kernels_used(model)}
 
 
+def _tomogram_row(label: str, shape, r: dict, flops: float, peak: float) -> tuple[float, float]:
+    """Print one table row of a `tomogram_pass` result; (us per voxel, GFLOP/s)."""
+    voxels = shape[0] * shape[1] * shape[2]
+    us, gflops = r["network"] / voxels * 1e6, flops * voxels / r["network"] / 1e9
+    print(f"| {label} | {' x '.join(map(str, shape))} | {' x '.join(map(str, r['tile']))} | "
+          f"{r['recompute']:.2f} | {r['network']:.1f} | {us:.2f} | {gflops:.1f} | {gflops / peak:.0%} |", flush=True)
+    return us, gflops
+
+
 def report_tomograms(shapes=TOMOGRAM_SHAPES, warm: bool = False) -> bool:
     """us/voxel, GFLOP/s and share of sgemm for both localizers; True when every target is met.
 
@@ -216,18 +225,9 @@ def report_tomograms(shapes=TOMOGRAM_SHAPES, warm: bool = False) -> bool:
         flops = _flops_per_voxel(model)
         for shape in shapes:
             r = tomogram_pass(model, shape)
-            voxels = shape[0] * shape[1] * shape[2]
-            us = r["network"] / voxels * 1e6
-            gflops = flops * voxels / r["network"] / 1e9
-            print(f"| {name} (w={model.width} d={model.depth}) | {' x '.join(map(str, shape))} | "
-                  f"{' x '.join(map(str, r['tile']))} | {r['recompute']:.2f} | {r['network']:.1f} | "
-                  f"{us:.2f} | {gflops:.1f} | {gflops / peak:.0%} |", flush=True)
+            us, gflops = _tomogram_row(f"{name} (w={model.width} d={model.depth})", shape, r, flops, peak)
             if warm:
-                again = tomogram_pass(model, shape)["network"]
-                print(f"| {name}, second pass (buffers reused) | {' x '.join(map(str, shape))} | "
-                      f"{' x '.join(map(str, r['tile']))} | {r['recompute']:.2f} | {again:.1f} | "
-                      f"{again / voxels * 1e6:.2f} | {flops * voxels / again / 1e9:.1f} | "
-                      f"{flops * voxels / again / 1e9 / peak:.0%} |", flush=True)
+                _tomogram_row(f"{name}, second pass (buffers reused)", shape, tomogram_pass(model, shape), flops, peak)
             if name.startswith("paper"):
                 met &= us <= PAPER_TARGET_US or gflops >= PAPER_TARGET_SGEMM_SHARE * peak
             else:

@@ -94,8 +94,9 @@ def tune(
         raise VPDetectError(f"--threshold must lie below 1, got {max(thresholds):g}")
     if max_components and min(max_components) < 0:
         raise VPDetectError(f"--max-component must be 0 or positive, got {min(max_components):g}")
-    if min_scores and not 0 <= min(min_scores) <= max(min_scores) < 1:
-        raise VPDetectError(f"--min-score must lie in [0, 1), got {min(min_scores) if min(min_scores) < 0 else max(min_scores):g}")
+    bad_score = next((v for v in min_scores or () if not 0 <= v < 1), None)
+    if bad_score is not None:
+        raise VPDetectError(f"--min-score must lie in [0, 1), got {bad_score:g}")
     if grid_csv is not None:
         check_output_dir(grid_csv.parent)
     device = resolve_device(device)
