@@ -57,9 +57,9 @@ from vpdetect.nn.precision import check_precision, inference_arithmetic, resolve
 # tap outputs (27*w rows) and the inputs of a slab stay in L2/L3, large enough
 # for an efficient multiply (measured on AVX-512: ~20k is the sweet spot).
 SLAB_COLUMNS = 20_000
-# Planes larger than this many columns are multiplied in bands of rows (each band
-# recomputes the taps of `pad` rows either side): a whole 256^2 or 512^2 plane per multiply
-# leaves the caches and runs at a fraction of the rate.
+# Planes larger than this many columns are multiplied in bands of rows, each row once
+# (a band's taps are scattered into the rows they reach): a whole 256^2 or 512^2 plane per
+# multiply leaves the caches and runs at a fraction of the rate.
 BAND_COLUMNS = 20_000
 # Work units per thread and layer (see `_CpuPlan`).
 CHUNKS_PER_THREAD = 2
@@ -440,7 +440,7 @@ class _CpuPlan:
         self.margin = pad * self.row_pitch + pad
         # Bands of rows when a plane exceeds BAND_COLUMNS (else whole planes per multiply).
         self.band_rows = height if self.plane_pitch <= BAND_COLUMNS else max(1, BAND_COLUMNS // self.row_pitch)
-        band_width = (min(height, self.band_rows) + 2 * pad) * self.row_pitch + pad
+        band_width = min(height, self.band_rows) * self.row_pitch
         t_width = max(self.per_worker * self.plane_pitch, band_width) + 2 * self.margin
         self.scratch = [
             _Scratch(27 * weights.width, t_width, self.per_worker, height, self.compute_width)
@@ -513,13 +513,11 @@ class _CpuPlan:
         self._parallel(self._gather, _split(*touched, self.threads), (layer, a, b, done, finished))
         return finished
 
-    def _pieces(self, z0: int, z1: int) -> list[tuple[int, int, int, int]]:
-        """(z0, z1, row0, row1) units of one multiply: several whole planes, or bands of one."""
-        height = self.geometry.shape[1]
-        if self.band_rows >= height:
-            return [(s, min(s + self.per_worker, z1), 0, height) for s in range(z0, z1, self.per_worker)]
-        return [(z, z + 1, r, min(r + self.band_rows, height)) for z in range(z0, z1)
-                for r in range(0, height, self.band_rows)]
+    def _pieces(self, z0: int, z1: int) -> list[tuple[int, int]]:
+        """(z0, z1) units of work: several whole planes per multiply, or one banded plane
+        (its bands add into overlapping rows of the plane's z-sums, so one worker owns it)."""
+        per_piece = self.per_worker if self.band_rows >= self.geometry.shape[1] else 1
+        return [(s, min(s + per_piece, z1)) for s in range(z0, z1, per_piece)]
 
     def _parallel(self, task, ranges, arg) -> None:
         """Run `task(scratch, range, arg)` once per range (a barrier: all finish before return)."""
@@ -536,37 +534,78 @@ class _CpuPlan:
     def _taps(self, scratch: _Scratch, pieces, arg) -> None:
         """Multiply piece by piece; in-plane tap sums into the step's z-sums (per z-tap)."""
         layer, a = arg
+        height = self.geometry.shape[1]
+        for z0, z1 in pieces:
+            if self.band_rows >= height:
+                self._plane_taps(scratch, layer, z0, z1, a)
+            else:
+                self._band_taps(scratch, layer, z0, a)
+
+    def _plane_taps(self, scratch: _Scratch, layer: int, z0: int, z1: int, a: int) -> None:
+        """Whole planes z0..z1-1 in one multiply; each output voxel gathers its 9 in-plane taps."""
         wts = self.weights
-        n_in = wts.in_channels + layer * wts.width
         matrix = wts.tap_matrices[layer]
         taps = scratch.taps
         t_width = taps.shape[1]
         pitch, rpitch, margin = self.plane_pitch, self.row_pitch, self.margin
-        _, height, _ = self.geometry.shape
+        height = self.geometry.shape[1]
+        n = z1 - z0
+        base = (z0 % self.ring) * pitch
+        # T column `margin` is plane z0's first voxel; the zero margins stand for the
+        # neighbours above the first row and below the last.
+        torch.mm(matrix, self.buffer[: matrix.shape[1], base : base + n * pitch],
+                 out=taps[:, margin : margin + n * pitch])
+        for j, dil in enumerate(wts.dilations[layer]):
+            # (kz, ky, kx, z, y, x) view: tap (kz, ky, kx) of voxel (z, y, x) is T at
+            # column (z, y + (ky-1)*dil, x + (kx-1)*dil) of row j*27 + 9*kz + 3*ky + kx.
+            view = taps.as_strided(
+                (3, 3, 3, n, height, self.compute_width),
+                (9 * t_width, 3 * t_width + dil * rpitch, t_width + dil, pitch, rpitch, 1),
+                taps.storage_offset() + j * 27 * t_width + margin - dil * rpitch - dil,
+            )
+            # Two single-axis sums (a sum over two strided axes at once is ~30x slower).
+            by_row = torch.sum(view, dim=2, out=scratch.by_row[:, :, :n])
+            torch.sum(by_row, dim=1, out=self.zsums[j, :, z0 - a : z1 - a])
+
+    def _band_taps(self, scratch: _Scratch, layer: int, z: int, a: int) -> None:
+        """Plane z in bands of rows, each multiplied once: a band's taps are summed over x,
+        then added (scattered) into the output rows they reach, which may lie in the
+        neighbouring bands. No row is multiplied twice."""
+        wts = self.weights
+        matrix = wts.tap_matrices[layer]
+        taps = scratch.taps
+        t_width = taps.shape[1]
+        rpitch, margin, pad = self.row_pitch, self.margin, self.pad
+        height = self.geometry.shape[1]
         cwidth = self.compute_width
-        for z0, z1, r0, r1 in pieces:
-            n, rows = z1 - z0, r1 - r0
-            # T column `margin` is row r0, column 0 of plane z0. The taps read rows r0 - pad to
-            # r1 + pad and pad columns more before: rows above the plane must read zeros.
-            want = (r0 - self.pad) * rpitch - self.pad  # plane-relative column, maybe negative
-            lo = max(0, want)
-            hi = (z1 - z0) * pitch if rows == height else min(height + self.pad, r1 + self.pad) * rpitch
+        zsums = self.zsums[:, :, z - a]  # (w, 3 z-taps, H, cwidth)
+        zsums.zero_()
+        base = (z % self.ring) * self.plane_pitch
+        for r0 in range(0, height, self.band_rows):
+            r1 = min(r0 + self.band_rows, height)
+            rows = r1 - r0
+            # T column `margin` is row r0, column 0. The x-taps of column 0 read `pad` columns
+            # before it: the previous row's zero pitch padding, or the zero margin for row 0.
+            lo = max(0, r0 * rpitch - pad)
             start = margin + lo - r0 * rpitch
-            if lo > want and rows < height:
+            if r0 == 0:
                 taps[:, :start].zero_()  # earlier bands wrote here
-            base = (z0 % self.ring) * pitch
-            torch.mm(matrix, self.buffer[:n_in, base + lo : base + hi], out=taps[:, start : start + hi - lo])
+            torch.mm(matrix, self.buffer[: matrix.shape[1], base + lo : base + r1 * rpitch],
+                     out=taps[:, start : margin + rows * rpitch])
             for j, dil in enumerate(wts.dilations[layer]):
-                # (kz, ky, kx, z, y, x) view: tap (kz, ky, kx) of voxel (z, y, x) is T at
-                # column (z, y + (ky-1)*dil, x + (kx-1)*dil) of row j*27 + 9*kz + 3*ky + kx.
+                # (kz, ky, kx, y, x) view of the band's taps at column (y, x + (kx-1)*dil).
                 view = taps.as_strided(
-                    (3, 3, 3, n, rows, cwidth),
-                    (9 * t_width, 3 * t_width + dil * rpitch, t_width + dil, pitch, rpitch, 1),
-                    taps.storage_offset() + j * 27 * t_width + margin - dil * rpitch - dil,
+                    (3, 3, 3, rows, cwidth),
+                    (9 * t_width, 3 * t_width, t_width + dil, rpitch, 1),
+                    taps.storage_offset() + j * 27 * t_width + margin - dil,
                 )
-                # Two single-axis sums (a sum over two strided axes at once is ~30x slower).
-                by_row = torch.sum(view, dim=2, out=scratch.by_row[:, :, :n, :rows])
-                torch.sum(by_row, dim=1, out=self.zsums[j, :, z0 - a : z1 - a, r0:r1])
+                by_row = torch.sum(view, dim=2, out=scratch.by_row[:, :, 0, :rows])
+                for ky in range(3):
+                    # Tap row ky of input row y serves output row y - (ky-1)*dil.
+                    shift = (ky - 1) * dil
+                    y0, y1 = max(0, r0 - shift), min(height, r1 - shift)
+                    if y0 < y1:
+                        zsums[j, :, y0:y1].add_(by_row[:, ky, y0 + shift - r0 : y1 + shift - r0])
 
     def _gather(self, scratch: _Scratch, out_range, arg) -> None:
         """Add the z-taps of input planes [a, b) to output planes `out_range`; finish those
