@@ -345,3 +345,42 @@ def test_localizer_flips_come_from_the_card_unless_given():
     for bad in (9, 0, 1.5, "two", None):
         with pytest.raises(VPDetectError, match="test-time flips must be a whole number from 1 to 8"):
             LocalizeOptions().with_model_defaults({"test_time_flips": bad})
+
+
+def test_column_choice_counts_the_engines_cached_buffers_as_free(monkeypatch, rng):
+    # A second tomogram of the same shape must get the same columns as the first, and
+    # reuse the buffers, not see its own cached buffers as used memory and narrow its columns.
+    from vpdetect.localize import tiling
+    from vpdetect.nn.engine import cached_plan_bytes, fast_predict
+
+    net = small_net(seed=3)
+    shape = (20, 40, 40)
+    whole = tiling.column_memory_bytes(net, shape)
+    assert cached_plan_bytes(net) == 0
+    fast_predict(net, torch.from_numpy(rng.normal(size=(1, 1, *shape)).astype(np.float32)), measure=False)
+    held = cached_plan_bytes(net)
+    assert held >= whole
+    # Free memory as the machine reports it with those buffers allocated: too little alone.
+    free_now = int(whole / tiling.CPU_MEMORY_SHARE) - held + 1
+    monkeypatch.setattr(tiling, "available_memory", lambda device: free_now)
+    assert tiling.choose_columns(net, shape, 1, net.halo, free=free_now)[1:] != shape[1:]
+    assert tiling.choose_columns(net, shape, 1, net.halo) == shape
+
+
+def test_a_plan_that_does_not_fit_beside_the_cached_ones_evicts_them(monkeypatch):
+    from vpdetect.nn import engine as engine_module
+
+    net = small_net(seed=4)
+    engine = engine_module.InferenceEngine(net, threads=1, kernel="engine")
+    engine.predict(torch.randn(1, 1, 12, 20, 20))
+    engine.predict(torch.randn(1, 1, 12, 24, 24))
+    assert len(engine._plans) == 2
+    # Plenty of memory: the latest two are kept.
+    engine.predict(torch.randn(1, 1, 12, 28, 28))
+    assert len(engine._plans) == 2
+    # Memory for the new plan only: the cached ones go first, the result is unchanged.
+    monkeypatch.setattr(engine_module, "available_cpu_memory", lambda: engine_module.PLAN_MEMORY_RESERVE + 1)
+    x = torch.randn(1, 1, 12, 32, 32)
+    got = engine.predict(x)
+    assert list(engine._plans) == [(12, 32, 32, 1, 1)]
+    assert torch.allclose(got, net.predict(x), atol=1e-5, rtol=0)

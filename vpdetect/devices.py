@@ -68,3 +68,15 @@ def bind_device(device: str) -> None:
     chosen = torch.device(device)
     if chosen.type == "cuda" and chosen.index is not None:
         torch.cuda.set_device(chosen)
+
+
+def available_cpu_memory() -> int | None:
+    """The machine's available memory in bytes (MemAvailable), None where it cannot be told."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

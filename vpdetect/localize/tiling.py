@@ -238,8 +238,13 @@ def choose_columns(model, volume_shape, batch_size: int, halo: int, tile: int | 
     column layouts that take at most CPU_MEMORY_SHARE of the free memory; `tile` fixes
     the x-y edge (refused in one line when it exceeds MEMORY_LIMIT_SHARE of it).
     """
+    from vpdetect.nn.engine import cached_plan_bytes
+
     depth_z, height, width = (int(n) for n in volume_shape)
     known = available_memory("cpu") if free is None else free
+    if known is not None and free is None:
+        # The engine's cached buffers (an earlier tomogram's) are reused or released.
+        known += cached_plan_bytes(model)
     free = UNKNOWN_FREE_MEMORY if known is None else known
     if tile is not None:
         if tile < 1:
@@ -295,14 +300,9 @@ def available_memory(device: str) -> int | None:
 
     if torch.device(device).type == "cuda":
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from vpdetect.devices import available_cpu_memory
+
+    return available_cpu_memory()
 
 
 def _largest_tile(model, volume_shape, batch_size: int, bytes_per_value: int, budget: float) -> int:

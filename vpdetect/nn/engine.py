@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vpdetect.devices import available_cpu_memory
 from vpdetect.errors import VPDetectError
 from vpdetect.nn.msdnet import NEGATIVE_SLOPE, MSDNet
 from vpdetect.nn.precision import PRECISIONS as PRECISION_NAMES
@@ -68,6 +69,8 @@ PRECISIONS = (None, *PRECISION_NAMES)
 # CPU kernels compared on first use of an input shape: the z-streamed engine, and
 # `MSDNet.predict` with whole-buffer matrix multiplies or with oneDNN conv3d.
 KERNELS = ("engine", "gemm", "conv")
+# Memory left for everything else when a new plan is made beside the cached ones.
+PLAN_MEMORY_RESERVE = 1024**3
 # Inputs whose whole feature buffer exceeds this always use the streaming engine.
 TRY_WHOLE_BUFFER_BYTES = 256 * 1024**2
 
@@ -230,15 +233,25 @@ class InferenceEngine:
         return stream_geometry(self.model, shape, lanes, threads or self.threads or torch.get_num_threads(),
                                self.slab_columns)
 
+    def cached_bytes(self) -> int:
+        """Memory held by the cached plans' buffers (reused for their shapes, freed for others)."""
+        return sum(plan.geometry.bytes for plan in self._plans.values())
+
     def _plan(self, shape: tuple[int, int, int], lanes: int, threads: int) -> _CpuPlan:
         """The cached plan (buffers) for `lanes` inputs of `shape`."""
         key = (*shape, lanes, threads)
         plan = self._plans.get(key)
         if plan is None:
-            # Tiling reuses one tile shape; keep only the latest two (each holds a buffer).
+            geometry = self.geometry(shape, lanes, threads)
+            # Tiling reuses one tile shape; keep only the latest two (each holds a buffer), and
+            # none when the new buffers would not fit beside them (a 256^3 column of a deep
+            # network holds gigabytes).
+            free = available_cpu_memory()
+            if free is not None and geometry.bytes > free - PLAN_MEMORY_RESERVE:
+                self._plans.clear()
             if len(self._plans) >= 2:
                 self._plans.pop(next(iter(self._plans)))
-            plan = _CpuPlan(self._weights, self.geometry(shape, lanes, threads), threads, self.slab_columns)
+            plan = _CpuPlan(self._weights, geometry, threads, self.slab_columns)
             self._plans[key] = plan
         return plan
 
@@ -284,6 +297,13 @@ def fast_predict(
     name). The engine (repacked weights, buffers for the last two input shapes) is kept per model and rebuilt when the model's weights change.
     """
     return engine_for(model, precision).predict(x, progress, measure)
+
+
+def cached_plan_bytes(model) -> int:
+    """Memory the CPU engine of `model` holds in cached buffers (0 without one): free for
+    the next input's layout to use, since a plan that does not fit evicts them."""
+    engine = _ENGINES.get(model) if isinstance(model, MSDNet) else None
+    return engine.cached_bytes() if engine is not None else 0
 
 
 def kernels_used(model) -> str | None:
