@@ -176,19 +176,21 @@ def tomogram_pass(model, shape: tuple[int, int, int]) -> dict:
 
     from vpdetect.localize.pipeline import LocalizeOptions
     from vpdetect.localize.tiling import predict_map, recompute_factor, tile_shape
-    from vpdetect.nn.engine import kernels_used
+    from vpdetect.nn.engine import allocation_seconds, kernels_used
 
     options = LocalizeOptions()
     halo = options.resolved_halo(model)
     tile = options.resolved_tile(model, shape)
     volume = np.random.default_rng(SEED).normal(size=shape).astype(np.float32)
     timings: dict = {}
+    allocated = allocation_seconds(model)
     start = time.perf_counter()
     predict_map(model, volume, 0.0, 1.0, tile=tile, halo=halo, out=np.zeros(shape, np.float16),
                 timings=timings)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "network": timings["network"], "tile": tile_shape(shape, tile),
-            "recompute": recompute_factor(shape, tile, halo), "kernel": kernels_used(model)}
+            "recompute": recompute_factor(shape, tile, halo), "kernel": kernels_used(model),
+            "allocation": allocation_seconds(model) - allocated}
 
 
 def _tomogram_row(label: str, shape, r: dict, flops: float, peak: float) -> tuple[float, float]:
@@ -196,7 +198,8 @@ def _tomogram_row(label: str, shape, r: dict, flops: float, peak: float) -> tupl
     voxels = shape[0] * shape[1] * shape[2]
     us, gflops = r["network"] / voxels * 1e6, flops * voxels / r["network"] / 1e9
     print(f"| {label} | {' x '.join(map(str, shape))} | {' x '.join(map(str, r['tile']))} | "
-          f"{r['recompute']:.2f} | {r['network']:.1f} | {us:.2f} | {gflops:.1f} | {gflops / peak:.0%} |", flush=True)
+          f"{r['recompute']:.2f} | {r['network']:.1f} | {r['allocation']:.1f} | {us:.2f} | {gflops:.1f} | "
+          f"{gflops / peak:.0%} |", flush=True)
     return us, gflops
 
 
@@ -218,9 +221,9 @@ def report_tomograms(shapes=TOMOGRAM_SHAPES, warm: bool = False) -> bool:
     except VPDetectError:
         pass
     met = True
-    print("| localizer | tomogram (z, y, x) | columns (z, y, x) | recompute | seconds | us/voxel "
-          "| GFLOP/s | share of sgemm |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| localizer | tomogram (z, y, x) | columns (z, y, x) | recompute | seconds | of which buffers "
+          "allocated | us/voxel | GFLOP/s | share of sgemm |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, model in nets:
         flops = _flops_per_voxel(model)
         for shape in shapes:

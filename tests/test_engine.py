@@ -256,3 +256,18 @@ def test_engine_multiplies_large_planes_in_bands_of_rows(monkeypatch, arch, shap
     plan = next(iter(engine._plans.values()))
     assert 1 <= plan.band_rows < shape[1]
     assert torch.allclose(got, model.predict(x), atol=1e-5, rtol=0)
+
+
+def test_allocation_time_is_counted_once_per_plan():
+    from vpdetect.nn.engine import allocation_seconds
+
+    model = random_net(1, 2, 2, 3, 2)
+    assert allocation_seconds(model) == 0.0
+    x = torch.randn(1, 1, 8, 12, 12)
+    fast_predict(model, x, measure=False)
+    first = allocation_seconds(model)
+    assert first > 0.0
+    fast_predict(model, x, measure=False)  # the same shape reuses the plan's buffers
+    assert allocation_seconds(model) == first
+    fast_predict(model, torch.randn(1, 1, 8, 16, 16), measure=False)
+    assert allocation_seconds(model) > first

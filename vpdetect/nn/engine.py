@@ -107,6 +107,9 @@ class InferenceEngine:
         self.precision = _checked_precision(precision)
         self.slab_columns = int(slab_columns)
         self._plans: dict[tuple[int, ...], _CpuPlan] = {}
+        # Seconds spent allocating (and zeroing) plan buffers so far: first-touch page faults
+        # of gigabytes of fresh memory are part of a first pass (slow on some virtual machines).
+        self.allocation_seconds = 0.0
         # CPU kernel per (input shape, threads), measured on first use (`_measure_kernels`).
         self.kernels: dict[tuple, str] = {}
         self.kernel_times: dict[tuple, dict] = {}
@@ -251,7 +254,9 @@ class InferenceEngine:
                 self._plans.clear()
             if len(self._plans) >= 2:
                 self._plans.pop(next(iter(self._plans)))
+            start = time.perf_counter()
             plan = _CpuPlan(self._weights, geometry, threads, self.slab_columns)
+            self.allocation_seconds += time.perf_counter() - start
             self._plans[key] = plan
         return plan
 
@@ -304,6 +309,12 @@ def cached_plan_bytes(model) -> int:
     the next input's layout to use, since a plan that does not fit evicts them."""
     engine = _ENGINES.get(model) if isinstance(model, MSDNet) else None
     return engine.cached_bytes() if engine is not None else 0
+
+
+def allocation_seconds(model) -> float:
+    """Seconds the CPU engine of `model` has spent allocating plan buffers (0 without one)."""
+    engine = _ENGINES.get(model) if isinstance(model, MSDNet) else None
+    return engine.allocation_seconds if engine is not None else 0.0
 
 
 def kernels_used(model) -> str | None:
