@@ -351,3 +351,18 @@ def test_oversized_components_are_dropped_and_particles_and_clumps_kept():
     assert isinstance(kept, Foreground) and kept.n_components == foreground.n_components - 1
     assert len(kept.coords) == len(foreground.coords) - sizes[big].sum()
     assert sorted(np.unique(kept.labels)) == list(range(kept.n_components))  # renumbered
+
+
+def test_a_components_modes_are_not_pulled_onto_a_neighbouring_component():
+    # Two parallel rods 8 voxels apart, not touching: each is its own connected component and
+    # too long for one bandwidth, so both go through mean-shift. A window around one rod's
+    # seeds also covers the other rod; only its own voxels may count, or both rods' modes
+    # meet between them and the two particles become one pick.
+    prob = np.zeros((40, 48, 64), np.float32)
+    z, y, x = np.mgrid[:40, :48, :64]
+    for rod_y in (20, 28):
+        prob[((z - 20) ** 2 + (y - rod_y) ** 2 <= 4) & (x >= 20) & (x < 44)] = 1.0
+    table = find_particles(prob, threshold=0.5, opening_radius=0, bandwidth=10.0, min_size=5, merge_radius=6.0)
+    assert len(table) == 2
+    np.testing.assert_allclose(np.sort(table["y"].to_numpy()), [20.0, 28.0], atol=0.5)
+    np.testing.assert_allclose(table["x"].to_numpy(), [31.5, 31.5], atol=1.0)

@@ -288,7 +288,7 @@ def mean_shift(
             sums = np.stack(
                 [
                     np.bincount(seed_index, weights=points[point_index, axis], minlength=active.size)
-                    for axis in range(3)
+                    for axis in range(points.shape[1])
                 ],
                 axis=1,
             )
@@ -524,12 +524,16 @@ def cluster_foreground(
             seed_labels.append(np.full(len(seeds), label))
         seeds = np.concatenate(seed_parts)
         seed_labels = np.concatenate(seed_labels)
-        modes = mean_shift(points, seeds, bandwidth)
-        # Each voxel joins the nearest mode of its own component: a 4th coordinate
-        # far larger than any distance keeps components apart in the k-d tree.
+        # A 4th coordinate far larger than any distance keeps components apart: a seed's
+        # window holds only its own component's voxels (a neighbour within one bandwidth
+        # would pull a small particle's modes onto itself), and each voxel joins the
+        # nearest mode of its own component.
         separation = 4.0 * (np.abs(coords).max() + bandwidth + 1.0)
-        mode_tree = cKDTree(np.column_stack([modes, seed_labels * separation]))
-        _, nearest = mode_tree.query(np.column_stack([points, point_labels * separation]), k=1)
+        labelled_points = np.column_stack([points, point_labels * separation])
+        modes = mean_shift(labelled_points, np.column_stack([seeds, seed_labels * separation]), bandwidth)
+        mode_tree = cKDTree(modes)
+        _, nearest = mode_tree.query(labelled_points, k=1)
+        modes = modes[:, :3]
         mode_sizes = np.bincount(nearest, minlength=len(modes))
         used = mode_sizes > 0
         centres.append(modes[used])

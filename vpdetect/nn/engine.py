@@ -23,7 +23,9 @@ in-plane taps need no bounds at all. Z is not padded: z-taps are clipped.
 Cache blocking: the multiply runs on slabs of a few z-planes (about 20k
 columns, so T of a slab and the slab's inputs stay in cache) and the slab's
 taps are scattered into a small accumulator at once; T never exists for the
-whole volume. Threads: the z-range is split into chunks (two per thread) that
+whole volume. A plane wider than that is multiplied in bands of rows, each row
+once: a band's taps are summed along x, then added into the output rows its
+y-taps reach (some in the neighbouring bands). Threads: the z-range is split into chunks (two per thread) that
 `threads` Python workers take in turn, each running single-threaded BLAS on
 its own planes (torch releases the GIL inside ops), with a barrier per layer.
 That beats per-op OpenMP threading, whose barrier in every small op is slow
