@@ -507,3 +507,19 @@ def test_classify_table_refuses_other_models(rng):
     # a classifier trained at another voxel size still runs, with a warning
     with pytest.warns(UserWarning, match="voxel size"):
         classify_table(Tomogram(volume, voxel_size=20.0, path=None), table, model, card)
+
+
+def test_most_confident_first_puts_classified_particles_first_by_confidence():
+    from vpdetect.classify.pipeline import most_confident_first
+
+    table = make_table(
+        [(1, 1, 1), (2, 2, 2), (3, 3, 3), (4, 4, 4), (5, 5, 5)],
+        class_name=["a", "non-particle", "b", "a", "b"],
+        class_number=[1, 0, 2, 1, 2],
+        vote_fraction=[0.6, 0.99, 0.9, 0.6, 0.7],
+    )
+    ranked = most_confident_first(table).data
+    # The non-particle pick goes last however sure the classifier is; equal confidence keeps order.
+    assert ranked["x"].tolist() == [3.0, 5.0, 1.0, 4.0, 2.0]
+    assert sorted(map(tuple, ranked.values.tolist())) == sorted(map(tuple, table.data.values.tolist()))
+    assert most_confident_first(make_table([])).data.empty

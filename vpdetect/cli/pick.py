@@ -100,7 +100,7 @@ class PickJob:
 
 def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     """Localize and classify one tomogram file, write its table; returns provenance extras."""
-    from vpdetect.classify.pipeline import classify_table, with_empty_classes
+    from vpdetect.classify.pipeline import classify_table, most_confident_first, with_empty_classes
     from vpdetect.io.mrc import read_roi, read_tomogram
     from vpdetect.io.particles import write_particles
     from vpdetect.localize.pipeline import (
@@ -141,10 +141,10 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
         del prob  # the map can be large; stage 2 needs only the coordinates
         if len(found):
             boxes = bar.add_task(f"{tomo.name}: classify", total=len(found))
-            table = classify_table(
+            table = most_confident_first(classify_table(
                 tomo, found, classifier, classifier_card, job.classify_options, stats=stats,
                 progress=lambda n: bar.advance(boxes, n), timings=timings,
-            )
+            ))
         else:
             table = with_empty_classes(found)
 
@@ -230,7 +230,8 @@ def pick(
     quiet: bool = quiet_option(),
     log_file: Path = log_file_option(),
 ) -> None:
-    """Localize and classify: coordinates, scores and a class per particle, one table per tomogram."""
+    """Localize and classify: coordinates, scores and a class per particle, one table per tomogram
+    (particles with a class first, most confident first; then unknown / non-particle ones)."""
     from vpdetect.classify.pipeline import ClassifyOptions
 
     settings, resolved_device = start_run(
