@@ -567,28 +567,24 @@ class _CpuPlan:
     def _taps(self, scratch: _Scratch, pieces, arg) -> None:
         """Multiply piece by piece; in-plane tap sums into the step's z-sums (per z-tap)."""
         layer, a = arg
-        height = self.geometry.shape[1]
+        banded = self.band_rows < self.geometry.shape[1]
         for z0, z1 in pieces:
-            if self.band_rows >= height:
-                self._plane_taps(scratch, layer, z0, z1, a)
-            else:
+            if banded:
                 self._band_taps(scratch, layer, z0, a)
+            else:
+                self._plane_taps(scratch, layer, z0, z1, a)
 
     def _plane_taps(self, scratch: _Scratch, layer: int, z0: int, z1: int, a: int) -> None:
         """Whole planes z0..z1-1 in one multiply; each output voxel gathers its 9 in-plane taps."""
-        wts = self.weights
-        matrix = wts.tap_matrices[layer]
-        taps = scratch.taps
-        t_width = taps.shape[1]
-        pitch, rpitch, margin = self.plane_pitch, self.row_pitch, self.margin
-        height = self.geometry.shape[1]
+        matrix, taps, height = self.weights.tap_matrices[layer], scratch.taps, self.geometry.shape[1]
+        pitch, rpitch, margin, t_width = self.plane_pitch, self.row_pitch, self.margin, taps.shape[1]
         n = z1 - z0
         base = (z0 % self.ring) * pitch
         # T column `margin` is plane z0's first voxel; the zero margins stand for the
         # neighbours above the first row and below the last.
         torch.mm(matrix, self.buffer[: matrix.shape[1], base : base + n * pitch],
                  out=taps[:, margin : margin + n * pitch])
-        for j, dil in enumerate(wts.dilations[layer]):
+        for j, dil in enumerate(self.weights.dilations[layer]):
             # (kz, ky, kx, z, y, x) view: tap (kz, ky, kx) of voxel (z, y, x) is T at
             # column (z, y + (ky-1)*dil, x + (kx-1)*dil) of row j*27 + 9*kz + 3*ky + kx.
             view = taps.as_strided(
@@ -604,12 +600,8 @@ class _CpuPlan:
         """Plane z in bands of rows, each multiplied once: a band's taps are summed over x,
         then added (scattered) into the output rows they reach, which may lie in the
         neighbouring bands. No row is multiplied twice."""
-        wts = self.weights
-        matrix = wts.tap_matrices[layer]
-        taps = scratch.taps
-        t_width = taps.shape[1]
-        rpitch, margin, pad = self.row_pitch, self.margin, self.pad
-        height = self.geometry.shape[1]
+        matrix, taps, height = self.weights.tap_matrices[layer], scratch.taps, self.geometry.shape[1]
+        rpitch, margin, pad, t_width = self.row_pitch, self.margin, self.pad, taps.shape[1]
         cwidth = self.compute_width
         zsums = self.zsums[:, :, z - a]  # (w, 3 z-taps, H, cwidth)
         zsums.zero_()
@@ -625,7 +617,7 @@ class _CpuPlan:
                 taps[:, :start].zero_()  # earlier bands wrote here
             torch.mm(matrix, self.buffer[: matrix.shape[1], base + lo : base + r1 * rpitch],
                      out=taps[:, start : margin + rows * rpitch])
-            for j, dil in enumerate(wts.dilations[layer]):
+            for j, dil in enumerate(self.weights.dilations[layer]):
                 # (kz, ky, kx, y, x) view of the band's taps at column (y, x + (kx-1)*dil).
                 view = taps.as_strided(
                     (3, 3, 3, rows, cwidth),
