@@ -12,8 +12,11 @@ Scene (units nm; arrays [z, y, x], voxel centres at integer indices):
   Protein density is 1.35 against ice 1.0 (particles displace the ice).
 - Context (not in the truth): lipid membranes (vesicle shells and a plane,
   bilayer profile), gold beads (density 10), a carbon edge (a textured dense
-  region on one side of a line), an ice-thickness gradient (ice density ramping
-  0.5 -> 1.5 across x).
+  region on one side of a line), an ice-thickness gradient (the projected ice
+  ramping from half to one and a half times the slab's across x, added as a
+  density ramp 0.5 -> 1.5 inside the slab after the particles are placed: a
+  thicker column of ice adds along the whole ray, and the particles keep their
+  contrast against the ice around them).
 
 Imaging: tilt axis y. Each x-z slice is projected with scikit-image's `radon`;
 the projections of one tilt form an image that is multiplied by a contrast
@@ -248,9 +251,6 @@ def _context(rng: np.random.Generator, params: IndependentParams, density: np.nd
     size = np.array([nx, ny, nz]) * v
     in_slab = (z >= z0) & (z <= z1)
     obstacles = []
-    if "ice_gradient" in params.context:
-        ramp = 0.5 + x / size[0]  # ice density 0.5 -> 1.5 across x
-        density += np.where(in_slab, ramp - ICE, 0.0)
     if "carbon" in params.context:
         angle = rng.uniform(-0.5, 0.5)
         normal = np.array([np.cos(angle), np.sin(angle)])
@@ -396,6 +396,13 @@ def build_scene(params: IndependentParams, rng: np.random.Generator) -> _Scene:
     scene = _Scene(density=density, occupancy=np.zeros((nz, ny, nx), np.int32),
                    particles=np.zeros((nz, ny, nx)))
     _place_particles(rng, params, scene, obstacles)
+    if "ice_gradient" in params.context:
+        # Thicker ice adds projected density along every ray, particles' included; added after
+        # them so that protein (1.35) still displaces ice of 1.0 (a denser-ice ramp past 1.35
+        # would leave particles without contrast, which no thickness gradient does).
+        in_slab = (coords_nm[2] >= z0 * v) & (coords_nm[2] <= z1 * v)
+        ramp = 0.5 + coords_nm[0] / (nx * v)  # projected ice 0.5 -> 1.5 times the slab's across x
+        scene.density += np.where(in_slab, ramp - ICE, 0.0)
     return scene
 
 

@@ -140,3 +140,24 @@ def test_failing_vpdetect_command_raises_and_table_renders(tmp_path):
     assert lines[2] == "| base | base | - | 0.499 | 9 | 0.50 | 1.00 / 0.33 | 3 | 0.75 |"
     row |= {"snr_measured": 12.0, "snr_particles": 0.5}
     assert "| 12 (particles 0.5) |" in bench.markdown_table([row])
+
+
+def test_ice_gradient_adds_ice_along_every_ray_and_particles_keep_their_contrast():
+    # The gradient draws nothing and blocks nothing, so both scenes hold the same particles; it adds
+    # the same ramp inside and outside them (thicker ice, not denser ice that protein cannot exceed).
+    from benchmarks.independent_sim import ICE, PROTEIN_EXCESS, _slab_bounds, build_scene
+
+    plain = build_scene(TINY, np.random.default_rng(3))
+    params = with_changes(TINY, context=("ice_gradient",))
+    ramped = build_scene(params, np.random.default_rng(3))
+    assert np.array_equal(plain.occupancy, ramped.occupancy) and plain.occupancy.max() > 0
+    nx, nz = TINY.shape_xyz[0], TINY.shape_xyz[2]
+    z0, z1 = _slab_bounds(TINY)
+    z = np.arange(nz)
+    in_slab = (z >= z0) & (z <= z1)
+    ramp = 0.5 + np.arange(nx) / nx - ICE
+    expected = np.where(in_slab[:, None, None], ramp[None, None, :], 0.0)
+    assert np.allclose(ramped.density - plain.density, expected)
+    inside = plain.occupancy > 0
+    assert plain.density[inside].max() == pytest.approx(PROTEIN_EXCESS, rel=0.05)
+    assert np.array_equal(plain.particles, ramped.particles)
