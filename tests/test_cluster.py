@@ -366,3 +366,44 @@ def test_a_components_modes_are_not_pulled_onto_a_neighbouring_component():
     assert len(table) == 2
     np.testing.assert_allclose(np.sort(table["y"].to_numpy()), [20.0, 28.0], atol=0.5)
     np.testing.assert_allclose(table["x"].to_numpy(), [31.5, 31.5], atol=1.0)
+
+
+def _sheet_scene():
+    """A 2-voxel-thick sheet with four small thick spots and a ball sitting on it, and six free balls."""
+    prob = np.zeros((64, 64, 64), np.float32)
+    prob[30:32, 2:62, 2:62] = 0.9  # thin: the opening erases it
+    bumps = [(29, 10, 10), (29, 10, 50), (29, 50, 10), (29, 50, 50)]
+    for z, y, x in bumps:
+        prob[z - 1:z + 2, y - 1:y + 2, x - 1:x + 2] = 0.9  # 3^3 spots survive the opening
+    zz, yy, xx = np.mgrid[:64, :64, :64]
+    attached = (26, 30, 30)  # radius 4, touching the sheet: a particle on a membrane
+    prob[(zz - 26) ** 2 + (yy - 30) ** 2 + (xx - 30) ** 2 <= 16] = 0.9
+    free = [(10, 12, 12), (10, 12, 50), (10, 50, 30), (50, 12, 12), (50, 50, 50), (50, 30, 30)]
+    for c in free:
+        prob[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= 9] = 0.9
+    return prob, bumps, attached, free
+
+
+def test_drop_thin_removes_the_fragments_of_a_thin_sheet_and_keeps_particles_on_it():
+    prob, bumps, attached, free = _sheet_scene()
+    kept = find_particles(prob, threshold=0.5, opening_radius=1, bandwidth=3.0, min_size=5, drop_thin=True)
+    found = kept[["z", "y", "x"]].to_numpy()
+    for centre in [attached, *free]:
+        assert np.min(np.linalg.norm(found - centre, axis=1)) < 1.5, centre
+    assert len(found) == 1 + len(free)
+    everything = find_particles(prob, threshold=0.5, opening_radius=1, bandwidth=3.0, min_size=5)
+    near_bumps = [np.min(np.linalg.norm(everything[["z", "y", "x"]].to_numpy() - b, axis=1)) for b in bumps]
+    assert max(near_bumps) < 1.5 and len(everything) == len(found) + len(bumps)
+
+
+def test_thin_fragments_needs_an_opening_and_flags_nothing_on_compact_particles():
+    from vpdetect.localize.cluster import drop_thin_fragments, extract_foreground, thin_fragments
+
+    prob, _, _, _ = _sheet_scene()
+    unopened = extract_foreground(prob, 0.5, 0)
+    assert drop_thin_fragments(prob, unopened, 0.5, 0) is unopened  # no opening: nothing to compare
+    balls = np.zeros_like(prob)
+    balls[:, :32] = prob[:, :32]
+    balls[28:33] = 0  # the sheet and its spots gone: only compact particles remain
+    opened = extract_foreground(balls, 0.5, 1)
+    assert opened.n_components > 0 and not thin_fragments(opened, extract_foreground(balls, 0.5, 0)).any()

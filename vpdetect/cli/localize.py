@@ -136,6 +136,15 @@ def max_component_option():
     )
 
 
+def drop_thin_option():
+    return typer.Option(
+        None, "--drop-thin/--keep-thin",
+        help="Drop the small fragments that the opening leaves of thin extended structures "
+        "(membranes, filaments) segmented as foreground; particles on them, larger than the fragments, "
+        "stay (default: the model's tuned choice, else keep).",
+    )
+
+
 def snap_distance_option():
     return typer.Option(
         DEFAULT_SNAP_DISTANCE, "--snap-distance", min=0.0,
@@ -240,7 +249,7 @@ def postprocess_record(options) -> dict:
         "threshold": options.threshold, "opening_radius": options.opening_radius,
         "min_size": options.min_size, "min_score": options.min_score, "merge_radius": options.merge_radius,
         "max_centre_gap": options.max_centre_gap, "snap_distance": options.snap_distance,
-        "max_component": options.max_component,
+        "max_component": options.max_component, "drop_thin": options.drop_thin,
     }
 
 
@@ -255,6 +264,7 @@ def build_localize_options(
     max_centre_gap: float | None = None,
     snap_distance: float = DEFAULT_SNAP_DISTANCE,
     max_component: float | None = None,
+    drop_thin: bool | None = None,
     flips: int | None = None,
     tile: int | None = None,
     halo: int | None = None,
@@ -289,6 +299,7 @@ def build_localize_options(
         max_centre_gap=max_centre_gap,
         snap_distance=snap_distance,
         max_component=max_component,
+        drop_thin=drop_thin,
         flips=flips,
         tile=tile,
         halo=halo,
@@ -425,6 +436,7 @@ def localize(
     max_centre_gap: float = max_centre_gap_option(),
     snap_distance: float = snap_distance_option(),
     max_component: float = max_component_option(),
+    drop_thin: bool | None = drop_thin_option(),
     test_time_flips: int = localizer_flips_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
@@ -460,6 +472,7 @@ def localize(
         threshold=threshold, opening_radius=opening_radius, bandwidth=bandwidth,
         particle_diameter=particle_diameter, min_size=min_size, min_score=min_score, tile=tile, halo=halo,
         max_centre_gap=max_centre_gap, snap_distance=snap_distance, max_component=max_component,
+        drop_thin=drop_thin,
         flips=test_time_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
         contrast=contrast, rescale=rescale, match_spectrum=match_spectrum,

@@ -38,6 +38,11 @@ def tune(
         None, "--out", "-o", help="Model file to write (default: update MODEL in place)."
     ),
     opening_radius: int = typer.Option(1, "--opening-radius", min=0, help="Opening radius (voxels) kept fixed."),
+    drop_thin: bool = typer.Option(
+        None, "--drop-thin/--keep-thin",
+        help="Drop the fragments of thin structures (as `localize --drop-thin`) at every grid point, "
+        "and store the choice (default: the model's current choice, else keep).",
+    ),
     bandwidths: list[float] = typer.Option(
         None, "--bandwidth",
         help="Search these fixed bandwidths in voxels (repeat for several) instead of multiples of the "
@@ -120,6 +125,7 @@ def tune(
             min_sizes=min_sizes or DEFAULT_MIN_SIZES,
             max_components=max_components or DEFAULT_MAX_COMPONENTS,
             min_scores=min_scores or DEFAULT_MIN_SCORES,
+            drop_thin=bool((card.get("postprocess") or {}).get("drop_thin", False) if drop_thin is None else drop_thin),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     if grid_csv is not None:

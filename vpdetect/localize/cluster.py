@@ -59,6 +59,13 @@ class Foreground:
     n_components: int
 
 
+# Thin extended structures (membranes, filaments) segmented as foreground: the opening erases
+# most of such a sheet and leaves a row of small fragments, which mean-shift would report.
+THIN_MIN_PARTICLES = 10.0  # before the opening, the structure is larger than this many typical particles
+THIN_SURVIVAL = 0.5  # and the opening keeps less than this share of its voxels
+THIN_KEEP_PARTICLES = 1.5  # fragments this many typical particles large stay (a particle on a membrane)
+
+
 def ball(radius: int) -> np.ndarray:
     """Boolean ball of the given radius (voxels) as a structuring element."""
     r = int(radius)
@@ -339,6 +346,7 @@ def find_particles(
     snap_distance: float = 0.0,
     max_component: float = 0.0,
     min_score: float = 0.0,
+    drop_thin: bool = False,
 ):
     """Particle centres from a foreground probability map [z, y, x].
 
@@ -355,7 +363,8 @@ def find_particles(
     particle) moves to the nearest foreground voxel if one lies within `snap_distance`
     (`snap_to_foreground`). Components with more voxels than `max_component` balls of
     the bandwidth (0: no limit) are extended structures, not particles, and are dropped
-    (`oversized_components`).
+    (`oversized_components`). `drop_thin`: fragments that the opening left of a thin
+    extended structure (a membrane) are dropped (`thin_fragments`).
     """
     import pandas as pd
 
@@ -367,6 +376,8 @@ def find_particles(
     if size <= 0:
         raise VPDetectError(f"bandwidth must be positive, got {size}")
     foreground = extract_foreground(prob, threshold, opening_radius, roi, z_range, slab_voxels)
+    if drop_thin:
+        foreground = drop_thin_fragments(prob, foreground, threshold, opening_radius, roi, z_range, slab_voxels)
     if bandwidth is None:
         bandwidth = adaptive_bandwidth(foreground, bandwidth_factor)
     if merge_radius is None and merge_factor is not None:
@@ -450,6 +461,49 @@ def drop_hollow_components(foreground: Foreground, max_gap: float) -> Foreground
     tree = cKDTree(np.column_stack([coords, labels * separation]))
     gap, _ = tree.query(np.column_stack([centroids, np.arange(n) * separation]), k=1)
     return drop_components(foreground, gap > max_gap)
+
+
+def thin_fragments(opened: Foreground, unopened: Foreground) -> np.ndarray:
+    """Per component of `opened` (a map's foreground after the opening): True when it is a small
+    fragment of a thin extended structure.
+
+    `unopened` is the same thresholded map before the opening. A thin structure is an unopened
+    component larger than THIN_MIN_PARTICLES typical particles (the median opened component)
+    of which the opening kept less than THIN_SURVIVAL of the voxels: a membrane's bilayer is a
+    voxel or two thick, a particle is not. Its fragments smaller than THIN_KEEP_PARTICLES
+    typical particles are flagged; larger ones (a particle on the membrane) stay.
+    """
+    n = opened.n_components
+    drop = np.zeros(n, dtype=bool)
+    if n == 0 or unopened.n_components == 0:
+        return drop
+    sizes = np.bincount(opened.labels, minlength=n)
+    typical = float(np.median(sizes))
+    extent = np.maximum(unopened.coords.max(axis=0), opened.coords.max(axis=0)) + 1
+    unopened_index = np.ravel_multi_index(tuple(unopened.coords.T), extent)
+    index = np.ravel_multi_index(tuple(opened.coords.T), extent)
+    order = np.argsort(unopened_index, kind="stable")
+    at = np.minimum(np.searchsorted(unopened_index, index, sorter=order), len(order) - 1)
+    # The opening only removes voxels: every opened voxel is an unopened one.
+    inside = unopened_index[order[at]] == index
+    parent = unopened.labels[order[at]][inside]
+    unopened_sizes = np.bincount(unopened.labels, minlength=unopened.n_components)
+    kept = np.bincount(parent, minlength=unopened.n_components)
+    thin = (unopened_sizes > THIN_MIN_PARTICLES * typical) & (kept < THIN_SURVIVAL * unopened_sizes)
+    in_thin = np.zeros(n, dtype=bool)
+    in_thin[opened.labels[inside]] = thin[parent]
+    return in_thin & (sizes < THIN_KEEP_PARTICLES * typical)
+
+
+def drop_thin_fragments(prob: np.ndarray, opened: Foreground, threshold: float, opening_radius: int,
+                        roi: np.ndarray | None = None, z_range: tuple[int, int] | None = None,
+                        slab_voxels: int = SLAB_VOXELS) -> Foreground:
+    """`opened` (`extract_foreground` of `prob` with these settings) without the fragments of thin
+    extended structures (`thin_fragments`); unchanged without an opening."""
+    if opening_radius <= 0 or opened.n_components == 0:
+        return opened
+    unopened = extract_foreground(prob, threshold, 0, roi, z_range, slab_voxels)
+    return drop_components(opened, thin_fragments(opened, unopened))
 
 
 def oversized_components(foreground: Foreground, bandwidth: float, max_balls: float) -> np.ndarray:

@@ -107,6 +107,9 @@ class LocalizeOptions:
     # Drop components with more voxels than this many balls of the bandwidth (membranes,
     # carbon); None = the card's tuned value, else DEFAULT_MAX_COMPONENT (0: keep all).
     max_component: float | None = None
+    # Drop the fragments the opening leaves of thin extended structures (membranes);
+    # None = the card's tuned value, else off.
+    drop_thin: bool | None = None
     # Bandwidth (and merge radius) as multiples of the particles' radius measured on the map,
     # used when neither bandwidth nor particle_diameter is set (from a tuned model card).
     bandwidth_factor: float | None = None
@@ -159,6 +162,8 @@ class LocalizeOptions:
         ):
             if getattr(self, name) is None:
                 updates[name] = type(default)(tuned.get(name, default))
+        if self.drop_thin is None:
+            updates["drop_thin"] = bool(tuned.get("drop_thin", False))
         updates["flips"] = resolve_flips(self.flips, card)
         user_size = self.bandwidth is not None or self.particle_diameter is not None
         if not user_size and self.bandwidth_factor is None and tuned.get("bandwidth_factor") is not None:
@@ -401,6 +406,7 @@ def particles_from_map(
         merge_factor=options.merge_factor,
         snap_distance=options.snap_distance,
         max_component=options.max_component,
+        drop_thin=bool(options.drop_thin),
     )
     if bandwidth is None:
         log.info("%s: mean-shift bandwidth %.1f voxels (%g x the particles' radius measured on the map; "

@@ -52,6 +52,7 @@ def tune_postprocessing(
     max_components: Sequence[float] = DEFAULT_MAX_COMPONENTS,
     min_scores: Sequence[float] = DEFAULT_MIN_SCORES,
     progress: Callable[[int, int], None] | None = None,
+    drop_thin: bool = False,
 ) -> tuple[dict, list[dict]]:
     """(best settings with their mean F1, every grid point's scores), ties to the earlier grid point.
 
@@ -68,6 +69,7 @@ def tune_postprocessing(
         cluster_foreground,
         drop_components,
         drop_hollow_components,
+        drop_thin_fragments,
         extract_foreground,
         oversized_components,
     )
@@ -79,6 +81,9 @@ def tune_postprocessing(
     rows: list[dict] = []
     for threshold in thresholds:
         foregrounds = [extract_foreground(m.prob, threshold, opening_radius) for m in maps]
+        if drop_thin:
+            foregrounds = [drop_thin_fragments(m.prob, fg, threshold, opening_radius)
+                           for m, fg in zip(maps, foregrounds, strict=True)]
         for size in size_grid:
             per_map = [adaptive_bandwidth(fg, size) if adaptive else float(size) for fg in foregrounds]
             # As `find_particles` does by default: hollow components (membranes) are dropped.
@@ -91,7 +96,7 @@ def tune_postprocessing(
                     for fg, bw in zip(solid, per_map, strict=True)
                 ]
                 common = {"threshold": float(threshold), "opening_radius": int(opening_radius),
-                          "max_component": float(max_component)}
+                          "max_component": float(max_component), "drop_thin": bool(drop_thin)}
                 rows += _score_modes(maps, masks, unmerged, per_map, common, size, adaptive, merge_factors,
                                      min_sizes, min_scores)
                 done += 1
@@ -128,6 +133,7 @@ def _score_modes(maps, masks, unmerged, per_map, common: dict, size: float, adap
                 else:
                     row.update(bandwidth=float(size), merge_radius=float(size * factor))
                 row.update(min_size=int(min_size), min_score=float(min_score), max_component=common["max_component"],
+                           drop_thin=common["drop_thin"],
                            f1=float(np.mean(f1s)), f1_per_map=[round(f, 4) for f in f1s])
                 rows.append(row)
     return rows

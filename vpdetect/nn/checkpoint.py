@@ -261,6 +261,8 @@ def _describe_postprocess(postprocess: dict) -> str:
         parts.append(f"min score {_fmt_number(postprocess['min_score'])}")
     if postprocess.get("max_component"):
         parts.append(f"components over {_fmt_number(postprocess['max_component'])} bandwidth balls dropped")
+    if postprocess.get("drop_thin"):
+        parts.append("fragments of thin structures dropped")
     text = ", ".join(parts)
     if postprocess.get("f1") is not None:
         text += f" (tuned F1 {postprocess['f1']:.3f})"
