@@ -253,6 +253,11 @@ def test_tuned_postprocessing_in_the_card_sets_defaults_and_options_win():
     assert (given.threshold, given.bandwidth, given.merge_radius, given.min_size) == (0.3, 4.0, None, 20)
     plain = LocalizeOptions().with_model_defaults({})
     assert plain.min_size == DEFAULT_MIN_SIZE and plain.bandwidth is None
+    # The thin-structure filter: the card's choice unless --drop-thin / --keep-thin says otherwise.
+    assert tuned.drop_thin is False and plain.drop_thin is False
+    thin_card = {"postprocess": {**card["postprocess"], "drop_thin": True}}
+    assert LocalizeOptions().with_model_defaults(thin_card).drop_thin is True
+    assert LocalizeOptions(drop_thin=False).with_model_defaults(thin_card).drop_thin is False
 
 
 def test_contrast_option_and_detection_flip_a_negated_tomogram(tmp_path, rng):
