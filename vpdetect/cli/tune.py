@@ -146,5 +146,5 @@ def tune(
     console.print(
         f"best mean F1 {best['f1']:.3f}: threshold {best['threshold']}, {size}, "
         f"min size {best['min_size']}, min score {best['min_score']:g}, largest component {best['max_component']:g} bandwidth balls "
-        f"(0: any) -> {out or model}"
+        f"(0: any){', thin fragments dropped' if best.get('drop_thin') else ''} -> {out or model}"
     )
