@@ -86,6 +86,8 @@ def grid() -> list[Cell]:
         one("crowding", crowding, crowding=crowding)
     for context in ("membranes", "gold", "carbon", "ice_gradient"):
         one("context", context, context=(context,))
+    # Particles touching the membranes as well as free ones (the thin-structure filter must keep them).
+    one("context", "membranes+proteins", context=("membranes", "membrane_proteins"))
     one("filter", "hann", filter_name="hann")
     combos = [
         ("bright+snr0.1+gold", dict(contrast="bright", snr=0.1, context=("gold",))),

@@ -16,7 +16,9 @@ Scene (units nm; arrays [z, y, x], voxel centres at integer indices):
   ramping from half to one and a half times the slab's across x, added as a
   density ramp 0.5 -> 1.5 inside the slab after the particles are placed: a
   thicker column of ice adds along the whole ray, and the particles keep their
-  contrast against the ice around them).
+  contrast against the ice around them), particles on the membranes
+  (`membrane_proteins`, with `membranes`: a fifth as many again, each touching
+  a vesicle's outer leaflet or the plane membrane).
 
 Imaging: tilt axis y. Each x-z slice is projected with scikit-image's `radon`;
 the projections of one tilt form an image that is multiplied by a contrast
@@ -46,7 +48,9 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 SHAPES = ("curve", "cluster", "superellipsoid")
-CONTEXTS = ("membranes", "gold", "carbon", "ice_gradient")
+CONTEXTS = ("membranes", "gold", "carbon", "ice_gradient", "membrane_proteins")
+# With "membrane_proteins": this many particles per 100 free ones sit on the membranes.
+MEMBRANE_PROTEINS_PER_100 = 20
 CONTRASTS = ("dark", "bright")
 FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
 # Particles per 1e6 nm^3 of ice slab.
@@ -94,6 +98,8 @@ class IndependentParams:
         unknown = set(self.context) - set(CONTEXTS)
         if unknown:
             raise ValueError(f"unknown context {sorted(unknown)}; choose from {CONTEXTS}")
+        if "membrane_proteins" in self.context and "membranes" not in self.context:
+            raise ValueError("context membrane_proteins needs membranes to sit on")
         if not self.snr > 0:
             raise ValueError(f"snr must be positive, got {self.snr}")
 
@@ -225,6 +231,8 @@ class _Scene:
     centres: list = field(default_factory=list)
     shapes: list = field(default_factory=list)
     radii: list = field(default_factory=list)
+    placed_centres: list = field(default_factory=list)  # voxels, for the overlap test
+    placed_reach: list = field(default_factory=list)
 
 
 def _slab_bounds(params: IndependentParams) -> tuple[float, float]:
@@ -239,11 +247,15 @@ def _bilayer(distance_nm: np.ndarray) -> np.ndarray:
     return LIPID * (np.exp(-0.5 * ((distance_nm - 2.0) / 0.8) ** 2) + np.exp(-0.5 * ((distance_nm + 2.0) / 0.8) ** 2))
 
 
-def _context(rng: np.random.Generator, params: IndependentParams, density: np.ndarray, coords_nm):
+def _context(rng: np.random.Generator, params: IndependentParams, density: np.ndarray, coords_nm,
+             surfaces: list | None = None):
     """Add the context to `density` in place; return obstacle tests for particle placement.
 
     Each obstacle is a function (centre_nm, radius_nm) -> True when a particle there would touch it.
+    `surfaces` receives one (obstacle, touching_centre) per membrane: touching_centre(rng, radius_nm)
+    is the centre (nm) of a particle of that bounding radius touching the membrane's outer leaflet.
     """
+    surfaces = [] if surfaces is None else surfaces
     x, y, z = coords_nm
     v = params.voxel_nm
     nx, ny, nz = params.shape_xyz
@@ -279,6 +291,12 @@ def _context(rng: np.random.Generator, params: IndependentParams, density: np.nd
                 return abs(np.linalg.norm(np.asarray(c) - centre) - radius) < r + 4.0
 
             obstacles.append(touches_shell)
+
+            def on_shell(rng, r, centre=centre, radius=radius):
+                direction = rng.normal(size=3)
+                return centre + direction / np.linalg.norm(direction) * (radius + 3.0 + r)
+
+            surfaces.append((touches_shell, on_shell))
         # A nearly vertical plane membrane across the volume.
         normal = np.array([1.0, rng.uniform(-0.3, 0.3), rng.uniform(-0.2, 0.2)])
         normal /= np.linalg.norm(normal)
@@ -291,6 +309,14 @@ def _context(rng: np.random.Generator, params: IndependentParams, density: np.nd
             return abs(d) < r + 4.0
 
         obstacles.append(touches_plane)
+
+        def on_plane(rng, r, normal=normal, offset=offset):
+            side = 1.0 if rng.random() < 0.5 else -1.0
+            y_nm, z_nm = rng.uniform(0, size[1]), rng.uniform(z0, z1)
+            x_nm = (offset + side * (3.0 + r) - y_nm * normal[1] - (z_nm - (z0 + z1) / 2) * normal[2]) / normal[0]
+            return np.array([x_nm, y_nm, z_nm])
+
+        surfaces.append((touches_plane, on_plane))
     if "gold" in params.context:
         beads = []
         for _ in range(int(rng.integers(5, 10))):
@@ -313,14 +339,20 @@ def _context(rng: np.random.Generator, params: IndependentParams, density: np.nd
     return obstacles
 
 
-def _place_particles(rng: np.random.Generator, params: IndependentParams, scene: _Scene, obstacles) -> None:
+def _place_particles(rng: np.random.Generator, params: IndependentParams, scene: _Scene, obstacles,
+                     target: int | None = None, surfaces: list | None = None) -> None:
+    """Place particles until `target` in all (default: the crowding's count) or 30 failures running.
+
+    `surfaces` (from `_context`): each particle touches one of these membranes, drawn at random,
+    instead of lying anywhere in the slab away from every obstacle."""
     v = params.voxel_nm
     nx, ny, nz = params.shape_xyz
     z0, z1 = _slab_bounds(params)
     slab_nm3 = nx * ny * (z1 - z0) * v**3
-    target = int(round(CROWDING[params.crowding] * slab_nm3 / 1e6))
-    placed_c: list[np.ndarray] = []  # centres in voxels
-    placed_r: list[float] = []  # bounding radii in voxels
+    if target is None:
+        target = int(round(CROWDING[params.crowding] * slab_nm3 / 1e6))
+    placed_c = scene.placed_centres  # centres in voxels
+    placed_r = scene.placed_reach  # bounding radii plus margin, voxels
     failures = 0
     while len(scene.centres) < target and failures < 30:
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -331,16 +363,25 @@ def _place_particles(rng: np.random.Generator, params: IndependentParams, scene:
         bound = float(np.max(np.linalg.norm(idx, axis=1))) + 0.5
         reach = bound + MARGIN_NM / v
         for _attempt in range(200):
-            centre = np.array([
-                rng.uniform(reach, nx - 1 - reach), rng.uniform(reach, ny - 1 - reach),
-                rng.uniform(z0 + bound, z1 - 1 - bound),
-            ])
-            centre = np.round(centre)
+            blocking = obstacles
+            if surfaces:
+                own, touching_centre = surfaces[int(rng.integers(len(surfaces)))]
+                centre = np.round(touching_centre(rng, bound * v) / v)
+                blocking = [hit for hit in obstacles if hit is not own]
+                if not (reach <= centre[0] <= nx - 1 - reach and reach <= centre[1] <= ny - 1 - reach
+                        and z0 + bound <= centre[2] <= z1 - 1 - bound):
+                    continue
+            else:
+                centre = np.array([
+                    rng.uniform(reach, nx - 1 - reach), rng.uniform(reach, ny - 1 - reach),
+                    rng.uniform(z0 + bound, z1 - 1 - bound),
+                ])
+                centre = np.round(centre)
             if placed_c:
                 gaps = np.linalg.norm(np.asarray(placed_c) - centre, axis=1) - np.asarray(placed_r)
                 if np.any(gaps < reach):
                     continue
-            if any(hit(centre * v, bound * v) for hit in obstacles):
+            if any(hit(centre * v, bound * v) for hit in blocking):
                 continue
             break
         else:
@@ -392,10 +433,14 @@ def build_scene(params: IndependentParams, rng: np.random.Generator) -> _Scene:
         np.broadcast_to(a * v, (nz, ny, nx))
         for a in (np.arange(nx)[None, None, :], np.arange(ny)[None, :, None], zc)
     )
-    obstacles = _context(rng, params, density, coords_nm) if params.context else []
+    surfaces: list = []
+    obstacles = _context(rng, params, density, coords_nm, surfaces) if params.context else []
     scene = _Scene(density=density, occupancy=np.zeros((nz, ny, nx), np.int32),
                    particles=np.zeros((nz, ny, nx)))
     _place_particles(rng, params, scene, obstacles)
+    if "membrane_proteins" in params.context and surfaces:
+        extra = int(round(len(scene.centres) * MEMBRANE_PROTEINS_PER_100 / 100))
+        _place_particles(rng, params, scene, obstacles, target=len(scene.centres) + extra, surfaces=surfaces)
     if "ice_gradient" in params.context:
         # Thicker ice adds projected density along every ray, particles' included; added after
         # them so that protein (1.35) still displaces ice of 1.0 (a denser-ice ramp past 1.35

@@ -161,3 +161,22 @@ def test_ice_gradient_adds_ice_along_every_ray_and_particles_keep_their_contrast
     inside = plain.occupancy > 0
     assert plain.density[inside].max() == pytest.approx(PROTEIN_EXCESS, rel=0.05)
     assert np.array_equal(plain.particles, ramped.particles)
+
+
+def test_membrane_proteins_touch_the_membranes_and_leave_the_free_particles_alone():
+    from scipy import ndimage
+
+    from benchmarks.independent_sim import build_scene
+
+    params = with_changes(TINY, shape_xyz=(64, 64, 40), context=("membranes",))
+    plain = build_scene(params, np.random.default_rng(5))
+    bound = build_scene(with_changes(params, context=("membranes", "membrane_proteins")), np.random.default_rng(5))
+    n_free = len(plain.centres)
+    assert len(bound.centres) > n_free  # some sit on the membranes
+    assert np.array_equal(bound.occupancy[bound.occupancy <= n_free], plain.occupancy[bound.occupancy <= n_free])
+    lipid = (plain.density - plain.particles) > 0.05  # the membranes' own density
+    for label in range(n_free + 1, len(bound.centres) + 1):
+        near = ndimage.binary_dilation(bound.occupancy == label, iterations=2)
+        assert (near & lipid).any(), label
+    with pytest.raises(ValueError, match="needs membranes"):
+        simulate(with_changes(TINY, context=("membrane_proteins",)), 1)
