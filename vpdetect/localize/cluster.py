@@ -474,9 +474,8 @@ def thin_fragments(opened: Foreground, unopened: Foreground) -> np.ndarray:
     typical particles are flagged; larger ones (a particle on the membrane) stay.
     """
     n = opened.n_components
-    drop = np.zeros(n, dtype=bool)
     if n == 0 or unopened.n_components == 0:
-        return drop
+        return np.zeros(n, dtype=bool)
     sizes = np.bincount(opened.labels, minlength=n)
     typical = float(np.median(sizes))
     extent = np.maximum(unopened.coords.max(axis=0), opened.coords.max(axis=0)) + 1
