@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import mrcfile
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +12,7 @@ import vpdetect.cli  # noqa: F401  registers the commands
 from vpdetect.cli.app import app
 from vpdetect.simulate.generalist import (
     DIAMETER_NM,
+    MEMBRANE_PROTEIN_SHARES,
     RANDOMIZABLE,
     SHAPE_FAMILIES,
     Context,
@@ -190,3 +192,31 @@ def test_generalist_draws_membranes_gold_contrast_and_carbon_grain_and_records_t
             assert record["carbon_edge"] == context.carbon_edge
             kinds.add("granular carbon")
     assert kinds == {"membrane", "granular carbon"}
+
+
+def test_membrane_proteins_are_drawn_recorded_and_fixed_by_the_option(tmp_path):
+    from scipy import ndimage
+
+    drawn = [simulate_tomogram(small_generalist(), seed=s).metadata["randomized"] for s in range(12)]
+    assert {d["membrane_protein_share"] for d in drawn} <= set(MEMBRANE_PROTEIN_SHARES)
+    assert len({d["membrane_protein_share"] for d in drawn}) > 1
+    # fixed on the command line: not drawn, and the proteins listed touch a vesicle
+    folder = tmp_path / "sim"
+    result = CliRunner().invoke(app, [
+        "simulate", str(folder), "--preset", "easy", "--shape", "64", "64", "48", "--seed", "4",
+        "--membrane-proteins", "0.5", "--no-fiducials"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((folder / "model_0" / "simulation.json").read_text())
+    assert meta["parameters"]["membrane_protein_share"] == 0.5
+    bound = meta["placed"]["on_membranes"]
+    assert bound
+    with mrcfile.open(folder / "model_0" / "occupancy_mask.mrc") as m:
+        occupancy = m.data.copy()
+    classes = [line.split()[0] for line in (folder / "model_0" / "particle_locations.txt").read_text().splitlines()]
+    vesicles = np.isin(occupancy, [k for k, name in enumerate(classes, 1) if name == "vesicle"])
+    for k in bound:
+        assert classes[k - 1] != "vesicle"
+        assert (ndimage.binary_dilation(occupancy == k) & vesicles).any()
+    bad = CliRunner().invoke(app, ["simulate", str(tmp_path / "bad"), "--membrane-proteins", "1.5"])
+    assert bad.exit_code != 0 and "membrane protein share" in bad.output
+    assert not (tmp_path / "bad").exists()

@@ -7,7 +7,7 @@ import json
 import mrcfile
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import ndimage, stats
 from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
 
@@ -381,3 +381,24 @@ def test_ground_truth_scores_perfectly(simulated, tmp_path):
     metrics = json.loads(report.read_text())
     assert metrics["localization"]["f1"] == 1.0
     assert metrics["localization"]["AD"] == 0.0
+
+
+def test_membrane_proteins_touch_their_vesicle_and_share_zero_changes_nothing():
+    classes = [class_by_name(n) for n in ("syn-hsp90", "syn-cand1", "syn-atpase")] + [vesicle_class(12.0)]
+    args = ((64, 64, 48), 44, classes, [1, 2, 3, 4], [6, 6, 6, 1])
+    plain = build_scene(*args, np.random.default_rng(2))
+    # share 0 draws nothing extra: the scene is byte-identical to one built without the option
+    again = build_scene(*args, np.random.default_rng(2), membrane_share=0.0)
+    assert np.array_equal(plain.occupancy, again.occupancy) and again.on_membrane == []
+    bound = build_scene(*args, np.random.default_rng(2), membrane_share=1.0)
+    vesicle_id = next(k for k, p in enumerate(bound.placements, 1) if classes[p.class_index].kind == "vesicle")
+    assert len(bound.on_membrane) >= 12  # nearly every protein found a place on the vesicle
+    vesicle = bound.occupancy == vesicle_id
+    for k in range(1, len(bound.placements) + 1):
+        if k == vesicle_id:
+            continue
+        touches = (ndimage.binary_dilation(bound.occupancy == k) & vesicle).any()
+        assert touches == (k in bound.on_membrane)
+    # the same seed places them identically
+    twice = build_scene(*args, np.random.default_rng(2), membrane_share=1.0)
+    assert np.array_equal(bound.occupancy, twice.occupancy) and bound.on_membrane == twice.on_membrane

@@ -48,6 +48,11 @@ def simulate(
     ),
     vesicles: bool = typer.Option(True, "--vesicles/--no-vesicles", help="Add lipid vesicles."),
     fiducials: bool = typer.Option(True, "--fiducials/--no-fiducials", help="Add gold fiducials."),
+    membrane_proteins: float = typer.Option(
+        None, "--membrane-proteins",
+        help="Share (0-1) of the proteins placed on the vesicles' outer surface, touching the membrane "
+             "(default 0; the generalist preset draws it per tomogram).",
+    ),
     tilt_range: tuple[float, float] = typer.Option(
         None, "--tilt-range", help="First and last tilt angle in degrees (default -60 60)."
     ),
@@ -104,6 +109,8 @@ def simulate(
         overrides["contrast"] = contrast
     if recon_filter is not None:
         overrides["recon_filter"] = recon_filter
+    if membrane_proteins is not None:
+        overrides["membrane_protein_share"] = membrane_proteins
     params = preset_params(preset, **overrides)
     params.validate()
 

@@ -4,7 +4,8 @@ A tomogram of the `generalist` preset draws, from its own random stream,
 everything a real tomogram may differ in: SNR, defocus, tilt range and step,
 reconstruction filter, contrast sign, crowding, slab thickness, context
 (vesicles, gold of 6-40 times a protein's contrast, a granular carbon edge,
-large membranes crossing the volume, an ice-thickness gradient) and a handful of
+large membranes crossing the volume, an ice-thickness gradient, proteins sitting
+on the vesicles' membranes) and a handful of
 procedurally generated particle shapes of 2.5-15 nm beside some of the 12
 `syn-*` classes. Every drawn value goes into `simulation.json` under
 `randomized`, so a tomogram can be re-made or filtered by what it contains.
@@ -37,6 +38,7 @@ SHAPE_FAMILIES = ("compact", "elongated", "ring", "multilobe")
 RANDOMIZABLE = (
     "snr", "defocus", "tilt_range", "tilt_step", "recon_filter", "contrast", "crowding", "slab_thickness",
     "shapes", "vesicles", "fiducials", "carbon_edge", "ice_gradient", "b_factor", "shifts", "membranes",
+    "membrane_proteins",
 )
 # Ranges of the draws (diameters in nm; SNR log-uniform).
 DIAMETER_NM = (2.5, 15.0)
@@ -55,6 +57,8 @@ FIDUCIAL_CONTRAST = (6.0, 40.0)
 MEMBRANE_RADIUS_NM = (60.0, 600.0)
 MEMBRANE_LEAFLET_NM = 1.6  # leaflet peaks at +-this from the mid-plane (a ~4 nm bilayer)
 MEMBRANE_DENSITY = 0.8  # peak density of a leaflet (protein = 1), as the vesicles'
+# Share of the proteins sitting on the vesicles (membrane proteins), one of these per tomogram.
+MEMBRANE_PROTEIN_SHARES = (0.0, 0.0, 0.15, 0.3, 0.5)
 
 
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -269,6 +273,9 @@ def draw_tomogram(params, rng: np.random.Generator):
                 "radius_nm": round(_log_uniform(rng, *MEMBRANE_RADIUS_NM), 1),
             })
         draw("membranes", membranes)
+    if "membrane_proteins" in todo and params.vesicles:
+        share = float(rng.choice(MEMBRANE_PROTEIN_SHARES))
+        changes["membrane_protein_share"] = draw("membrane_protein_share", share)
     # classes too large for this volume's slab are left out rather than refused
     room = min(nx, ny, changes.get("slab_thickness", params.slab_thickness))
     fits = lambda c: 2 * box_half_size(c.shape, params.voxel_size_nm) + 1 <= room  # noqa: E731

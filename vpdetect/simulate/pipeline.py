@@ -60,6 +60,8 @@ class SimulationParams:
     n_vesicles: int | None = None
     vesicle_radius_nm: tuple[float, float] = (15.0, 35.0)
     membrane_thickness_nm: float = 4.0
+    # Share of the proteins placed on the vesicles' outer surface, touching the membrane.
+    membrane_protein_share: float = 0.0
     fiducials: bool = True
     n_fiducials: int | None = None
     fiducial_radius_nm: float = 5.0
@@ -103,6 +105,10 @@ class SimulationParams:
             raise VPDetectError(
                 f"vesicle radius range {rmin}..{rmax} nm must exceed the membrane thickness "
                 f"{self.membrane_thickness_nm} nm and be ordered"
+            )
+        if not 0.0 <= self.membrane_protein_share <= 1.0:
+            raise VPDetectError(
+                f"membrane protein share must be between 0 and 1, got {self.membrane_protein_share}"
             )
         if self.fiducial_radius_nm <= 0 or self.fiducial_contrast <= 0:
             raise VPDetectError("fiducial radius and contrast must be positive")
@@ -156,7 +162,7 @@ FIXES = {
     "snr": "snr", "tilt_min": "tilt_range", "tilt_max": "tilt_range", "tilt_step": "tilt_step",
     "defocus_range_um": "defocus", "recon_filter": "recon_filter", "contrast": "contrast",
     "n_proteins": "crowding", "proteins_per_mvox": "crowding", "slab_thickness": "slab_thickness",
-    "n_vesicles": "vesicles", "n_fiducials": "fiducials", "b_factor_nm2": "b_factor", "max_shift_nm": "shifts",
+    "n_vesicles": "vesicles", "n_fiducials": "fiducials", "membrane_protein_share": "membrane_proteins", "b_factor_nm2": "b_factor", "max_shift_nm": "shifts",
 }
 
 
@@ -307,7 +313,8 @@ def simulate_tomogram(
     # is skipped and reported); counts the user asked for must all be placed
     explicit = params.n_proteins is not None or params.n_vesicles is not None or params.n_fiducials is not None
     scene = build_scene(params.shape_xyz, params.slab_thickness, classes, labels, counts,
-                        np.random.default_rng(scene_seq), params.voxel_size_nm, strict=explicit)
+                        np.random.default_rng(scene_seq), params.voxel_size_nm, strict=explicit,
+                        membrane_share=params.membrane_protein_share)
 
     add_context(scene.density, scene.slab, context, params.voxel_size_nm)
     say("imaging and reconstructing")
@@ -350,6 +357,8 @@ def simulate_tomogram(
                 for p in scene.placements if scene.classes[p.class_index].kind == "vesicle"
             ],
             "not_placed_no_room": dict(scene.unplaced),
+            # particle ids (line numbers of particle_locations.txt) touching a vesicle's membrane
+            "on_membranes": list(scene.on_membrane),
         },
         "microscope": {
             **dataclasses.asdict(microscope),

@@ -13,6 +13,11 @@ only if its mask covers no voxel already owned by another particle, so
 particles may touch but never overlap. The occupancy mask is each particle's
 solid, except that a vesicle also owns its lumen (its centre lies there), so
 nothing is placed inside vesicles.
+
+Membrane proteins (`membrane_share`): a share of the proteins sits on the
+vesicles' outer surface. Each is slid outward along a random ray from a
+vesicle's centre until it no longer overlaps anything, and kept only if it then
+touches that vesicle's membrane; otherwise it is placed free in the ice.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class Scene:
     placements: list[Placement] = field(default_factory=list)
     slab: tuple[int, int] = (0, 0)  # z range [z0, z1) of the ice slab
     unplaced: dict[str, int] = field(default_factory=dict)  # class name -> particles with no room
+    on_membrane: list[int] = field(default_factory=list)  # 1-based ids of proteins placed touching a vesicle
 
 
 def random_orientations(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -120,23 +126,70 @@ class _Placer:
         for _ in range(POSITIONS_PER_ORIENTATION):
             x, y, z = (int(v) for v in self.rng.integers(lo, hi))
             box = (slice(z - half, z + half + 1), slice(y - half, y + half + 1), slice(x - half, x + half + 1))
-            occupied = scene.occupancy[box]
-            if occupied[owned].any():
+            if scene.occupancy[box][owned].any():
                 continue
-            particle_id = len(scene.placements) + 1
-            free = occupied == 0
-            region = scene.density[box]
-            # the particle's own voxels take its density exactly; its soft edge
-            # may only brighten free voxels, never another particle's voxels
-            np.maximum(region, np.where(free, density, 0.0), out=region)
-            region[owned] = density[owned]
-            occupied[owned] = particle_id
-            scene.class_mask[box][mask] = scene.labels[class_index]
-            scene.placements.append(Placement(class_index, x, y, z, *(float(a) for a in angles)))
+            self._commit(class_index, angles, (x, y, z), density, mask, owned)
             return True
         return False
 
-    def place(self, class_index: int, random_angles: bool) -> bool:
+    def _commit(self, class_index: int, angles, centre, density, mask, owned) -> None:
+        scene = self.scene
+        x, y, z = centre
+        half = mask.shape[0] // 2
+        box = (slice(z - half, z + half + 1), slice(y - half, y + half + 1), slice(x - half, x + half + 1))
+        occupied = scene.occupancy[box]
+        particle_id = len(scene.placements) + 1
+        free = occupied == 0
+        region = scene.density[box]
+        # the particle's own voxels take its density exactly; its soft edge
+        # may only brighten free voxels, never another particle's voxels
+        np.maximum(region, np.where(free, density, 0.0), out=region)
+        region[owned] = density[owned]
+        occupied[owned] = particle_id
+        scene.class_mask[box][mask] = scene.labels[class_index]
+        scene.placements.append(Placement(class_index, x, y, z, *(float(a) for a in angles)))
+
+    def try_place_on_vesicle(self, class_index: int, angles: np.ndarray, vesicles: list[int]) -> bool:
+        """Place the protein touching one of `vesicles` (0-based placement indices), or return False."""
+        scene = self.scene
+        density, mask = render(scene.classes[class_index], tuple(angles), self.voxel_size_nm)
+        half = mask.shape[0] // 2
+        z0, z1 = scene.slab
+        lo = np.array([half, half, z0 + half])
+        hi = np.array([self.nx - half, self.ny - half, z1 - half])
+        # voxels just outside the particle: the membrane must reach one of them
+        rim = ndimage.binary_dilation(mask, iterations=1) & ~mask
+        for _ in range(POSITIONS_PER_ORIENTATION // 4):
+            index = vesicles[int(self.rng.integers(len(vesicles)))]
+            vesicle = scene.placements[index]
+            direction = self.rng.normal(size=3)
+            direction /= np.linalg.norm(direction)
+            outer = scene.classes[vesicle.class_index].shape.bounding_radius / self.voxel_size_nm
+            reach = scene.classes[class_index].shape.bounding_radius / self.voxel_size_nm
+            start = np.array([vesicle.x, vesicle.y, vesicle.z], float)
+            # slide outward from inside the membrane until nothing overlaps
+            for distance in np.arange(outer - 1.0, outer + reach + 2.0, 1.0):
+                centre = np.rint(start + distance * direction).astype(int)
+                if np.any(centre < lo) or np.any(centre >= hi):
+                    break
+                x, y, z = (int(v) for v in centre)
+                box = (slice(z - half, z + half + 1), slice(y - half, y + half + 1), slice(x - half, x + half + 1))
+                occupied = scene.occupancy[box]
+                if occupied[mask].any():
+                    continue
+                if np.any(occupied[rim] == index + 1):
+                    self._commit(class_index, angles, (x, y, z), density, mask, mask)
+                    scene.on_membrane.append(len(scene.placements))
+                    return True
+                break  # free, but off the membrane (another particle was in the way)
+        return False
+
+    def place(self, class_index: int, random_angles: bool, vesicles: list[int] | None = None) -> bool:
+        """Place one particle; with `vesicles`, first try touching one of them, then free."""
+        if vesicles:
+            for _ in range(ORIENTATIONS_PER_PARTICLE):
+                if self.try_place_on_vesicle(class_index, random_orientations(self.rng, 1)[0], vesicles):
+                    return True
         for _ in range(ORIENTATIONS_PER_PARTICLE):
             angles = random_orientations(self.rng, 1)[0] if random_angles else np.zeros(3)
             if self.try_place(class_index, angles):
@@ -154,6 +207,7 @@ def build_scene(
     voxel_size_nm: float = 1.0,
     progress: Callable[[int, int], None] | None = None,
     strict: bool = True,
+    membrane_share: float = 0.0,
 ) -> Scene:
     """Place counts[i] copies of classes[i] in a centred slab.
 
@@ -161,7 +215,8 @@ def build_scene(
     first with zero angles, then proteins, largest first so that crowding
     leaves room for the small ones. When a particle finds no room, `strict`
     raises VPDetectError naming the class; otherwise it is skipped and counted
-    in `Scene.unplaced`.
+    in `Scene.unplaced`. Each protein goes onto a vesicle's surface with
+    probability `membrane_share` (when a vesicle was placed).
     """
     nx, ny, nz = (int(v) for v in shape_xyz)
     if slab_thickness > nz:
@@ -190,7 +245,11 @@ def build_scene(
     placer = _Placer(scene, voxel_size_nm, rng)
     for done, class_index in enumerate(order):
         particle_class = classes[class_index]
-        if not placer.place(class_index, random_angles=particle_class.kind == "protein"):
+        vesicles = None
+        # no draw at share 0, so that scenes without membrane proteins are unchanged
+        if membrane_share > 0 and particle_class.kind == "protein" and rng.random() < membrane_share:
+            vesicles = [i for i, p in enumerate(scene.placements) if classes[p.class_index].kind == "vesicle"]
+        if not placer.place(class_index, random_angles=particle_class.kind == "protein", vesicles=vesicles):
             if not strict:
                 scene.unplaced[particle_class.name] = scene.unplaced.get(particle_class.name, 0) + 1
                 continue
