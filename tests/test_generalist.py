@@ -200,6 +200,7 @@ def test_membrane_proteins_are_drawn_recorded_and_fixed_by_the_option(tmp_path):
     drawn = [simulate_tomogram(small_generalist(), seed=s).metadata["randomized"] for s in range(12)]
     assert {d["membrane_protein_share"] for d in drawn} <= set(MEMBRANE_PROTEIN_SHARES)
     assert len({d["membrane_protein_share"] for d in drawn}) > 1
+    assert "membrane_proteins" not in small_generalist(membrane_protein_share=0.2).randomize
     # fixed on the command line: not drawn, and the proteins listed touch a vesicle
     folder = tmp_path / "sim"
     result = CliRunner().invoke(app, [
