@@ -100,6 +100,11 @@ def check_fits(shape_xyz: Sequence[int], slab_thickness: int, particle_class: Pa
         )
 
 
+def _box(x: int, y: int, z: int, half: int) -> tuple[slice, slice, slice]:
+    """The [z, y, x] slices of the cube of half-size `half` centred on voxel (x, y, z)."""
+    return slice(z - half, z + half + 1), slice(y - half, y + half + 1), slice(x - half, x + half + 1)
+
+
 class _Placer:
     """Places rendered particles into the scene arrays, refusing overlaps."""
 
@@ -125,7 +130,7 @@ class _Placer:
             return False
         for _ in range(POSITIONS_PER_ORIENTATION):
             x, y, z = (int(v) for v in self.rng.integers(lo, hi))
-            box = (slice(z - half, z + half + 1), slice(y - half, y + half + 1), slice(x - half, x + half + 1))
+            box = _box(x, y, z, half)
             if scene.occupancy[box][owned].any():
                 continue
             self._commit(class_index, angles, (x, y, z), density, mask, owned)
@@ -136,7 +141,7 @@ class _Placer:
         scene = self.scene
         x, y, z = centre
         half = mask.shape[0] // 2
-        box = (slice(z - half, z + half + 1), slice(y - half, y + half + 1), slice(x - half, x + half + 1))
+        box = _box(x, y, z, half)
         occupied = scene.occupancy[box]
         particle_id = len(scene.placements) + 1
         free = occupied == 0
@@ -173,7 +178,7 @@ class _Placer:
                 if np.any(centre < lo) or np.any(centre >= hi):
                     break
                 x, y, z = (int(v) for v in centre)
-                box = (slice(z - half, z + half + 1), slice(y - half, y + half + 1), slice(x - half, x + half + 1))
+                box = _box(x, y, z, half)
                 occupied = scene.occupancy[box]
                 if occupied[mask].any():
                     continue
