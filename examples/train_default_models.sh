@@ -44,7 +44,8 @@ mkdir -p "$WORK"
 
 # The generalist localizer also learns from randomised tomograms (preset generalist; since
 # 2026-12-04 it also draws large membranes, granular carbon and gold of 6-40x protein contrast,
-# which the bundled weights never saw: this recipe now makes that richer data;
+# and since 2026-12-05 proteins on the vesicles' membranes, which the bundled weights never saw:
+# this recipe now makes that richer data;
 # SNR (0.02-6 since 2026-12-02; the bundled weights saw 0.05-6), defocus, tilts, filter, contrast, crowding, context and procedural shapes drawn
 # per tomogram): seeds 1001 (training), 1002 (validation), 1003 (tuning). The
 # generalization benchmark uses seeds 9000-9999 and another simulator.
