@@ -248,12 +248,15 @@ def build_scene(
     )
     order = order[np.argsort(priority, order=("protein", "size"), kind="stable")]
     placer = _Placer(scene, voxel_size_nm, rng)
+    placed_vesicles = None  # indices of the placed vesicles, listed once the proteins' turn comes
     for done, class_index in enumerate(order):
         particle_class = classes[class_index]
         vesicles = None
         # no draw at share 0, so that scenes without membrane proteins are unchanged
         if membrane_share > 0 and particle_class.kind == "protein" and rng.random() < membrane_share:
-            vesicles = [i for i, p in enumerate(scene.placements) if classes[p.class_index].kind == "vesicle"]
+            if placed_vesicles is None:
+                placed_vesicles = [i for i, p in enumerate(scene.placements) if classes[p.class_index].kind == "vesicle"]
+            vesicles = placed_vesicles
         if not placer.place(class_index, random_angles=particle_class.kind == "protein", vesicles=vesicles):
             if not strict:
                 scene.unplaced[particle_class.name] = scene.unplaced.get(particle_class.name, 0) + 1
