@@ -114,6 +114,11 @@ class _Placer:
         self.rng = rng
         self.nz, self.ny, self.nx = scene.density.shape
 
+    def _centre_bounds(self, half: int) -> tuple[np.ndarray, np.ndarray]:
+        """[lo, hi) of (x, y, z) centres that keep a box of half-size `half` inside the volume and slab."""
+        z0, z1 = self.scene.slab
+        return np.array([half, half, z0 + half]), np.array([self.nx - half, self.ny - half, z1 - half])
+
     def try_place(self, class_index: int, angles: np.ndarray) -> bool:
         scene = self.scene
         particle_class = scene.classes[class_index]
@@ -122,10 +127,7 @@ class _Placer:
         # centre lies on it; its class mask is the membrane only.
         owned = ndimage.binary_fill_holes(mask) if particle_class.kind == "vesicle" else mask
         half = mask.shape[0] // 2
-        z0, z1 = scene.slab
-        # centres keep the whole box inside the volume and the slab
-        lo = np.array([half, half, z0 + half])
-        hi = np.array([self.nx - half, self.ny - half, z1 - half])
+        lo, hi = self._centre_bounds(half)
         if np.any(hi <= lo):
             return False
         for _ in range(POSITIONS_PER_ORIENTATION):
@@ -159,9 +161,7 @@ class _Placer:
         scene = self.scene
         density, mask = render(scene.classes[class_index], tuple(angles), self.voxel_size_nm)
         half = mask.shape[0] // 2
-        z0, z1 = scene.slab
-        lo = np.array([half, half, z0 + half])
-        hi = np.array([self.nx - half, self.ny - half, z1 - half])
+        lo, hi = self._centre_bounds(half)
         # voxels just outside the particle: the membrane must reach one of them
         rim = ndimage.binary_dilation(mask, iterations=1) & ~mask
         for _ in range(POSITIONS_PER_ORIENTATION // 4):
