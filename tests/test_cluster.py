@@ -397,13 +397,68 @@ def test_drop_thin_removes_the_fragments_of_a_thin_sheet_and_keeps_particles_on_
 
 
 def test_thin_fragments_needs_an_opening_and_flags_nothing_on_compact_particles():
-    from vpdetect.localize.cluster import drop_thin_fragments, extract_foreground, thin_fragments
+    from vpdetect.localize.cluster import extract_foreground, particle_foreground, thin_fragments
 
     prob, _, _, _ = _sheet_scene()
     unopened = extract_foreground(prob, 0.5, 0)
-    assert drop_thin_fragments(prob, unopened, 0.5, 0) is unopened  # no opening: nothing to compare
+    unchanged = particle_foreground(prob, 0.5, 0, drop_thin=True, spare_small=2.0)  # no opening: nothing to compare
+    np.testing.assert_array_equal(unchanged.coords, unopened.coords)
+    np.testing.assert_array_equal(unchanged.labels, unopened.labels)
     balls = np.zeros_like(prob)
     balls[:, :32] = prob[:, :32]
     balls[28:33] = 0  # the sheet and its spots gone: only compact particles remain
     opened = extract_foreground(balls, 0.5, 1)
     assert opened.n_components > 0 and not thin_fragments(opened, extract_foreground(balls, 0.5, 0)).any()
+
+
+def _faint_scene():
+    """Six balls of radius 3 and three ragged specks a particle's faint map leaves: 2 x 2 x 5 rods,
+    which a ball of radius 1 erases whole, and a 2-voxel-thick sheet on which one ball sits."""
+    prob, _, attached, free = _sheet_scene()
+    prob[:, :, :] = 0
+    zz, yy, xx = np.mgrid[:64, :64, :64]
+    for c in free:
+        prob[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= 9] = 0.9
+    rods = [(30, 12, 12), (30, 30, 50), (20, 50, 12)]
+    for z, y, x in rods:
+        prob[z - 2:z + 3, y:y + 2, x:x + 2] = 0.9
+    prob[40:42, 2:62, 2:62] = 0.9  # a membrane
+    prob[(zz - 36) ** 2 + (yy - 30) ** 2 + (xx - 30) ** 2 <= 16] = 0.9  # a particle on it
+    return prob, [np.add(r, (0, 0.5, 0.5)) for r in rods], free
+
+
+def test_spare_small_puts_erased_small_components_back_whole_and_opens_the_rest():
+    from vpdetect.localize.cluster import extract_foreground, particle_foreground
+
+    prob, rods, free = _faint_scene()
+    opened = extract_foreground(prob, 0.5, 1)
+    same = particle_foreground(prob, 0.5, 1, spare_small=0.0)
+    np.testing.assert_array_equal(same.coords, opened.coords)
+    spared = particle_foreground(prob, 0.5, 1, drop_thin=True, spare_small=1.5)
+    in_spared = {tuple(c) for c in spared.coords}
+    for z, y, x in (np.subtract(r, (0, 0.5, 0.5)).astype(int) for r in rods):  # erased by the opening, back whole
+        rod = {(z + dz, y + dy, x + dx) for dz in range(-2, 3) for dy in range(2) for dx in range(2)}
+        assert not rod & {tuple(c) for c in opened.coords} and rod <= in_spared
+    # Free balls are small too: whole again. The membrane stays opened and its fragments dropped.
+    zz, yy, xx = np.mgrid[:64, :64, :64]
+    for c in free:
+        ball_voxels = np.argwhere((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= 9)
+        assert {tuple(v) for v in ball_voxels} <= in_spared
+    membrane_far = {(z, y, x) for z in (40, 41) for y in range(2, 62) for x in range(2, 62)
+                    if (y - 30) ** 2 + (x - 30) ** 2 > 100}
+    assert not membrane_far & in_spared
+    assert spared.n_components == len(np.unique(spared.labels)) == len(free) + 1 + len(rods)
+    order = np.lexsort(spared.coords.T[::-1])
+    np.testing.assert_array_equal(order, np.arange(len(order)))  # raster order, as extract_foreground
+
+
+def test_spare_small_finds_faint_particles_the_opening_erases():
+    prob, rods, free = _faint_scene()
+    settings = dict(threshold=0.5, opening_radius=1, bandwidth=3.0, min_size=10, drop_thin=True)
+    opened = find_particles(prob, **settings)
+    spared = find_particles(prob, spare_small=1.5, **settings)
+    assert len(opened) == len(free) + 1
+    assert len(spared) == len(free) + 1 + len(rods)
+    found = xyz_to_zyx(spared)
+    for rod in rods:
+        assert np.min(np.linalg.norm(found - rod, axis=1)) < 0.75

@@ -85,7 +85,7 @@ def test_localize_one_tomogram_to_relion4_star_with_map_and_sidecar(data):
     folder, volume, model = data
     out = folder / "picks.star"
     result = run("localize", folder / "TS_01.mrc", "--model", model, "-o", out,
-                 "--save-map", folder / "map.mrc", "--tile", 24, "--device", "cpu")
+                 "--save-map", folder / "map.mrc", "--tile", 24, "--device", "cpu", "--spare-small", 1)
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert "_rlnTomoName" in text and "_rlnAutopickFigureOfMerit" in text and "_rlnCoordinateX" in text
@@ -101,6 +101,7 @@ def test_localize_one_tomogram_to_relion4_star_with_map_and_sidecar(data):
     record = json.loads((folder / "picks.star.json").read_text())
     assert record["command"] == "localize"
     assert record["parameters"]["tile"] == 24 and record["result"]["postprocess"]["threshold"] == 0.5
+    assert record["result"]["postprocess"]["spare_small"] == 1.0
     assert len(record["input"]["sha256"]) == 64 and len(record["models"]["localizer"]["sha256"]) == 64
     assert record["result"]["n_particles"] == 4
     # A timing line names every phase.

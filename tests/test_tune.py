@@ -162,6 +162,33 @@ def test_search_finds_the_largest_component_that_drops_a_membrane_and_localize_u
     assert DEFAULT_MAX_COMPONENT == 0.0
 
 
+def test_search_finds_that_faint_particles_need_sparing_and_localize_uses_it(rng):
+    """Half the particles are marked by thin rods (a faint map at low SNR) that the opening erases;
+    the grid's spare_small keeps them, the card stores it and `localize` applies it by default."""
+    from vpdetect.localize.pipeline import DEFAULT_SPARE_SMALL, LocalizeOptions
+
+    _, occupancy, truth = annotated_scene(rng)
+    prob = np.zeros(SHAPE, np.float32)
+    z, y, x = np.indices(SHAPE)
+    for k, c in enumerate(CENTRES):
+        if k % 2:  # a 2 x 2 x 5 rod through the centre: nothing of it survives a ball of radius 1
+            c = np.round(c).astype(int)
+            prob[c[0] - 2:c[0] + 3, c[1]:c[1] + 2, c[2]:c[2] + 2] = 0.9
+        else:
+            prob[(z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= RADIUS ** 2] = 0.9
+    best, rows = tune_postprocessing([AnnotatedMap(prob, occupancy, truth, 10.0)], opening_radius=1,
+                                     thresholds=(0.5,), bandwidths=(5.0,), merge_factors=(1.0,), min_sizes=(5,),
+                                     max_components=(0.0,), spare_smalls=(0.0, 1.5))
+    scores = {r["spare_small"]: r["f1"] for r in rows}
+    assert scores[1.5] == 1.0 and scores[0.0] < 0.8
+    assert best["spare_small"] == 1.5
+    assert LocalizeOptions().with_model_defaults({"postprocess": best}).spare_small == 1.5
+    assert LocalizeOptions(spare_small=0.0).with_model_defaults({"postprocess": best}).spare_small == 0.0
+    # A card tuned before the option existed opens every component.
+    assert LocalizeOptions().with_model_defaults({"postprocess": {"threshold": 0.5}}).spare_small == 0.0
+    assert DEFAULT_SPARE_SMALL == 0.0
+
+
 def test_tune_command_searches_the_grid_it_is_given(tmp_path, rng):
     volume = shrec_folder(tmp_path / "val", rng)
     model = intensity_localizer(tmp_path / "loc.pt", volume)
@@ -197,6 +224,7 @@ def test_tune_command_searches_the_grid_it_is_given(tmp_path, rng):
     assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
     for bad, message in ((["--threshold", "1.5"], "--threshold must lie below 1"),
                          (["--max-component", "-1"], "--max-component must be 0 or positive"),
+                         (["--spare-small", "-1"], "--spare-small must be 0 or positive"),
                          (["--min-size", "0"], "--min-size must be positive"),
                          (["--grid-csv", str(tmp_path / "missing" / "g.csv")], "output directory does not exist")):
         result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), *bad])

@@ -145,6 +145,15 @@ def drop_thin_option():
     )
 
 
+def spare_small_option():
+    return typer.Option(
+        None, "--spare-small", min=0.0,
+        help="Leave components of at most this many typical particles unopened: at very low SNR the map "
+        "marks small particles with thin blobs that the opening erases; large structures are still opened "
+        "(default: the model's tuned value, else 0 = open all).",
+    )
+
+
 def snap_distance_option():
     return typer.Option(
         DEFAULT_SNAP_DISTANCE, "--snap-distance", min=0.0,
@@ -250,6 +259,7 @@ def postprocess_record(options) -> dict:
         "min_size": options.min_size, "min_score": options.min_score, "merge_radius": options.merge_radius,
         "max_centre_gap": options.max_centre_gap, "snap_distance": options.snap_distance,
         "max_component": options.max_component, "drop_thin": options.drop_thin,
+        "spare_small": options.spare_small,
     }
 
 
@@ -265,6 +275,7 @@ def build_localize_options(
     snap_distance: float = DEFAULT_SNAP_DISTANCE,
     max_component: float | None = None,
     drop_thin: bool | None = None,
+    spare_small: float | None = None,
     flips: int | None = None,
     tile: int | None = None,
     halo: int | None = None,
@@ -300,6 +311,7 @@ def build_localize_options(
         snap_distance=snap_distance,
         max_component=max_component,
         drop_thin=drop_thin,
+        spare_small=spare_small,
         flips=flips,
         tile=tile,
         halo=halo,
@@ -437,6 +449,7 @@ def localize(
     snap_distance: float = snap_distance_option(),
     max_component: float = max_component_option(),
     drop_thin: bool | None = drop_thin_option(),
+    spare_small: float | None = spare_small_option(),
     test_time_flips: int = localizer_flips_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
@@ -473,6 +486,7 @@ def localize(
         particle_diameter=particle_diameter, min_size=min_size, min_score=min_score, tile=tile, halo=halo,
         max_centre_gap=max_centre_gap, snap_distance=snap_distance, max_component=max_component,
         drop_thin=drop_thin,
+        spare_small=spare_small,
         flips=test_time_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
         contrast=contrast, rescale=rescale, match_spectrum=match_spectrum,

@@ -15,6 +15,7 @@ from vpdetect.localize.tune import (
     DEFAULT_MERGE_FACTORS,
     DEFAULT_MIN_SCORES,
     DEFAULT_MIN_SIZES,
+    DEFAULT_SPARE_SMALL,
     DEFAULT_THRESHOLDS,
 )
 
@@ -59,6 +60,10 @@ def tune(
     max_components: list[float] = grid_option(
         "--max-component", "largest components, in balls of the bandwidth (0: no limit)", DEFAULT_MAX_COMPONENTS
     ),
+    spare_smalls: list[float] = grid_option(
+        "--spare-small", "sizes, in typical particles, up to which components are left unopened (0: open all)",
+        DEFAULT_SPARE_SMALL,
+    ),
     min_scores: list[float] = grid_option(
         "--min-score", "least mean probabilities of a cluster's voxels (0: keep all)", DEFAULT_MIN_SCORES
     ),
@@ -97,6 +102,8 @@ def tune(
             raise VPDetectError(f"{flag} must be positive, got {min(values):g}")
     if thresholds and max(thresholds) >= 1:
         raise VPDetectError(f"--threshold must lie below 1, got {max(thresholds):g}")
+    if spare_smalls and min(spare_smalls) < 0:
+        raise VPDetectError(f"--spare-small must be 0 or positive, got {min(spare_smalls):g}")
     if max_components and min(max_components) < 0:
         raise VPDetectError(f"--max-component must be 0 or positive, got {min(max_components):g}")
     bad_score = next((v for v in min_scores or () if not 0 <= v < 1), None)
@@ -125,6 +132,7 @@ def tune(
             min_sizes=min_sizes or DEFAULT_MIN_SIZES,
             max_components=max_components or DEFAULT_MAX_COMPONENTS,
             min_scores=min_scores or DEFAULT_MIN_SCORES,
+            spare_smalls=spare_smalls or DEFAULT_SPARE_SMALL,
             drop_thin=bool((card.get("postprocess") or {}).get("drop_thin", False) if drop_thin is None else drop_thin),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )

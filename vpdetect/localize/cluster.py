@@ -347,6 +347,7 @@ def find_particles(
     max_component: float = 0.0,
     min_score: float = 0.0,
     drop_thin: bool = False,
+    spare_small: float = 0.0,
 ):
     """Particle centres from a foreground probability map [z, y, x].
 
@@ -364,7 +365,8 @@ def find_particles(
     (`snap_to_foreground`). Components with more voxels than `max_component` balls of
     the bandwidth (0: no limit) are extended structures, not particles, and are dropped
     (`oversized_components`). `drop_thin`: fragments that the opening left of a thin
-    extended structure (a membrane) are dropped (`thin_fragments`).
+    extended structure (a membrane) are dropped (`thin_fragments`). `spare_small`: components of
+    at most that many typical particles are not opened (`spare_small_components`).
     """
     import pandas as pd
 
@@ -375,9 +377,8 @@ def find_particles(
         raise VPDetectError("give a bandwidth or a bandwidth factor")
     if size <= 0:
         raise VPDetectError(f"bandwidth must be positive, got {size}")
-    foreground = extract_foreground(prob, threshold, opening_radius, roi, z_range, slab_voxels)
-    if drop_thin:
-        foreground = drop_thin_fragments(prob, foreground, threshold, opening_radius, roi, z_range, slab_voxels)
+    foreground = particle_foreground(prob, threshold, opening_radius, drop_thin, spare_small, roi, z_range,
+                                     slab_voxels)
     if bandwidth is None:
         bandwidth = adaptive_bandwidth(foreground, bandwidth_factor)
     if merge_radius is None and merge_factor is not None:
@@ -478,14 +479,7 @@ def thin_fragments(opened: Foreground, unopened: Foreground) -> np.ndarray:
         return np.zeros(n, dtype=bool)
     sizes = np.bincount(opened.labels, minlength=n)
     typical = float(np.median(sizes))
-    extent = np.maximum(unopened.coords.max(axis=0), opened.coords.max(axis=0)) + 1
-    unopened_index = np.ravel_multi_index(tuple(unopened.coords.T), extent)
-    index = np.ravel_multi_index(tuple(opened.coords.T), extent)
-    order = np.argsort(unopened_index, kind="stable")
-    at = np.minimum(np.searchsorted(unopened_index, index, sorter=order), len(order) - 1)
-    # The opening only removes voxels: every opened voxel is an unopened one.
-    inside = unopened_index[order[at]] == index
-    parent = unopened.labels[order[at]][inside]
+    inside, parent = _unopened_parents(opened, unopened)
     unopened_sizes = np.bincount(unopened.labels, minlength=unopened.n_components)
     kept = np.bincount(parent, minlength=unopened.n_components)
     thin = (unopened_sizes > THIN_MIN_PARTICLES * typical) & (kept < THIN_SURVIVAL * unopened_sizes)
@@ -494,15 +488,61 @@ def thin_fragments(opened: Foreground, unopened: Foreground) -> np.ndarray:
     return in_thin & (sizes < THIN_KEEP_PARTICLES * typical)
 
 
-def drop_thin_fragments(prob: np.ndarray, opened: Foreground, threshold: float, opening_radius: int,
-                        roi: np.ndarray | None = None, z_range: tuple[int, int] | None = None,
-                        slab_voxels: int = SLAB_VOXELS) -> Foreground:
-    """`opened` (`extract_foreground` of `prob` with these settings) without the fragments of thin
-    extended structures (`thin_fragments`); unchanged without an opening."""
-    if opening_radius <= 0 or opened.n_components == 0:
+def _unopened_parents(opened: Foreground, unopened: Foreground) -> tuple[np.ndarray, np.ndarray]:
+    """(which voxels of `opened` are voxels of `unopened`, the unopened component of each of
+    those). The opening only removes voxels, so with the same map and threshold all are."""
+    extent = np.maximum(unopened.coords.max(axis=0), opened.coords.max(axis=0)) + 1
+    unopened_index = np.ravel_multi_index(tuple(unopened.coords.T), extent)
+    index = np.ravel_multi_index(tuple(opened.coords.T), extent)
+    order = np.argsort(unopened_index, kind="stable")
+    at = np.minimum(np.searchsorted(unopened_index, index, sorter=order), len(order) - 1)
+    inside = unopened_index[order[at]] == index
+    return inside, unopened.labels[order[at]][inside]
+
+
+def spare_small_components(opened: Foreground, unopened: Foreground, max_particles: float) -> Foreground:
+    """`opened` with every component of `unopened` (the same thresholded map before the opening)
+    of at most `max_particles` typical particles (the median opened component; 0: none) put
+    back whole, as it was before the opening.
+
+    At low SNR the map marks a small particle with a thin, ragged blob that a ball of radius 1
+    erases or cuts below the minimum cluster size; the opening is meant for speckle on large
+    structures and for thin sheets, which are far larger than a particle. Speckle that is
+    put back stays subject to the minimum cluster size.
+    """
+    if max_particles <= 0 or unopened.n_components == 0:
+        return opened
+    unopened_sizes = np.bincount(unopened.labels, minlength=unopened.n_components)
+    # Where the opening erased everything, the unopened components say what a particle is.
+    typical = float(np.median(np.bincount(opened.labels) if opened.n_components else unopened_sizes))
+    spared = unopened_sizes <= max_particles * typical
+    keep = np.ones(len(opened.coords), dtype=bool)
+    if opened.n_components:
+        inside, parent = _unopened_parents(opened, unopened)
+        keep[np.flatnonzero(inside)[spared[parent]]] = False  # replaced by their whole parent
+    back = spared[unopened.labels]
+    coords = np.concatenate([opened.coords[keep], unopened.coords[back]])
+    values = np.concatenate([opened.values[keep], unopened.values[back]])
+    # Opened components keep their numbers, spared ones follow; then 0..m-1 without gaps.
+    labels = np.concatenate([opened.labels[keep], opened.n_components + unopened.labels[back]])
+    used, labels = np.unique(labels, return_inverse=True)
+    order = np.lexsort(coords.T[::-1])  # raster order, as `extract_foreground` gives
+    return Foreground(coords[order], values[order], labels[order].astype(np.int64), int(used.size))
+
+
+def particle_foreground(prob: np.ndarray, threshold: float, opening_radius: int = 1, drop_thin: bool = False,
+                        spare_small: float = 0.0, roi: np.ndarray | None = None,
+                        z_range: tuple[int, int] | None = None, slab_voxels: int = SLAB_VOXELS) -> Foreground:
+    """`extract_foreground` of `prob`, then (`drop_thin`) without the fragments of thin extended
+    structures (`thin_fragments`) and with the components of at most `spare_small` typical
+    particles put back unopened (`spare_small_components`); both need an opening to act on."""
+    opened = extract_foreground(prob, threshold, opening_radius, roi, z_range, slab_voxels)
+    if opening_radius <= 0 or not (drop_thin or spare_small > 0):
         return opened
     unopened = extract_foreground(prob, threshold, 0, roi, z_range, slab_voxels)
-    return drop_components(opened, thin_fragments(opened, unopened))
+    if drop_thin and opened.n_components:
+        opened = drop_components(opened, thin_fragments(opened, unopened))
+    return spare_small_components(opened, unopened, spare_small)
 
 
 def oversized_components(foreground: Foreground, bandwidth: float, max_balls: float) -> np.ndarray:

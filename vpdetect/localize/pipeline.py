@@ -67,6 +67,8 @@ DEFAULT_SNAP_DISTANCE = 2.0
 # Components larger than this many balls of the bandwidth are dropped (0: none): off unless the
 # card (`vpdetect tune`) or the user sets it, so older models keep their behaviour.
 DEFAULT_MAX_COMPONENT = 0.0
+# Small components left unopened (0: the opening acts on all, as the paper's method does).
+DEFAULT_SPARE_SMALL = 0.0
 
 
 @dataclass
@@ -110,6 +112,9 @@ class LocalizeOptions:
     # Drop the fragments the opening leaves of thin extended structures (membranes);
     # None = the card's tuned value, else off.
     drop_thin: bool | None = None
+    # Components of at most this many typical particles are not opened (faint particles at low
+    # SNR); None = the card's tuned value, else 0 (open all).
+    spare_small: float | None = None
     # Bandwidth (and merge radius) as multiples of the particles' radius measured on the map,
     # used when neither bandwidth nor particle_diameter is set (from a tuned model card).
     bandwidth_factor: float | None = None
@@ -159,6 +164,7 @@ class LocalizeOptions:
             ("min_size", DEFAULT_MIN_SIZE),
             ("min_score", DEFAULT_MIN_SCORE),
             ("max_component", DEFAULT_MAX_COMPONENT),
+            ("spare_small", DEFAULT_SPARE_SMALL),
         ):
             if getattr(self, name) is None:
                 updates[name] = type(default)(tuned.get(name, default))
@@ -407,6 +413,7 @@ def particles_from_map(
         snap_distance=options.snap_distance,
         max_component=options.max_component,
         drop_thin=bool(options.drop_thin),
+        spare_small=float(options.spare_small or 0.0),
     )
     if bandwidth is None:
         log.info("%s: mean-shift bandwidth %.1f voxels (%g x the particles' radius measured on the map; "

@@ -13,6 +13,7 @@ that model, so a model carries the settings it was validated with.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ DEFAULT_MIN_SIZES = (5, 10, 20, 40)
 DEFAULT_MIN_SCORES = (0.0,)
 # Largest component kept, in balls of the bandwidth (0: no limit; see `cluster.oversized_components`).
 DEFAULT_MAX_COMPONENTS = (0.0, 4.0, 8.0)
+# Components of at most this many typical particles left unopened (0: open all; see
+# `cluster.spare_small_components`).
+DEFAULT_SPARE_SMALL = (0.0,)
 
 
 @dataclass
@@ -53,6 +57,7 @@ def tune_postprocessing(
     min_scores: Sequence[float] = DEFAULT_MIN_SCORES,
     progress: Callable[[int, int], None] | None = None,
     drop_thin: bool = False,
+    spare_smalls: Sequence[float] = DEFAULT_SPARE_SMALL,
 ) -> tuple[dict, list[dict]]:
     """(best settings with their mean F1, every grid point's scores), ties to the earlier grid point.
 
@@ -69,21 +74,18 @@ def tune_postprocessing(
         cluster_foreground,
         drop_components,
         drop_hollow_components,
-        drop_thin_fragments,
-        extract_foreground,
         oversized_components,
+        particle_foreground,
     )
 
     masks = [scoring_mask(m.occupancy, m.truth) for m in maps]  # once, for every grid point
     adaptive = bandwidths is None
     size_grid = list(bandwidth_factors if adaptive else bandwidths)
-    total, done = len(thresholds) * len(size_grid) * len(max_components), 0
+    total, done = len(thresholds) * len(spare_smalls) * len(size_grid) * len(max_components), 0
     rows: list[dict] = []
-    for threshold in thresholds:
-        foregrounds = [extract_foreground(m.prob, threshold, opening_radius) for m in maps]
-        if drop_thin:
-            foregrounds = [drop_thin_fragments(m.prob, fg, threshold, opening_radius)
-                           for m, fg in zip(maps, foregrounds, strict=True)]
+    for threshold, spare_small in itertools.product(thresholds, spare_smalls):
+        foregrounds = [particle_foreground(m.prob, threshold, opening_radius, drop_thin, spare_small)
+                       for m in maps]
         for size in size_grid:
             per_map = [adaptive_bandwidth(fg, size) if adaptive else float(size) for fg in foregrounds]
             # As `find_particles` does by default: hollow components (membranes) are dropped.
@@ -96,7 +98,8 @@ def tune_postprocessing(
                     for fg, bw in zip(solid, per_map, strict=True)
                 ]
                 common = {"threshold": float(threshold), "opening_radius": int(opening_radius),
-                          "max_component": float(max_component), "drop_thin": bool(drop_thin)}
+                          "max_component": float(max_component), "drop_thin": bool(drop_thin),
+                          "spare_small": float(spare_small)}
                 rows += _score_modes(maps, masks, unmerged, per_map, common, size, adaptive, merge_factors,
                                      min_sizes, min_scores)
                 done += 1
@@ -133,7 +136,7 @@ def _score_modes(maps, masks, unmerged, per_map, common: dict, size: float, adap
                 else:
                     row.update(bandwidth=float(size), merge_radius=float(size * factor))
                 row.update(min_size=int(min_size), min_score=float(min_score), max_component=common["max_component"],
-                           drop_thin=common["drop_thin"],
+                           drop_thin=common["drop_thin"], spare_small=common["spare_small"],
                            f1=float(np.mean(f1s)), f1_per_map=[round(f, 4) for f in f1s])
                 rows.append(row)
     return rows

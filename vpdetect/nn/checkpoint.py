@@ -263,6 +263,8 @@ def _describe_postprocess(postprocess: dict) -> str:
         parts.append(f"components over {_fmt_number(postprocess['max_component'])} bandwidth balls dropped")
     if postprocess.get("drop_thin"):
         parts.append("fragments of thin structures dropped")
+    if postprocess.get("spare_small"):
+        parts.append(f"components up to {_fmt_number(postprocess['spare_small'])} typical particles left unopened")
     text = ", ".join(parts)
     if postprocess.get("f1") is not None:
         text += f" (tuned F1 {postprocess['f1']:.3f})"
