@@ -1,7 +1,7 @@
 """Out-of-distribution benchmark (issue 12 item 1): does the localizer find particles in
 tomograms that do not look like its training data?
 
-    python -m benchmarks generalization [--model PATH] [--cells TEXT] [--quick] [--json OUT] [--fresh]
+    python -m benchmarks generalization [--model PATH] [--cells TEXT ...] [--quick] [--json OUT] [--fresh]
 
 A grid of tomograms, each differing from a base cell along one axis (and a few
 combinations), from two simulators:
@@ -34,6 +34,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,11 +106,13 @@ def grid() -> list[Cell]:
     return cells
 
 
-def select_cells(cells: list[Cell], pattern: str | None, quick: bool) -> list[Cell]:
+def select_cells(cells: list[Cell], patterns: Sequence[str] | str | None, quick: bool) -> list[Cell]:
+    """The cells to run: the quick ones if asked, and those whose name contains any of `patterns`."""
     if quick:
         cells = [c for c in cells if c.name in QUICK_CELLS]
-    if pattern:
-        cells = [c for c in cells if pattern in c.name]
+    if patterns:
+        texts = [patterns] if isinstance(patterns, str) else list(patterns)
+        cells = [c for c in cells if any(text in c.name for text in texts)]
     return cells
 
 
@@ -322,7 +325,8 @@ def markdown_table(rows: list[dict]) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks generalization", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="Localizer model (default: the bundled one).")
-    parser.add_argument("--cells", default=None, help="Only cells whose name contains this text.")
+    parser.add_argument("--cells", action="append", default=None,
+                        help="Only cells whose name contains this text (repeat for several).")
     parser.add_argument("--quick", action="store_true", help=f"Only the cells {', '.join(QUICK_CELLS)}.")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="Write every cell's metrics here.")
     parser.add_argument("--fresh", action="store_true", help="Re-simulate even where a tomogram is kept.")
@@ -340,7 +344,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(list(argv or []))
     cells = select_cells(grid(), args.cells, args.quick)
     if not cells:
-        raise SystemExit(f"no cell matches {args.cells!r}")
+        raise SystemExit(f"no cell matches {', '.join(args.cells or [])!r}")
     model = args.model
     model_text = str(model) if model is not None else f"bundled ({default_model_path('localizer')})"
     print(f"localizer: {model_text}; {len(cells)} cell(s); torch threads {torch.get_num_threads()}; "
