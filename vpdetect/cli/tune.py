@@ -15,7 +15,7 @@ from vpdetect.localize.tune import (
     DEFAULT_MERGE_FACTORS,
     DEFAULT_MIN_SCORES,
     DEFAULT_MIN_SIZES,
-    DEFAULT_SPARE_SMALL,
+    DEFAULT_SPARE_SMALLS,
     DEFAULT_THRESHOLDS,
 )
 
@@ -62,7 +62,7 @@ def tune(
     ),
     spare_smalls: list[float] = grid_option(
         "--spare-small", "sizes, in typical particles, up to which components are left unopened (0: open all)",
-        DEFAULT_SPARE_SMALL,
+        DEFAULT_SPARE_SMALLS,
     ),
     min_scores: list[float] = grid_option(
         "--min-score", "least mean probabilities of a cluster's voxels (0: keep all)", DEFAULT_MIN_SCORES
@@ -132,7 +132,7 @@ def tune(
             min_sizes=min_sizes or DEFAULT_MIN_SIZES,
             max_components=max_components or DEFAULT_MAX_COMPONENTS,
             min_scores=min_scores or DEFAULT_MIN_SCORES,
-            spare_smalls=spare_smalls or DEFAULT_SPARE_SMALL,
+            spare_smalls=spare_smalls or DEFAULT_SPARE_SMALLS,
             drop_thin=bool((card.get("postprocess") or {}).get("drop_thin", False) if drop_thin is None else drop_thin),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )

@@ -32,7 +32,7 @@ DEFAULT_MIN_SCORES = (0.0,)
 DEFAULT_MAX_COMPONENTS = (0.0, 4.0, 8.0)
 # Components of at most this many typical particles left unopened (0: open all; see
 # `cluster.spare_small_components`).
-DEFAULT_SPARE_SMALL = (0.0,)
+DEFAULT_SPARE_SMALLS = (0.0,)
 
 
 @dataclass
@@ -57,7 +57,7 @@ def tune_postprocessing(
     min_scores: Sequence[float] = DEFAULT_MIN_SCORES,
     progress: Callable[[int, int], None] | None = None,
     drop_thin: bool = False,
-    spare_smalls: Sequence[float] = DEFAULT_SPARE_SMALL,
+    spare_smalls: Sequence[float] = DEFAULT_SPARE_SMALLS,
 ) -> tuple[dict, list[dict]]:
     """(best settings with their mean F1, every grid point's scores), ties to the earlier grid point.
 
