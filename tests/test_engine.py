@@ -271,3 +271,76 @@ def test_allocation_time_is_counted_once_per_plan():
     assert allocation_seconds(model) == first
     fast_predict(model, torch.randn(1, 1, 8, 16, 16), measure=False)
     assert allocation_seconds(model) > first
+
+
+def test_map_groups_known_answer():
+    from vpdetect.nn.engine import map_groups
+
+    # Largest dilation per layer (w=2, M=3): 2, 3, 3, 2, 3; reach 13.
+    model = random_net(1, 2, 2, 5, 3)
+    assert [max(d) for d in model.dilations] == [2, 3, 3, 2, 3]
+    # The input map with the first two layers (5 maps) keeps the whole reach plus a step;
+    # layers 2-3 the reach of layers 2.. (8), layer 4 its own (3).
+    assert map_groups(model, 100, 2, 4) == ((0, 5, 15), (5, 9, 10), (9, 11, 5))
+    assert map_groups(model, 8, 2, 4) == ((0, 5, 8), (5, 9, 8), (9, 11, 5))  # at most every plane
+    assert map_groups(model, 100, 2, 1000) == ((0, 11, 15),)  # one group: one ring for all
+
+
+@pytest.mark.parametrize(
+    ("arch", "shape", "batch", "threads", "slab_columns", "group_maps"),
+    [
+        ((1, 2, 2, 6, 3), (40, 7, 6), 1, 2, 60, 1),  # every layer its own ring
+        ((1, 3, 2, 7, 4), (45, 9, 8), 2, 2, 100, 3),
+        ((2, 2, 3, 5, 3), (38, 6, 7), 2, 1, 30, 4),  # several input channels in the first group
+        ((1, 2, 1, 9, 2), (40, 9, 8), 1, 3, 100, 2),
+    ],
+)
+def test_engine_map_groups_hold_fewer_planes_and_give_the_same_map(
+    monkeypatch, arch, shape, batch, threads, slab_columns, group_maps
+):
+    from vpdetect.nn import engine as engine_module
+
+    model = random_net(*arch)
+    x = torch.randn(batch, arch[0], *shape)
+    expected = model.predict(x)
+    one_ring = Engine(model, threads=threads, slab_columns=slab_columns)
+    single = one_ring.predict(x)
+    one_ring_bytes = one_ring.geometry(shape, batch, threads).bytes
+    assert len(one_ring.geometry(shape, batch, threads).groups) == 1  # small nets: one group by default
+    monkeypatch.setattr(engine_module, "GROUP_MAPS", group_maps)
+    engine = Engine(model, threads=threads, slab_columns=slab_columns)
+    geometry = engine.geometry(shape, batch, threads)
+    assert geometry.order == (0, 1, 2)  # tall volumes stream along z
+    rings = [ring for _, _, ring in geometry.groups]
+    assert len(rings) > 1 and rings == sorted(rings, reverse=True) and rings[-1] < rings[0] < shape[0]
+    assert geometry.bytes < one_ring_bytes
+    got = engine.predict(x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert torch.allclose(got, single, atol=1e-6, rtol=0)
+    # Large planes in bands of rows read every group's ring too.
+    monkeypatch.setattr(engine_module, "BAND_COLUMNS", 20)
+    banded = Engine(model, threads=threads, slab_columns=slab_columns)
+    assert torch.allclose(banded.predict(x), expected, atol=1e-5, rtol=0)
+    assert next(iter(banded._plans.values())).band_rows < shape[1]
+
+
+@pytest.mark.parametrize(
+    ("shape", "order"),
+    [((6, 9, 31), (2, 0, 1)), ((7, 33, 10), (1, 0, 2)), ((30, 8, 9), (0, 1, 2)), ((12, 12, 12), (0, 1, 2))],
+)
+def test_engine_streams_along_the_axis_that_needs_least_memory(shape, order):
+    # A layout streams planes across one axis and holds a ring of them: across the longest
+    # axis the planes are smallest. The kernels are turned with the axes: the same map.
+    model = random_net(1, 2, 2, 4, 3, seed=5)
+    x = torch.randn(2, 1, *shape)
+    engine = Engine(model, threads=2, slab_columns=50)
+    geometry = engine.geometry(shape, 2)
+    assert geometry.order == order
+    assert geometry.shape == tuple(shape[a] for a in order)
+    calls = []
+    got = engine.predict(x, progress=lambda done, total: calls.append((done, total)))
+    assert got.shape == (2, 2, *shape)
+    assert torch.allclose(got, model.predict(x), atol=1e-5, rtol=0)
+    # Progress counts the input's z planes whatever the streamed axis.
+    assert calls[-1] == (shape[0], shape[0]) and all(t == shape[0] for _, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)

@@ -222,9 +222,9 @@ def test_default_tile_cpu_columns_gpu_from_free_memory():
     # CPU: full-depth columns streamed along z; with memory to spare, the whole tomogram.
     assert choose_tile(net, (512, 512, 512), "cpu", 1, 4, free=10**12, halo=24) == (512, 512, 512)
     # Less memory: narrower columns, as few as fit the share, recomputing only x-y halos.
-    free = 16 * 10**9
+    free = 12 * 10**9
     shape = choose_tile(net, (200, 512, 512), "cpu", 1, 4, free=free, halo=24)
-    assert shape[0] == 200 and shape[1] < 512
+    assert shape[0] == 200 and min(shape[1:]) < 512
     assert column_memory_bytes(net, shape) <= CPU_MEMORY_SHARE * free
     assert 1.0 < recompute_factor((200, 512, 512), shape, 24) < 1.5
     # Other networks keep cubic tiles on the CPU.

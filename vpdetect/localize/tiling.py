@@ -1,8 +1,9 @@
 """Tiled network inference with valid-region stitching (VP-Detector 2.1.1, steps 1-2).
 
 On the CPU an MSDNet sees full-depth columns: the engine streams each column
-along z (`vpdetect.nn.engine`), computing every voxel once along z with the
-network's whole reach, so only x and y are tiled, and the columns are as few
+along one axis (`vpdetect.nn.engine`: z, or y or x where that needs less
+memory), computing every voxel once with the network's whole reach along z
+(and along the streamed axis), so only x and y are tiled, and the columns are as few
 and as wide as CPU_MEMORY_SHARE of the free memory allows (often one: the
 whole tomogram, nothing recomputed). Elsewhere (GPUs, other networks) the
 tomogram is cut into cubic input tiles of edge `tile`. Each tile trusts
@@ -232,7 +233,7 @@ def _column_edge(length: int, pieces: int, halo: int) -> int:
 
 def choose_columns(model, volume_shape, batch_size: int, halo: int, tile: int | None = None,
                    free: int | None = None, threads: int | None = None) -> tuple[int, int, int]:
-    """(z, y, x) input shape of the columns the CPU engine streams along z.
+    """(z, y, x) input shape of the full-depth columns the CPU engine streams.
 
     `tile=None`: the fewest voxels computed (least recomputation in x and y) among
     column layouts that take at most CPU_MEMORY_SHARE of the free memory; `tile` fixes

@@ -20,6 +20,16 @@ data (row pitch W+P, plane pitch (H+P)(W+P)). A shift by up to P voxels in
 y or x then lands in those zeros instead of wrapping onto real data, so the
 in-plane taps need no bounds at all. Z is not padded: z-taps are clipped.
 
+Streaming: planes enter one step at a time and every layer finishes the planes
+whose taps have all arrived, so each voxel is computed once and only rings of
+planes stay resident. A map is last read by the output layer, which trails the
+layer that made it by the later layers' reach: the maps come in groups of
+consecutive layers (`map_groups`), each group with a ring just long enough, one
+multiply per group (about 0.6 of one ring for all maps in a deep network). The
+streamed axis is the one whose layout needs the least memory (on a 200 x 512 x 512
+tomogram y, with z-x planes: a ring of 512 x 512 planes would not fit); the
+input, the output and the kernels are seen with their axes in that order.
+
 Cache blocking: the multiply runs on slabs of a few z-planes (about 20k
 columns, so T of a slab and the slab's inputs stay in cache) and the slab's
 taps are scattered into a small accumulator at once; T never exists for the
@@ -41,6 +51,7 @@ whatever `precision` says.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import weakref
@@ -75,6 +86,11 @@ KERNELS = ("engine", "gemm", "conv")
 PLAN_MEMORY_RESERVE = 1024**3
 # Inputs whose whole feature buffer exceeds this always use the streaming engine.
 TRY_WHOLE_BUFFER_BYTES = 256 * 1024**2
+# Feature maps sharing one ring length (see `map_groups`): fewer, larger groups keep the
+# multiplies' inner dimension large (a multiply per group); smaller ones hold fewer planes.
+GROUP_MAPS = 16
+# The input's axes in the order the engine may lay them out, the streamed axis first.
+STREAM_ORDERS = ((0, 1, 2), (1, 0, 2), (2, 0, 1))
 
 
 class InferenceEngine:
@@ -133,7 +149,7 @@ class InferenceEngine:
     def refresh(self) -> None:
         """Re-read the model's weights (after training or loading new ones)."""
         self._fingerprint = _weights_fingerprint(self.model)
-        self._weights = _CpuWeights(self.model) if self.device.type == "cpu" else None
+        self._weights: dict[tuple[int, int, int], _CpuWeights] = {}  # per axis order, made when needed
         self._plans.clear()
         self.kernels.clear()
         self.kernel_times.clear()
@@ -190,7 +206,13 @@ class InferenceEngine:
         with torch.inference_mode():
             x = x.detach().to("cpu", torch.float32)
             # All samples side by side in one pass: one multiply serves every box of a batch.
-            self._plan((d, h, w), n, threads).run(x, out, progress)
+            plan = self._plan((d, h, w), n, threads)
+            # The plan streams along the axis its layout chose: it sees the input and the
+            # output with their axes in that order (views, no copies) and reports z planes.
+            axes = (0, 1, *(2 + a for a in plan.geometry.order))
+            streamed = plan.geometry.shape[0]
+            within = None if progress is None else (lambda done, _total: progress(done * d // streamed, d))
+            plan.run(x.permute(axes), out.permute(axes), within)
         return out
 
     def _measure_kernels(self, x: torch.Tensor, threads: int) -> tuple[str, dict, torch.Tensor | None]:
@@ -257,7 +279,10 @@ class InferenceEngine:
             if len(self._plans) >= 2:
                 self._plans.pop(next(iter(self._plans)))
             start = time.perf_counter()
-            plan = _CpuPlan(self._weights, geometry, threads, self.slab_columns)
+            weights = self._weights.get(geometry.order)
+            if weights is None:
+                weights = self._weights[geometry.order] = _CpuWeights(self.model, geometry.order)
+            plan = _CpuPlan(weights, geometry, threads, self.slab_columns)
             self.allocation_seconds += time.perf_counter() - start
             self._plans[key] = plan
         return plan
@@ -339,9 +364,10 @@ def _weights_fingerprint(model: MSDNet) -> tuple:
 
 
 class _CpuWeights:
-    """The model's weights repacked for the multiply-then-shift formulation."""
+    """The model's weights repacked for the multiply-then-shift formulation, for inputs
+    whose axes are taken in `order` (`StreamGeometry.order`): the kernels' axes follow."""
 
-    def __init__(self, model: MSDNet) -> None:
+    def __init__(self, model: MSDNet, order: tuple[int, int, int] = (0, 1, 2)) -> None:
         w = model.width
         self.in_channels = model.in_channels
         self.width = w
@@ -352,8 +378,9 @@ class _CpuWeights:
         self.max_dilation = max(max(d) for d in self.dilations)
         with torch.no_grad():
             # Row (j*27 + kz*9 + ky*3 + kx) holds channel j's tap (kz, ky, kx) over all inputs.
+            kernel_axes = tuple(2 + a for a in order)
             self.tap_matrices = [
-                weight.detach().float().permute(0, 2, 3, 4, 1).reshape(27 * w, -1).contiguous()
+                weight.detach().float().permute(0, *kernel_axes, 1).reshape(27 * w, -1).contiguous()
                 for weight in model.layer_weights
             ]
             self.biases = [[float(b) for b in bias.detach()] for bias in model.layer_biases]
@@ -365,19 +392,29 @@ class _CpuWeights:
 class StreamGeometry:
     """How the CPU engine lays out one input shape (see the module docstring).
 
-    `ring` planes of every feature map are resident at a time (the whole
-    volume when `ring == depth`); `step` input planes enter per step.
-    `bytes` is the memory of the buffers: feature ring, per-layer
-    accumulators, tap scratch and the input and output tensors.
+    The input's axes are taken in `order` (the streamed axis first: the one
+    whose layout needs the least memory), so `shape` is the input's shape in
+    that order. The feature maps come in `groups` of consecutive maps
+    (first, stop, ring): `ring` planes of each group's maps are resident at a
+    time (the whole volume when `ring == depth`), fewer for later maps, which
+    the last layers and the output read sooner after they are made; `step`
+    input planes enter per step. `bytes` is the memory of the buffers: feature
+    rings, per-layer accumulators, tap scratch and the input and output tensors.
     """
 
     shape: tuple[int, int, int]
+    order: tuple[int, int, int]
     lanes: int
     pad: int
     step: int
-    ring: int
+    groups: tuple[tuple[int, int, int], ...]
     accumulator_planes: tuple[int, ...]
     bytes: int
+
+    @property
+    def ring(self) -> int:
+        """The longest ring: the input maps'."""
+        return max(ring for _, _, ring in self.groups)
 
     @property
     def row_pitch(self) -> int:
@@ -389,34 +426,68 @@ class StreamGeometry:
 
 
 def stream_geometry(
-    model, shape: tuple[int, int, int], lanes: int = 1, threads: int = 1, slab_columns: int = SLAB_COLUMNS
+    model, shape: tuple[int, int, int], lanes: int = 1, threads: int = 1, slab_columns: int = SLAB_COLUMNS,
+    group_maps: int | None = None,
 ) -> StreamGeometry:
-    """The engine's layout for `lanes` samples of `shape` (D, H, W) on `threads` workers.
+    """The engine's layout for `lanes` samples of `shape` (D, H, W) on `threads` workers:
+    streamed along whichever axis needs the least memory (z on ties).
 
-    Memory grows with the ring: n_maps x ring x plane, where ring = min(D, sum of
-    the layers' largest dilations + step) planes, i.e. about
-    width x depth^2 x mean dilation x plane size for deep networks (far less
-    than the whole volume once D exceeds the ring).
+    Memory grows with the rings: each map keeps ring = min(planes, reach after it + step)
+    planes, where a map's reach after it is the sum of the largest dilations of the layers
+    after the one that made it (all of them for the input), i.e. about
+    width x depth^2 x mean dilation x plane size / 2 for deep networks (far less than the
+    whole volume once the streamed axis exceeds the network's reach). `group_maps`
+    (default GROUP_MAPS) sets how many consecutive maps share one ring length.
     """
-    depth_z, height, width = (int(n) for n in shape)
+    candidates = []
+    for order in STREAM_ORDERS:
+        oriented = tuple(int(shape[a]) for a in order)
+        if order != STREAM_ORDERS[0] and oriented == tuple(int(n) for n in shape):
+            continue  # a tie: the same layout as streaming along z
+        candidates.append(_oriented_geometry(model, oriented, order, lanes, threads, slab_columns,
+                                             GROUP_MAPS if group_maps is None else group_maps))
+    return min(candidates, key=lambda g: g.bytes)  # the first (z) on ties
+
+
+def map_groups(model, depth_z: int, step: int, group_maps: int) -> tuple[tuple[int, int, int], ...]:
+    """(first map, stop, ring planes) of consecutive maps sharing a ring: the input maps with
+    the first layers' maps, then whole layers, at least `group_maps` maps per group.
+
+    A map is read last by the output layer, when the maps of every later layer are
+    finished: a map of layer l must stay resident for the largest dilations of layers
+    l.. (its own too: near the last plane, a layer finishes that many planes at once) plus
+    one step of planes; the input's for all layers."""
+    dilations = [max(d) for d in model.dilations]
+    per_group = max(1, math.ceil(group_maps / model.width))
+    stop_layer = min(model.depth, max(0, math.ceil((group_maps - model.in_channels) / model.width)))
+    groups = [(0, model.in_channels + stop_layer * model.width, min(depth_z, sum(dilations) + step))]
+    while stop_layer < model.depth:
+        first_layer, stop_layer = stop_layer, min(model.depth, stop_layer + per_group)
+        ring = min(depth_z, sum(dilations[first_layer:]) + step)
+        groups.append((groups[-1][1], model.in_channels + stop_layer * model.width, ring))
+    return tuple(groups)
+
+
+def _oriented_geometry(model, shape, order, lanes, threads, slab_columns, group_maps) -> StreamGeometry:
+    depth_z, height, width = shape
     dilations = [max(d) for d in model.dilations]
     pad = max(dilations)
     row_pitch = lanes * (width + pad)
     plane_pitch = (height + pad) * row_pitch
     per_worker = max(1, round(slab_columns / plane_pitch))
     step = max(1, min(depth_z, per_worker * threads))
-    ring = min(depth_z, sum(dilations) + step)
+    groups = map_groups(model, depth_z, step, group_maps)
     acc = tuple(min(depth_z, step + 2 * d) for d in dilations)
     compute_plane = height * (row_pitch - pad)
     margin = pad * row_pitch + pad
     floats = (
-        model.n_feature_maps * ring * plane_pitch  # feature ring
+        sum((stop - first) * ring for first, stop, ring in groups) * plane_pitch  # feature rings
         + model.width * sum(acc) * compute_plane  # accumulators
         + model.width * 3 * step * compute_plane  # z-tap sums of a step
         + threads * (27 * model.width * (per_worker * plane_pitch + 2 * margin) + 9 * per_worker * compute_plane)
         + lanes * (model.in_channels + model.n_classes) * depth_z * height * width  # input, output
     )
-    return StreamGeometry((depth_z, height, width), lanes, pad, step, ring, acc, 4 * floats)
+    return StreamGeometry(tuple(shape), tuple(order), lanes, pad, step, groups, acc, 4 * floats)
 
 
 def _segments(start: int, stop: int, *periods: int) -> list[tuple[int, int]]:
@@ -460,11 +531,22 @@ class _CpuPlan:
         # Computed width of a row: every lane and the zero gutters between lanes.
         self.compute_width = self.row_pitch - pad
         self.step = geometry.step
-        self.ring = geometry.ring
         self.per_worker = max(1, round(slab_columns / self.plane_pitch))
         self.threads = threads
-        # Feature ring: plane z lives in slot z % ring. Pitch padding and gutters stay zero.
-        self.buffer = torch.zeros((weights.n_maps, self.ring * self.plane_pitch), dtype=torch.float32)
+        # Feature rings, one per group of maps: plane z of a group's maps lives in slot z % its
+        # ring. Pitch padding and gutters stay zero.
+        self.buffers = [
+            torch.zeros((stop - first, ring * self.plane_pitch), dtype=torch.float32)
+            for first, stop, ring in geometry.groups
+        ]
+        self.rings = [ring for _, _, ring in geometry.groups]
+        group_of = [k for k, (first, stop, _) in enumerate(geometry.groups) for _ in range(first, stop)]
+        # The ring of each layer's output maps (a layer's maps never straddle two groups).
+        self.layer_group = [group_of[weights.in_channels + layer * weights.width] for layer in range(weights.depth)]
+        # Each layer's tap matrix and the output's weights cut into the groups' columns:
+        # [(group, rows of that group's buffer, weights)], one multiply per group.
+        self.tap_pieces = [self._pieces_of(matrix) for matrix in weights.tap_matrices]
+        self.final_pieces = self._pieces_of(weights.final_weight)
         self.acc = [
             torch.zeros((weights.width, planes, height, self.compute_width), dtype=torch.float32)
             for planes in geometry.accumulator_planes
@@ -487,10 +569,32 @@ class _CpuPlan:
         block = block.unflatten(-1, (-1, height + self.pad, self.lanes, width + self.pad))
         return block[..., :height, :, :width]
 
-    def slots(self, rows, z0: int, z1: int) -> torch.Tensor:
-        """Flat ring columns of planes z0..z1-1 (which must not wrap) for buffer `rows`."""
-        s0 = z0 % self.ring
-        return self.buffer[rows, s0 * self.plane_pitch : (s0 + z1 - z0) * self.plane_pitch]
+    def _pieces_of(self, matrix: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+        """`matrix` (rows, input maps) cut by the map groups its input maps fall in."""
+        pieces = []
+        for k, (first, stop, _) in enumerate(self.geometry.groups):
+            if first < matrix.shape[1]:
+                rows = min(stop, matrix.shape[1]) - first
+                pieces.append((k, rows, matrix[:, first : first + rows].contiguous()))
+        return pieces
+
+    def slots(self, group: int, z0: int, z1: int, rows=slice(None)) -> torch.Tensor:
+        """Flat ring columns of planes z0..z1-1 (which must not wrap) of `rows` of a group's maps."""
+        s0 = z0 % self.rings[group]
+        return self.buffers[group][rows, s0 * self.plane_pitch : (s0 + z1 - z0) * self.plane_pitch]
+
+    def _multiply(self, pieces, z: int, lo: int, hi: int, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """out = (bias +) the pieces' weights @ their maps' columns [lo, hi) of plane z's slots
+        onwards (columns may run into the following planes, which must not wrap)."""
+        for n, (group, rows, weights) in enumerate(pieces):
+            base = (z % self.rings[group]) * self.plane_pitch
+            maps = self.buffers[group][:rows, base + lo : base + hi]
+            if n:
+                out.addmm_(weights, maps)
+            elif bias is not None:
+                torch.addmm(bias, weights, maps, out=out)
+            else:
+                torch.mm(weights, maps, out=out)
 
     def run(self, x: torch.Tensor, out: torch.Tensor, progress=None) -> None:
         """Fill `out` (lanes, n_classes, D, H, W) with the probabilities for `x` (lanes, C, D, H, W)."""
@@ -507,19 +611,31 @@ class _CpuPlan:
             done = [0] * wts.depth
             while final_done < depth_z:
                 # Load input planes while their ring slots are free (the final layer has read them).
-                stop = min(depth_z, loaded + self.step, final_done + self.ring)
-                for z0, z1 in _segments(loaded, stop, self.ring):
-                    self.data(self.slots(slice(0, wts.in_channels), z0, z1)).copy_(
+                stop = min(depth_z, loaded + self.step, final_done + self.rings[0])
+                for z0, z1 in _segments(loaded, stop, self.rings[0]):
+                    self.data(self.slots(0, z0, z1, slice(0, wts.in_channels))).copy_(
                         x[:, :, z0:z1].permute(1, 2, 3, 0, 4)
                     )
+                progressed = stop > loaded
                 loaded = max(loaded, stop)
                 available = loaded
                 for layer in range(wts.depth):
+                    # A layer finishes planes only into free slots of its maps' ring.
+                    limit = final_done + self.rings[self.layer_group[layer]]
+                    reach = max(wts.dilations[layer])
                     while fed[layer] < available:
-                        a, b = fed[layer], min(available, fed[layer] + self.step)
+                        a = fed[layer]
+                        b = min(available, a + self.step, limit + reach)
+                        if b == depth_z > limit:
+                            b -= 1  # the last input plane finishes every plane left
+                        if b <= a:
+                            break
                         done[layer] = self._feed(layer, a, b, done[layer])
                         fed[layer] = b
+                        progressed = True
                     available = done[layer]
+                if not progressed and available <= final_done:
+                    raise RuntimeError(f"inference engine stalled at plane {final_done} of {depth_z}")
                 if available > final_done:
                     self._parallel(self._final, _split(final_done, available, self.threads), out)
                     final_done = available
@@ -537,7 +653,7 @@ class _CpuPlan:
         pieces = [
             piece
             for part in _split(a, b, self.threads)
-            for z0, z1 in _segments(*part, self.ring)
+            for z0, z1 in _segments(*part, *self.rings)
             for piece in self._pieces(z0, z1)
         ]
         self._parallel(self._taps, _balanced(pieces, self.threads), (layer, a))
@@ -576,14 +692,12 @@ class _CpuPlan:
 
     def _plane_taps(self, scratch: _Scratch, layer: int, z0: int, z1: int, a: int) -> None:
         """Whole planes z0..z1-1 in one multiply; each output voxel gathers its 9 in-plane taps."""
-        matrix, taps, height = self.weights.tap_matrices[layer], scratch.taps, self.geometry.shape[1]
+        taps, height = scratch.taps, self.geometry.shape[1]
         pitch, rpitch, margin, t_width = self.plane_pitch, self.row_pitch, self.margin, taps.shape[1]
         n = z1 - z0
-        base = (z0 % self.ring) * pitch
         # T column `margin` is plane z0's first voxel; the zero margins stand for the
         # neighbours above the first row and below the last.
-        torch.mm(matrix, self.buffer[: matrix.shape[1], base : base + n * pitch],
-                 out=taps[:, margin : margin + n * pitch])
+        self._multiply(self.tap_pieces[layer], z0, 0, n * pitch, taps[:, margin : margin + n * pitch])
         for j, dil in enumerate(self.weights.dilations[layer]):
             # (kz, ky, kx, z, y, x) view: tap (kz, ky, kx) of voxel (z, y, x) is T at
             # column (z, y + (ky-1)*dil, x + (kx-1)*dil) of row j*27 + 9*kz + 3*ky + kx.
@@ -600,12 +714,11 @@ class _CpuPlan:
         """Plane z in bands of rows, each multiplied once: a band's taps are summed over x,
         then added (scattered) into the output rows they reach, which may lie in the
         neighbouring bands. No row is multiplied twice."""
-        matrix, taps, height = self.weights.tap_matrices[layer], scratch.taps, self.geometry.shape[1]
+        taps, height = scratch.taps, self.geometry.shape[1]
         rpitch, margin, pad, t_width = self.row_pitch, self.margin, self.pad, taps.shape[1]
         cwidth = self.compute_width
         zsums = self.zsums[:, :, z - a]  # (w, 3 z-taps, H, cwidth)
         zsums.zero_()
-        base = (z % self.ring) * self.plane_pitch
         for r0 in range(0, height, self.band_rows):
             r1 = min(r0 + self.band_rows, height)
             rows = r1 - r0
@@ -615,8 +728,7 @@ class _CpuPlan:
             start = margin + lo - r0 * rpitch
             if r0 == 0:
                 taps[:, :start].zero_()  # earlier bands wrote here
-            torch.mm(matrix, self.buffer[: matrix.shape[1], base + lo : base + r1 * rpitch],
-                     out=taps[:, start : margin + rows * rpitch])
+            self._multiply(self.tap_pieces[layer], z, lo, r1 * rpitch, taps[:, start : margin + rows * rpitch])
             for j, dil in enumerate(self.weights.dilations[layer]):
                 # (kz, ky, kx, y, x) view of the band's taps at column (y, x + (kx-1)*dil).
                 view = taps.as_strided(
@@ -648,13 +760,15 @@ class _CpuPlan:
                     s0 = z0 % period
                     acc[j, s0 : s0 + z1 - z0].add_(self.zsums[j, kz, z0 + dz - a : z1 + dz - a])
         n_out = wts.in_channels + layer * wts.width
-        for z0, z1 in _segments(max(lo, done), min(hi, finished), period, self.ring):
+        group = self.layer_group[layer]
+        first = self.geometry.groups[group][0]
+        for z0, z1 in _segments(max(lo, done), min(hi, finished), period, self.rings[group]):
             s0 = z0 % period
             own = acc[:, s0 : s0 + z1 - z0]
             for j, bias in enumerate(wts.biases[layer]):
                 own[j].add_(bias)
             F.leaky_relu(own, NEGATIVE_SLOPE, inplace=True)
-            target = self.data(self.slots(slice(n_out, n_out + wts.width), z0, z1))
+            target = self.data(self.slots(group, z0, z1, slice(n_out - first, n_out - first + wts.width)))
             target.copy_(self.lanes_of(own))
             own.zero_()
 
@@ -670,10 +784,11 @@ class _CpuPlan:
     def _final(self, scratch: _Scratch, out_range, out: torch.Tensor) -> None:
         """1x1x1 convolution over all maps and softmax for output planes `out_range`."""
         wts = self.weights
-        for z0, z1 in _segments(*out_range, self.ring):
+        for z0, z1 in _segments(*out_range, *self.rings):
             for s0 in range(z0, z1, self.per_worker):
                 s1 = min(s0 + self.per_worker, z1)
-                logits = torch.addmm(wts.final_bias, wts.final_weight, self.slots(slice(None), s0, s1))
+                logits = torch.empty((wts.n_classes, (s1 - s0) * self.plane_pitch), dtype=torch.float32)
+                self._multiply(self.final_pieces, s0, 0, logits.shape[1], logits, wts.final_bias)
                 # (classes, planes, H, lanes, W) -> (lanes, classes, planes, H, W)
                 probs = torch.softmax(self.data(logits), dim=0)
                 out[:, :, s0:s1] = probs.permute(3, 0, 1, 2, 4)
