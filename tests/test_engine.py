@@ -328,15 +328,19 @@ def test_engine_map_groups_hold_fewer_planes_and_give_the_same_map(
     ("shape", "order"),
     [((6, 9, 31), (2, 0, 1)), ((7, 33, 10), (1, 0, 2)), ((30, 8, 9), (0, 1, 2)), ((12, 12, 12), (0, 1, 2))],
 )
-def test_engine_streams_along_the_axis_that_needs_least_memory(shape, order):
+def test_engine_streams_along_z_unless_another_axis_halves_the_memory(shape, order):
     # A layout streams planes across one axis and holds a ring of them: across the longest
     # axis the planes are smallest. The kernels are turned with the axes: the same map.
+    from vpdetect.nn.engine import GROUP_MAPS, STREAM_MEMORY_RATIO, _oriented_geometry
+
     model = random_net(1, 2, 2, 4, 3, seed=5)
     x = torch.randn(2, 1, *shape)
     engine = Engine(model, threads=2, slab_columns=50)
     geometry = engine.geometry(shape, 2)
     assert geometry.order == order
     assert geometry.shape == tuple(shape[a] for a in order)
+    along_z = _oriented_geometry(model, shape, (0, 1, 2), 2, 2, 50, GROUP_MAPS)
+    assert (geometry.bytes * STREAM_MEMORY_RATIO < along_z.bytes) == (order != (0, 1, 2))
     calls = []
     got = engine.predict(x, progress=lambda done, total: calls.append((done, total)))
     assert got.shape == (2, 2, *shape)
