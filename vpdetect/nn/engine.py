@@ -561,7 +561,9 @@ class _CpuPlan:
         self.zsums = torch.empty((weights.width, 3, self.step, height, self.compute_width), dtype=torch.float32)
         self.margin = pad * self.row_pitch + pad
         # Bands of rows when a plane exceeds BAND_COLUMNS (else whole planes per multiply).
-        self.band_rows = height if self.plane_pitch <= BAND_COLUMNS else max(1, BAND_COLUMNS // self.row_pitch)
+        # Bands of equal rows: a short last band would multiply as slowly as a full one.
+        bands = 1 if self.plane_pitch <= BAND_COLUMNS else math.ceil(height / max(1, BAND_COLUMNS // self.row_pitch))
+        self.band_rows = math.ceil(height / bands)
         band_width = min(height, self.band_rows) * self.row_pitch
         t_width = max(self.per_worker * self.plane_pitch, band_width) + 2 * self.margin
         self.scratch = [
