@@ -345,6 +345,7 @@ def test_engine_streams_along_z_unless_another_axis_halves_the_memory(shape, ord
     got = engine.predict(x, progress=lambda done, total: calls.append((done, total)))
     assert got.shape == (2, 2, *shape)
     assert torch.allclose(got, model.predict(x), atol=1e-5, rtol=0)
+    assert engine.kernel_summary() == f"engine along {'zyx'[order[0]]} for {'x'.join(map(str, shape))}"
     # Progress counts the input's z planes whatever the streamed axis.
     assert calls[-1] == (shape[0], shape[0]) and all(t == shape[0] for _, t in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)

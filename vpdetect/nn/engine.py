@@ -257,6 +257,8 @@ class InferenceEngine:
             times = self.kernel_times.get(key) or {}
             measured = ", ".join(f"{k} {t * 1e3:.0f} ms" for k, t in times.items())
             size = "x".join(str(n) for n in shape[1:])
+            if kernel == "engine":  # which axis it streamed (see `stream_geometry`)
+                kernel += f" along {'zyx'[self.geometry(shape[1:], batch, key[1]).order[0]]}"
             parts.append(f"{kernel} for {size}" + (f" (measured on {batch}: {measured})" if measured else ""))
         return "; ".join(parts) or "none yet"
 
