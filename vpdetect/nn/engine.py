@@ -36,9 +36,10 @@ columns, so T of a slab and the slab's inputs stay in cache) and the slab's
 taps are scattered into a small accumulator at once; T never exists for the
 whole volume. A plane wider than that is multiplied in bands of rows, each row
 once: a band's taps are summed along x, then added into the output rows its
-y-taps reach (some in the neighbouring bands). Threads: the z-range is split into chunks (two per thread) that
-`threads` Python workers take in turn, each running single-threaded BLAS on
-its own planes (torch releases the GIL inside ops), with a barrier per layer.
+y-taps reach (some in the neighbouring bands). Threads: each step's planes
+are dealt to `threads` Python workers (STEP_SLABS slabs or banded planes each),
+each running single-threaded BLAS on its own planes (torch releases the GIL
+inside ops), with a barrier per layer and step.
 That beats per-op OpenMP threading, whose barrier in every small op is slow
 when the cores are shared.
 
@@ -439,9 +440,9 @@ def stream_geometry(
     """The engine's layout for `lanes` samples of `shape` (D, H, W) on `threads` workers:
     streamed along z, or along y or x where that needs less than half the memory.
 
-    Memory grows with the rings: each map keeps ring = min(planes, reach after it + step)
-    planes, where a map's reach after it is the sum of the largest dilations of the layers
-    after the one that made it (all of them for the input), i.e. about
+    Memory grows with the rings: each map keeps ring = min(planes, reach + step) planes,
+    where a map's reach is the sum of the largest dilations of the layer that made it and
+    of the later ones (of all layers for the input), i.e. about
     width x depth^2 x mean dilation x plane size / 2 for deep networks (far less than the
     whole volume once the streamed axis exceeds the network's reach). `group_maps`
     (default GROUP_MAPS) sets how many consecutive maps share one ring length.
