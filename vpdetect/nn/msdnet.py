@@ -98,12 +98,17 @@ def _layer_gemm(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     """
     n, c = source.shape[:2]
     shape = tuple(source.shape[2:])
-    taps_out = torch.matmul(_weight_matrix(weight), source.reshape(n, c, -1)).reshape(n, -1, 27, *shape)
-    for j, dil in enumerate(dilations):
-        acc = out[:, j]
-        acc.copy_(bias[j].expand_as(acc))
-        for k, (dst, src) in enumerate(_taps(dil, shape)):
-            acc[(slice(None), *dst)] += taps_out[(slice(None), j, k, *src)]
+    matrix = _weight_matrix(weight)
+    taps = [_taps(dil, shape) for dil in dilations]
+    # Sample by sample: one sample's taps (27w x voxels) stay in the cache while they are
+    # added up; a whole batch's would not (4 crops of 40^3: 55 MB).
+    for s in range(n):
+        taps_out = torch.mm(matrix, source[s].reshape(c, -1)).reshape(-1, 27, *shape)
+        for j, channel_taps in enumerate(taps):
+            acc = out[s, j]
+            acc.copy_(bias[j].expand_as(acc))
+            for k, (dst, src) in enumerate(channel_taps):
+                acc[dst] += taps_out[(j, k, *src)]
 
 
 def _layer_gemm_backward(source, weight, dilations, grad_pre, grad_source):
@@ -116,16 +121,20 @@ def _layer_gemm_backward(source, weight, dilations, grad_pre, grad_source):
     n, c = source.shape[:2]
     shape = tuple(source.shape[2:])
     w = len(dilations)
-    shifted = grad_pre.new_zeros((n, w, 27, *shape))
-    for j, dil in enumerate(dilations):
-        for k, (dst, src) in enumerate(_taps(dil, shape)):
-            shifted[(slice(None), j, k, *src)] = grad_pre[(slice(None), j, *dst)]
-    shifted = shifted.reshape(n, w * 27, -1)
-    flat_grad = grad_source.view(n, c, -1)
+    taps = [_taps(dil, shape) for dil in dilations]
     # grad_source may be float32 while the operands are in the autocast dtype.
-    flat_grad.baddbmm_(_weight_matrix(weight).t().to(flat_grad.dtype).expand(n, c, w * 27),
-                       shifted.to(flat_grad.dtype))
-    grad_matrix = torch.bmm(shifted, source.reshape(n, c, -1).transpose(1, 2)).sum(dim=0)  # (27w, C)
+    matrix_t = _weight_matrix(weight).t().to(grad_source.dtype)
+    grad_matrix = torch.zeros((w * 27, c), dtype=gradient_dtype(source.dtype), device=source.device)
+    # Sample by sample, as the forward: one sample's shifted gradients stay in the cache.
+    shifted = grad_pre.new_empty((w, 27, *shape))
+    for s in range(n):
+        shifted.zero_()
+        for j, channel_taps in enumerate(taps):
+            for k, (dst, src) in enumerate(channel_taps):
+                shifted[(j, k, *src)] = grad_pre[(s, j, *dst)]
+        flat = shifted.reshape(w * 27, -1)
+        grad_source[s].view(c, -1).addmm_(matrix_t, flat.to(grad_source.dtype))
+        grad_matrix += torch.mm(flat, source[s].reshape(c, -1).t())  # (27w, C)
     return grad_matrix.reshape(w, 27, c).permute(0, 2, 1).reshape(weight.shape)
 
 

@@ -4,7 +4,7 @@ Every layer concatenates all earlier maps into a fresh tensor and runs one
 dilated `conv3d` per output channel over it: the textbook reading of the
 paper's dense connectivity. It reads the same weights as `MSDNet` (see the
 layout in `vpdetect.nn.msdnet`) and must agree with `MSDNet.forward`; it is
-only for tests and `benchmarks/bench_msdnet.py`, never for production.
+only for tests and the benchmarks, never for production.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ from vpdetect.nn.msdnet import NEGATIVE_SLOPE, MSDNet
 @torch.no_grad()
 def concat_forward(model: MSDNet, x: torch.Tensor) -> torch.Tensor:
     """Class logits (N, n_classes, D, H, W), rebuilding the concatenated input every layer."""
+    return concat_logits(model, x)
+
+
+def concat_logits(model: MSDNet, x: torch.Tensor) -> torch.Tensor:
+    """`concat_forward` with autograd (the training baseline of `benchmarks/bench_training.py`)."""
     maps = [x.to(torch.float32)]
     for i in range(model.depth):
         source = torch.cat(maps, dim=1)
