@@ -112,8 +112,9 @@ def run(argv: list[str] | None = None) -> None:
     previous = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        print(f"settings: {THREADS} torch threads, float32, MSDNet w=2 d={args.depth} M=7, {args.batch} random crops "
-              f"of {args.crop}^3 per step, random labels, Adam; median of {args.steps} steps after one")
+        print(f"settings: {THREADS} torch threads, float32, MSDNet w=2 d={args.depth} M=7,\n"
+              f"  {args.batch} random crops of {args.crop}^3 per step, random labels, Adam;\n"
+              f"  median of {args.steps} steps after one")
         results = compare(args.crop, args.batch, args.depth, args.steps)
         base = results["concat"]["seconds"]
         print("| way | s per step | crops/s | vs concat | weight-gradient difference |")

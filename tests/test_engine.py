@@ -188,7 +188,7 @@ def test_engine_streams_volumes_deeper_than_its_ring(arch, shape, batch, threads
     engine = Engine(model, threads=threads, slab_columns=slab_columns)
     geometry = engine.geometry(shape, batch, threads)
     # Only the ring's planes are resident: the network's reach along z plus one step.
-    assert geometry.ring == sum(max(d) for d in model.dilations) + geometry.step < shape[0]
+    assert geometry.groups[0][2] == sum(max(d) for d in model.dilations) + geometry.step < shape[0]
     x = torch.randn(batch, arch[0], *shape)
     calls = []
     got = engine.predict(x, progress=lambda done, total: calls.append((done, total)))

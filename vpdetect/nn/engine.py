@@ -420,11 +420,6 @@ class StreamGeometry:
     bytes: int
 
     @property
-    def ring(self) -> int:
-        """The longest ring: the input maps'."""
-        return max(ring for _, _, ring in self.groups)
-
-    @property
     def row_pitch(self) -> int:
         return self.lanes * (self.shape[2] + self.pad)
 

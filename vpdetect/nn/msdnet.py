@@ -88,7 +88,7 @@ def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_gemm(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilations, out: torch.Tensor):
-    """One dense layer as a batched matrix multiply plus 27 shifted adds per channel.
+    """One dense layer as a matrix multiply per sample plus 27 shifted adds per channel.
 
     source (N, C, D, H, W) and out (N, w, D, H, W) are views of the feature
     buffer; out is written in place (pre-activation + bias). T = W (27w, C) @
