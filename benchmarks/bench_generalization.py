@@ -2,6 +2,7 @@
 tomograms that do not look like its training data?
 
     python -m benchmarks generalization [--model PATH] [--cells TEXT ...] [--quick] [--json OUT] [--fresh]
+                                        [--validation]
 
 A grid of tomograms, each differing from a base cell along one axis (and a few
 combinations), from two simulators:
@@ -15,6 +16,9 @@ combinations), from two simulators:
   `vpdetect simulate DIR --preset shrec21 --shape 160 160 64 --slab-thickness 48
   --seed 9001 --snr S` (S = 0.1, 0.5, 4), and the same contrast-inverted.
 Test seeds are 9000-9999: never used to train or tune vpdetect's models.
+`--validation` draws every cell again with seeds 9100 (independent) and 9101
+(vpdetect), kept apart under .bench/generalization-validation/: the grid on
+which a default may be chosen, so that the reported grid stays a test.
 
 Every cell: the localizer run as a user runs it (`vpdetect localize TOMO.mrc -o
 picks.csv`, in-process, default options, the MRC's header carrying the voxel
@@ -44,6 +48,8 @@ from benchmarks.independent_sim import IndependentParams, simulate, with_changes
 
 INDEPENDENT_SEED = 9000
 VPDETECT_SEED = 9001
+# The same cells drawn again, for choosing defaults without looking at the reported grid.
+VALIDATION_SEEDS = (9100, 9101)
 WORK_DIR = Path(".bench/generalization")
 DEFAULT_JSON = Path(".bench/generalization.json")
 VPDETECT_SHAPE = (160, 160, 64)
@@ -64,14 +70,16 @@ class Cell:
     notes: dict = field(default_factory=dict)
 
 
-def grid() -> list[Cell]:
-    """The benchmark's cells, base first."""
+def grid(validation: bool = False) -> list[Cell]:
+    """The benchmark's cells, base first; with `validation`, on the validation seeds."""
+    independent_seed, vpdetect_seed = VALIDATION_SEEDS if validation else (INDEPENDENT_SEED, VPDETECT_SEED)
     base = IndependentParams()
-    cells = [Cell("base", "base", "-", "independent", base)]
+    cells = [Cell("base", "base", "-", "independent", base, seed=independent_seed)]
 
     def one(axis: str, value, label: str | None = None, **changes) -> None:
         label = str(value) if label is None else label
-        cells.append(Cell(f"{axis}={label}", axis, label, "independent", with_changes(base, **changes)))
+        cells.append(Cell(f"{axis}={label}", axis, label, "independent", with_changes(base, **changes),
+                          seed=independent_seed))
 
     for snr in (0.02, 0.05, 0.1, 0.25, 1.0, 4.0):
         one("snr", snr, f"{snr:g}", snr=snr)
@@ -97,12 +105,13 @@ def grid() -> list[Cell]:
                                         context=("ice_gradient",))),
     ]
     for label, changes in combos:
-        cells.append(Cell(f"combo={label}", "combination", label, "independent", with_changes(base, **changes)))
+        cells.append(Cell(f"combo={label}", "combination", label, "independent", with_changes(base, **changes),
+                          seed=independent_seed))
     for snr in (0.1, 0.5, 4.0):
         for inverted in (False, True):
             label = f"snr={snr:g}" + (" inverted" if inverted else "")
             cells.append(Cell(f"vpdetect {label}", "vpdetect simulator", label, "vpdetect",
-                              vpdetect_snr=snr, inverted=inverted, seed=VPDETECT_SEED))
+                              vpdetect_snr=snr, inverted=inverted, seed=vpdetect_seed))
     return cells
 
 
@@ -328,10 +337,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cells", action="append", default=None,
                         help="Only cells whose name contains this text (repeat for several).")
     parser.add_argument("--quick", action="store_true", help=f"Only the cells {', '.join(QUICK_CELLS)}.")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="Write every cell's metrics here.")
+    parser.add_argument("--json", type=Path, default=None,
+                        help=f"Write every cell's metrics here (default {DEFAULT_JSON}, or its -validation twin).")
     parser.add_argument("--fresh", action="store_true", help="Re-simulate even where a tomogram is kept.")
-    parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="Where the cells' SHREC folders live.")
-    return parser.parse_args(argv)
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help=f"Where the cells' SHREC folders live (default {WORK_DIR}, or its -validation twin).")
+    parser.add_argument("--validation", action="store_true",
+                        help=f"The same cells on the validation seeds {VALIDATION_SEEDS}: for choosing defaults.")
+    args = parser.parse_args(argv)
+    suffix = "-validation" if args.validation else ""
+    if args.json is None:
+        args.json = DEFAULT_JSON.with_name(f"{DEFAULT_JSON.stem}{suffix}{DEFAULT_JSON.suffix}")
+    if args.work_dir is None:
+        args.work_dir = WORK_DIR.with_name(WORK_DIR.name + suffix)
+    return args
 
 
 def run(argv: list[str] | None = None) -> list[dict]:
@@ -342,12 +361,12 @@ def run(argv: list[str] | None = None) -> list[dict]:
     from vpdetect.models import default_model_path
 
     args = parse_args(list(argv or []))
-    cells = select_cells(grid(), args.cells, args.quick)
+    cells = select_cells(grid(args.validation), args.cells, args.quick)
     if not cells:
         raise SystemExit(f"no cell matches {', '.join(args.cells or [])!r}")
     model = args.model
     model_text = str(model) if model is not None else f"bundled ({default_model_path('localizer')})"
-    print(f"localizer: {model_text}; {len(cells)} cell(s); torch threads {torch.get_num_threads()}; "
+    print(f"localizer: {model_text}; {len(cells)} cell(s){' (validation seeds)' if args.validation else ''}; torch threads {torch.get_num_threads()}; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     args.json.parent.mkdir(parents=True, exist_ok=True)

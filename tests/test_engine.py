@@ -2,6 +2,10 @@
 
 import functools
 import gc
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,3 +353,31 @@ def test_engine_streams_along_z_unless_another_axis_halves_the_memory(shape, ord
     # Progress counts the input's z planes whatever the streamed axis.
     assert calls[-1] == (shape[0], shape[0]) and all(t == shape[0] for _, t in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode ('always', 'madvise', 'never'), None where unknown."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always") or not Path("/proc/self/smaps_rollup").exists(),
+                    reason="no transparent huge pages on this system")
+def test_importing_vpdetect_puts_large_torch_buffers_in_huge_pages():
+    probe = ("import sys, vpdetect, torch; a = torch.ones(64 << 18); "
+             "kb = [l.split()[1] for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')]; "
+             "print(int(kb[0]))")
+
+    def huge_kb(env_value: str | None) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        if env_value is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = env_value
+        run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+        return int(run.stdout.strip())
+
+    assert huge_kb(None) >= 32 << 10  # most of the 64 MB buffer in 2 MB pages
+    if _thp_mode() == "madvise":
+        assert huge_kb("0") < 8 << 10  # the user's own setting wins

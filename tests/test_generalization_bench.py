@@ -122,6 +122,17 @@ def test_grid_names_are_unique_and_quick_cells_exist():
             c.params.validate()
 
 
+def test_validation_grid_is_the_same_cells_on_other_seeds_in_other_folders():
+    test, validation = bench.grid(), bench.grid(validation=True)
+    assert [c.name for c in validation] == [c.name for c in test]
+    assert [c.params for c in validation] == [c.params for c in test]
+    assert {c.seed for c in test}.isdisjoint({c.seed for c in validation})
+    assert all(9000 <= c.seed <= 9999 for c in validation)
+    args = bench.parse_args(["--validation"])
+    assert args.work_dir != bench.WORK_DIR and args.json != bench.DEFAULT_JSON
+    assert bench.parse_args([]).work_dir == bench.WORK_DIR
+
+
 def test_benchmark_runner_refuses_options_for_several_benchmarks(capsys):
     from benchmarks.__main__ import main
 
