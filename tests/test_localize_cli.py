@@ -366,3 +366,21 @@ def test_match_spectrum_follows_the_card_and_needs_a_reference(data):
     save_model(tmp_path / "bad.pt", net, {**model_card, "spectrum_reference": [1.0, "x"]})
     result = run("localize", tmp_path / "TS_01.mrc", "--model", tmp_path / "bad.pt", "-o", tmp_path / "b.csv")
     assert result.exit_code == 2 and "spectrum_reference must be a list" in result.output
+
+
+def test_drop_gold_removes_the_bead_pick_and_records_it(tmp_path, rng):
+    volume = scene(rng)
+    z, y, x = np.indices(SHAPE)
+    volume[(z - 18) ** 2 + (y - 20) ** 2 + (x - 22) ** 2 <= 9] = 20.0  # a gold bead among 4 particles
+    write_mrc(tmp_path / "TS_01.mrc", volume, voxel_size=10.0)
+    model = intensity_localizer(tmp_path / "localizer.pt", volume)
+    kept, dropped = tmp_path / "kept.csv", tmp_path / "dropped.csv"
+    result = run("localize", tmp_path / "TS_01.mrc", "--model", model, "-o", kept, "--bandwidth", 4)
+    assert result.exit_code == 0, result.output
+    assert_centres(read_particles(kept), CENTRES + [(18.0, 20.0, 22.0)])
+    result = run("localize", tmp_path / "TS_01.mrc", "--model", model, "-o", dropped, "--bandwidth", 4,
+                 "--drop-gold")
+    assert result.exit_code == 0, result.output
+    assert_centres(read_particles(dropped), CENTRES)
+    record = json.loads((tmp_path / "dropped.csv.json").read_text())
+    assert record["result"]["postprocess"]["drop_gold"] is True

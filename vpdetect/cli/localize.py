@@ -145,6 +145,15 @@ def drop_thin_option():
     )
 
 
+def drop_gold_option():
+    return typer.Option(
+        False, "--drop-gold/--keep-gold",
+        help="Drop picks on gold fiducials: peak contrast over 4 x the median pick's (beads are many "
+        "times denser than any protein). Off by default: SHREC'21 and the bundled models count beads as "
+        "particles (class fiducial).",
+    )
+
+
 def spare_small_option():
     return typer.Option(
         None, "--spare-small", min=0.0,
@@ -259,7 +268,7 @@ def postprocess_record(options) -> dict:
         "min_size": options.min_size, "min_score": options.min_score, "merge_radius": options.merge_radius,
         "max_centre_gap": options.max_centre_gap, "snap_distance": options.snap_distance,
         "max_component": options.max_component, "drop_thin": options.drop_thin,
-        "spare_small": options.spare_small,
+        "spare_small": options.spare_small, "drop_gold": options.drop_gold,
     }
 
 
@@ -276,6 +285,7 @@ def build_localize_options(
     max_component: float | None = None,
     drop_thin: bool | None = None,
     spare_small: float | None = None,
+    drop_gold: bool = False,
     flips: int | None = None,
     tile: int | None = None,
     halo: int | None = None,
@@ -312,6 +322,7 @@ def build_localize_options(
         max_component=max_component,
         drop_thin=drop_thin,
         spare_small=spare_small,
+        drop_gold=drop_gold,
         flips=flips,
         tile=tile,
         halo=halo,
@@ -450,6 +461,7 @@ def localize(
     max_component: float = max_component_option(),
     drop_thin: bool | None = drop_thin_option(),
     spare_small: float | None = spare_small_option(),
+    drop_gold: bool = drop_gold_option(),
     test_time_flips: int = localizer_flips_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
@@ -487,6 +499,7 @@ def localize(
         max_centre_gap=max_centre_gap, snap_distance=snap_distance, max_component=max_component,
         drop_thin=drop_thin,
         spare_small=spare_small,
+        drop_gold=drop_gold,
         flips=test_time_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
         contrast=contrast, rescale=rescale, match_spectrum=match_spectrum,

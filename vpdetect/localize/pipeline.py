@@ -19,6 +19,7 @@ import numpy as np
 
 from vpdetect.errors import VPDetectError
 from vpdetect.localize.cluster import find_particles
+from vpdetect.localize.fiducials import GOLD_CONTRAST_RATIO, gold_picks
 from vpdetect.localize.tiling import (
     DEFAULT_HALO_CAP,
     MAP_IN_MEMORY_VOXELS,
@@ -115,6 +116,10 @@ class LocalizeOptions:
     # Components of at most this many typical particles are not opened (faint particles at low
     # SNR); None = the card's tuned value, else 0 (open all).
     spare_small: float | None = None
+    # Drop picks on gold fiducials (peak contrast far above the median pick's,
+    # `vpdetect.localize.fiducials`); off by default: SHREC'21 and vpdetect's training data
+    # count beads as particles (class `fiducial`).
+    drop_gold: bool = False
     # Bandwidth (and merge radius) as multiples of the particles' radius measured on the map,
     # used when neither bandwidth nor particle_diameter is set (from a tuned model card).
     bandwidth_factor: float | None = None
@@ -425,6 +430,12 @@ def particles_from_map(
         if options.z_range is not None:  # the widened model-grid range may reach past the asked one
             z0, z1 = options.z_range
             found = found[(found["z"] >= z0 - 0.5) & (found["z"] <= z1 + 0.5)]
+    if options.drop_gold and len(found):
+        on_gold = gold_picks(tomo.data, found[["z", "y", "x"]].to_numpy())
+        if on_gold.any():
+            log.info("%s: %d pick(s) on gold fiducials dropped (peak contrast over %g x the median pick's)",
+                     tomo.name, int(on_gold.sum()), GOLD_CONTRAST_RATIO)
+        found = found[~on_gold]
     found.insert(3, "tomo_name", tomo.name)
     found.insert(4, "tomo_path", str(tomo.path.resolve()) if tomo.path is not None else "")
     used_bandwidth = found.attrs["bandwidth"]
