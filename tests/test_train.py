@@ -554,3 +554,38 @@ def test_cli_deterministic_is_recorded(shrec_dir, tmp_path):
                                       *TINY, "--epochs", "1", "--deterministic"])
     assert result.exit_code == 0, result.output
     assert read_model_card(out)["provenance"]["deterministic"] is True
+
+
+def test_cli_match_spectrum_trains_on_matched_tomograms_and_the_model_matches_by_default(shrec_dir, tmp_path):
+    from vpdetect.spectrum import match_spectrum
+    from vpdetect.train.data import (
+        build_class_mapping,
+        load_shrec_folder,
+        prepare_volume,
+        spectrum_matched,
+    )
+
+    runner = CliRunner()
+    out = tmp_path / "loc.pt"
+    def args(path):
+        return ["train", "localizer", "--data", str(shrec_dir), "--out", str(path), *TINY, "--epochs", "1"]
+
+    result = runner.invoke(app, [*args(out), "--match-spectrum"])
+    assert result.exit_code == 0, result.output
+    card = read_model_card(out)
+    assert card["match_spectrum"] is True and card["provenance"]["spectrum_matched"] is True
+    # The reference is measured before matching: the same as without the option.
+    plain = tmp_path / "plain.pt"
+    assert runner.invoke(app, args(plain)).exit_code == 0
+    assert "match_spectrum" not in read_model_card(plain)
+    assert card["spectrum_reference"] == pytest.approx(read_model_card(plain)["spectrum_reference"], abs=1e-6)
+    # What the crops are cut from: the tomogram as `localize` filters it, normalised again.
+    av = load_shrec_folder(shrec_dir)
+    mapping = build_class_mapping(list(av.id_names.values()) + av.centre_names, "localizer")
+    tv = prepare_volume(av, mapping, "robust", background_sigma=8.0)
+    matched = spectrum_matched(tv, card["spectrum_reference"], "robust")
+    np.testing.assert_allclose(matched.volume, match_spectrum(tv.volume, card["spectrum_reference"]), atol=1e-6)
+    assert matched.std * tv.std > 0 and matched.targets is tv.targets
+    bad = runner.invoke(app, ["train", "classifier", "--data", str(shrec_dir), "--out", str(tmp_path / "c.pt"),
+                              "--match-spectrum"])
+    assert bad.exit_code != 0 and "localizers only" in bad.output

@@ -159,6 +159,12 @@ def train(
         f"in training and, recorded in the model, at inference: ice and density gradients no longer hide "
         f"particles. 0 turns it off (default {LOCALIZER_BACKGROUND_SIGMA:g} for localizers).",
     ),
+    match_spectrum: bool = typer.Option(
+        False, "--match-spectrum/--no-match-spectrum",
+        help="Localizers: filter every training tomogram (after the background subtraction) towards the "
+        "training set's mean radial amplitude spectrum, as `localize --match-spectrum` filters a user's "
+        "tomogram; the model then matches by default, so that it sees at inference what it saw in training.",
+    ),
     classes: str = typer.Option(
         None, "--classes", help="Comma-separated classes to train (others become background); default all."
     ),
@@ -272,6 +278,8 @@ def train(
         raise VPDetectError("--background-sigma applies to localizers only (classifiers read boxes as they are)")
     background_sigma = (LOCALIZER_BACKGROUND_SIGMA if stage == "localizer" else 0.0) if background_sigma is None \
         else float(background_sigma)
+    if match_spectrum and stage != "localizer":
+        raise VPDetectError("--match-spectrum applies to localizers only")
     if size_balance and boxes:
         raise VPDetectError("--size-balance applies to MSDNet crops; box classifiers sample classes evenly")
     if structure_share and boxes:
@@ -303,6 +311,7 @@ def train(
         merged_radii,
         parse_merge,
         prepare_volume,
+        spectrum_matched,
     )
     from vpdetect.train.loop import (
         TrainConfig,
@@ -352,6 +361,10 @@ def train(
     # Measured as the model sees its tomograms (after any background subtraction), where
     # `localize` matches a user's.
     spectrum = None if stage != "localizer" else reference_profile([tv.volume for tv in volumes])
+    if match_spectrum:
+        volumes = [spectrum_matched(tv, spectrum, normalisation) for tv in volumes]
+        val_volumes = [spectrum_matched(tv, spectrum, normalisation) for tv in val_volumes]
+        say(f"{len(volumes) + len(val_volumes)} tomogram(s) filtered towards the training set's amplitude spectrum")
     alpha_spec = alpha if alpha is not None else defaults["alpha"]
     radii = merged_radii(sources, mapping)
     if alpha is None and alpha_spec == "radius" and any(c not in radii for c in mapping.class_names[1:]):
@@ -451,6 +464,7 @@ def train(
             "normalisation": normalisation,
             **({"background_sigma": background_sigma} if background_sigma else {}),
             **({"spectrum_reference": spectrum} if spectrum else {}),
+            **({"match_spectrum": True} if match_spectrum else {}),
             "contrast": MODEL_CONTRAST,
             "voxel_size": voxel_sizes[0] if voxel_sizes else None,
             "crop_size": crop_size,
@@ -465,6 +479,7 @@ def train(
                    if boxes else {}),
                 **({"size_balance": size_balance} if size_balance else {}),
                 **({"structure_share": structure_share} if structure_share else {}),
+                **({"spectrum_matched": True} if match_spectrum else {}),
                 "data": data_names,
                 "init": str(init) if init is not None else None,
                 "validation": [str(p) for p in val] + [str(p) for p in val_tomogram],

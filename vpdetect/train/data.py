@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from vpdetect.preprocess import (
     normalise,
     subtract_background,
 )
+from vpdetect.spectrum import match_spectrum
 
 BACKGROUND = "background"
 # Structure-centred crops (`CropDataset.structure_share`): band-passed energy this many times the
@@ -265,6 +266,18 @@ def prepare_volume(
         contrast=own,
         centre_radii=np.array([av.radii_vox.get(n, np.nan) for n in av.centre_names], dtype=np.float64)[keep],
     )
+
+
+def spectrum_matched(tv: TrainingVolume, reference, normalisation: str) -> TrainingVolume:
+    """`tv` with its tomogram filtered towards the radial amplitude spectrum `reference`
+    (`vpdetect.spectrum.match_spectrum`, as `localize --match-spectrum` filters a user's) and
+    its normalisation measured again on the filtered tomogram, the contrast sign kept."""
+    volume = match_spectrum(np.asarray(tv.volume, dtype=np.float32), reference)
+    try:
+        mean, std = normalisation_params(volume, normalisation)
+    except VPDetectError as exc:
+        raise VPDetectError(f"{tv.name}: {exc}") from None
+    return replace(tv, volume=volume, mean=mean, std=float(np.copysign(std, tv.std)))
 
 
 def class_voxel_counts(volumes: Sequence[TrainingVolume], n_classes: int) -> np.ndarray:
