@@ -308,6 +308,30 @@ def test_pick_widget_picks_in_a_worker_and_saves(viewer, tmp_path, rng):
 
 
 @needs_display
+def test_pick_widget_drops_gold_when_asked(viewer, tmp_path, rng):
+    from test_localize_cli import CENTRES, SHAPE, intensity_localizer, scene
+
+    from vpdetect.napari._widgets import PickWidget
+
+    volume = scene(rng)
+    z, y, x = np.indices(SHAPE)
+    volume[(z - 18) ** 2 + (y - 20) ** 2 + (x - 22) ** 2 <= 9] = 20.0  # a gold bead among 4 particles
+    viewer.add_image(volume, name="TS_01")
+    widget = PickWidget(viewer)
+    widget.localizer.value = intensity_localizer(tmp_path / "loc.pt", volume)
+    widget.mode.value = "localize"
+    widget.voxel_size.value = 10.0
+    found = []
+    for drop in (False, True):
+        widget.drop_gold.value = drop
+        widget.run()
+        wait_for(lambda: widget.worker is None)
+        assert widget.result is not None, widget.status.value
+        found.append(len(widget.result))
+    assert found == [len(CENTRES) + 1, len(CENTRES)]
+
+
+@needs_display
 def test_pick_widget_reports_errors_in_its_status(viewer, tmp_path):
     from vpdetect.napari._widgets import PickWidget
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -67,6 +68,8 @@ class PickWidget(Container):
                                    tooltip="Classifier model (.pt); empty: the bundled one.")
         self.threshold = FloatSpinBox(label="threshold", min=0.0, max=1.0, step=0.05, value=0.0,
                                       tooltip="Foreground probability; 0: the model's tuned value.")
+        self.drop_gold = CheckBox(label="drop gold", value=False,
+                                  tooltip="Drop picks on gold fiducials (localize/pick --drop-gold).")
         self.voxel_size = FloatSpinBox(label="voxel size (A)", min=0.0, max=1e4, value=0.0,
                                        tooltip="0: from the tomogram's header, if it has one.")
         self.output = FileEdit(label="save to", mode="w", filter=TABLE_FILTER, value="",
@@ -75,7 +78,7 @@ class PickWidget(Container):
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self.status = Label(value="")
         self.extend([self.image, self.mode, self.localizer, self.classifier, self.threshold,
-                     self.voxel_size, self.output, self.run_button, self.progress, self.status])
+                     self.drop_gold, self.voxel_size, self.output, self.run_button, self.progress, self.status])
         self.mode.changed.connect(lambda value: setattr(self.classifier, "enabled", value == "pick"))
         self.run_button.clicked.connect(self.run)
         self.viewer.layers.events.inserted.connect(lambda _: self.image.reset_choices())
@@ -101,6 +104,8 @@ class PickWidget(Container):
         options = {}
         if self.threshold.value > 0:
             options["threshold"] = float(self.threshold.value)
+        if self.drop_gold.value:
+            options["drop_gold"] = True
         localizer = _path_or_none(self.localizer)
         classifier = _path_or_none(self.classifier)
         emit = self._relay.progressed.emit
