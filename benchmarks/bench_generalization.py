@@ -366,7 +366,9 @@ def run(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"no cell matches {', '.join(args.cells or [])!r}")
     model = args.model
     model_text = str(model) if model is not None else f"bundled ({default_model_path('localizer')})"
-    print(f"localizer: {model_text}; {len(cells)} cell(s){' (validation seeds)' if args.validation else ''}; torch threads {torch.get_num_threads()}; "
+    seeds = "validation" if args.validation else "test"
+    print(f"localizer: {model_text}", flush=True)
+    print(f"{len(cells)} cell(s) on the {seeds} seeds; torch threads {torch.get_num_threads()}; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,8 @@ Baseline, measured in this run: the network phases with `MSDNet.predict`
 instead of the engine, extrapolated from a slab of the tomogram's whole planes
 (BASELINE_PLANES of them: the plain alternative, the whole volume through
 `predict`, works on whole planes, whose maps leave the caches as the volume's
-do; a small cube that fits in the caches ran up to 1.6x faster per voxel than
-whole planes on an AVX-512 host and is no configuration a tomogram can run) and
+do; a 48^3 cube that fits in the caches ran 1.2-2x faster per voxel than whole
+planes on an AVX-512 host and is no configuration a tomogram can run) and
 one batch of boxes, counting only the output voxels (no recomputation charged
 to the baseline: a lower bound for any tiling), the faster of two timed calls.
 The localizer's ratio compares that slab's time per voxel with the run's own

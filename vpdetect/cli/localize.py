@@ -50,6 +50,7 @@ from vpdetect.cli.geometry import (
     tomograms_star_option,
 )
 from vpdetect.errors import VPDetectError
+from vpdetect.localize.fiducials import GOLD_CONTRAST_RATIO, MIN_PICKS
 
 log = logging.getLogger("vpdetect.localize")
 
@@ -148,9 +149,9 @@ def drop_thin_option():
 def drop_gold_option():
     return typer.Option(
         False, "--drop-gold/--keep-gold",
-        help="Drop picks on gold fiducials: peak contrast over 4 x the median pick's (beads are many "
-        "times denser than any protein). Off by default: SHREC'21 and the bundled models count beads as "
-        "particles (class fiducial).",
+        help=f"Drop picks on gold fiducials: peak contrast over {GOLD_CONTRAST_RATIO:g} x the median pick's "
+        f"(beads are many times denser than any protein; needs {MIN_PICKS} picks or more). Off by default: "
+        "SHREC'21 and the bundled models count beads as particles (class fiducial).",
     )
 
 

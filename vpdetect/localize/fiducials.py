@@ -16,7 +16,6 @@ for a median (MIN_PICKS).
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 GOLD_CONTRAST_RATIO = 4.0
 MIN_PICKS = 5
@@ -32,6 +31,8 @@ def peak_contrast(volume: np.ndarray, centres_zyx: np.ndarray) -> np.ndarray:
     """For each centre [z, y, x] (voxels), the largest |smoothed value - local background|
     within PEAK_RADIUS voxels: a bead's core in either contrast. Reads only small boxes, so a
     memory-mapped tomogram stays on disk."""
+    from scipy import ndimage
+
     centres = np.rint(np.asarray(centres_zyx, dtype=np.float64)).astype(np.int64).reshape(-1, 3)
     shape = np.array(volume.shape)
     reach = PEAK_RADIUS + BACKGROUND_MARGIN
