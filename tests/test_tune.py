@@ -254,3 +254,20 @@ def test_tune_with_spectrum_matching_records_the_choice(tmp_path, rng):
     assert CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "-o", str(plain),
                                     *grid]).exit_code == 0
     assert "match_spectrum" not in read_model_card(plain)  # not given: the card is left as it was
+
+
+def test_tune_with_erased_membranes_records_the_choice(tmp_path, rng):
+    volume = shrec_folder(tmp_path / "val", rng)
+    model = intensity_localizer(tmp_path / "loc.pt", volume)
+    grid = ["--threshold", "0.5", "--bandwidth-factor", "2", "--merge-factor", "1", "--min-size", "5",
+            "--max-component", "0", "--tile", "24", "--device", "cpu"]
+    for flag, expected in (("--erase-membranes", True), ("--keep-membranes", False)):
+        out = tmp_path / f"{flag}.pt"
+        result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "-o", str(out),
+                                          flag, *grid])
+        assert result.exit_code == 0, result.output
+        tuned = read_model_card(out)
+        # No sheet in these balls: the same picks either way.
+        assert tuned["erase_membranes"] is expected and tuned["postprocess"]["f1"] == 1.0
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "--erase-membranes.pt")])
+    assert result.exit_code == 0 and "membranes: erased before the network by default" in result.output

@@ -237,6 +237,16 @@ def match_spectrum_option():
     )
 
 
+def erase_membranes_option():
+    return typer.Option(
+        None, "--erase-membranes/--keep-membranes",
+        help="Replace large thin dense sheets (membranes, the streak fans of gold beads, a carbon edge's face) "
+        "by background noise before the network, so that particles beside them are found (Hessian "
+        "sheetness at 1.5 nm, sheets of at least 6000 nm^3; see README) (default: the model card's "
+        "choice, else off).",
+    )
+
+
 def mask_option():
     return typer.Option(
         None, "--mask", help="MRC mask the size of the tomogram: search only where it is nonzero."
@@ -297,6 +307,7 @@ def build_localize_options(
     contrast: str = "auto",
     rescale: bool = True,
     match_spectrum: bool | None = None,
+    erase_membranes: bool | None = None,
 ):
     """A validated `LocalizeOptions` from CLI values (`device` already resolved)."""
     from vpdetect.localize.pipeline import LocalizeOptions
@@ -334,6 +345,7 @@ def build_localize_options(
         contrast=contrast,
         rescale=rescale,
         match_spectrum=match_spectrum,
+        erase_membranes=erase_membranes,
     )
 
 
@@ -476,6 +488,7 @@ def localize(
     contrast: str = contrast_option(),
     rescale: bool = rescale_option(),
     match_spectrum: bool = match_spectrum_option(),
+    erase_membranes: bool = erase_membranes_option(),
     copick: Path = copick_option(),
     run: list[str] = run_option(),
     voxel_spacing: float = voxel_spacing_option(),
@@ -503,7 +516,7 @@ def localize(
         drop_gold=drop_gold,
         flips=test_time_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
-        contrast=contrast, rescale=rescale, match_spectrum=match_spectrum,
+        contrast=contrast, rescale=rescale, match_spectrum=match_spectrum, erase_membranes=erase_membranes,
     )
     model_path = resolve_model_path(model, "localizer")
     # A wrong model fails once, before any input (checked on the CPU when workers take the GPUs).

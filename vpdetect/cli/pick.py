@@ -57,6 +57,7 @@ from vpdetect.cli.localize import (
     contrast_option,
     drop_gold_option,
     drop_thin_option,
+    erase_membranes_option,
     halo_option,
     localizer_flips_option,
     mask_option,
@@ -224,6 +225,7 @@ def pick(
     contrast: str = contrast_option(),
     rescale: bool = rescale_option(),
     match_spectrum: bool = match_spectrum_option(),
+    erase_membranes: bool = erase_membranes_option(),
     copick: Path = copick_option(),
     run: list[str] = run_option(),
     voxel_spacing: float = voxel_spacing_option(),
@@ -254,7 +256,7 @@ def pick(
         drop_gold=drop_gold,
         flips=localizer_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
-        contrast=contrast, rescale=rescale, match_spectrum=match_spectrum,
+        contrast=contrast, rescale=rescale, match_spectrum=match_spectrum, erase_membranes=erase_membranes,
     )
     classify_options = ClassifyOptions(
         batch_size=box_batch_size, search_radius=search_radius, drop_unknown=drop_unknown,

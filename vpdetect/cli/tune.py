@@ -8,7 +8,12 @@ import typer
 
 from vpdetect.cli.app import app, console, user_errors
 from vpdetect.cli.batch import device_option
-from vpdetect.cli.localize import halo_option, match_spectrum_option, tile_option
+from vpdetect.cli.localize import (
+    erase_membranes_option,
+    halo_option,
+    match_spectrum_option,
+    tile_option,
+)
 from vpdetect.localize.tune import (
     DEFAULT_BANDWIDTH_FACTORS,
     DEFAULT_MAX_COMPONENTS,
@@ -72,6 +77,7 @@ def tune(
         help="Also write every grid point (settings, mean F1 and each tomogram's F1, best first) to this CSV.",
     ),
     match_spectrum: bool = match_spectrum_option(),
+    erase_membranes: bool = erase_membranes_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
     device: str = device_option(),
@@ -81,8 +87,8 @@ def tune(
 
     The winners are stored in the model's card and become `localize`'s and `pick`'s
     defaults for that model (options given on the command line still win). With
-    --match-spectrum or --no-match-spectrum the maps are made that way and the card keeps
-    that choice as the model's default.
+    --match-spectrum or --no-match-spectrum (and --erase-membranes or --keep-membranes) the
+    maps are made that way and the card keeps that choice as the model's default.
     """
     from vpdetect.cli.batch import resolve_device
     from vpdetect.cli.localize import build_localize_options
@@ -113,7 +119,8 @@ def tune(
         check_output_dir(grid_csv.parent)
     device = resolve_device(device)
     net, card = load_model(model, stage="localizer", device=device)
-    options = build_localize_options(tile=tile, halo=halo, device=device, match_spectrum=match_spectrum)
+    options = build_localize_options(tile=tile, halo=halo, device=device, match_spectrum=match_spectrum,
+                                     erase_membranes=erase_membranes)
     maps = []
     for folder in data:
         tomo = read_tomogram(folder / "reconstruction.mrc")
@@ -145,6 +152,8 @@ def tune(
     card["postprocess"] = best
     if match_spectrum is not None:  # tuned with (or without) matching: the model's default from now on
         card["match_spectrum"] = match_spectrum
+    if erase_membranes is not None:
+        card["erase_membranes"] = erase_membranes
     # A shipped model keeps its float16 storage (its weights are float16 values already).
     save_model(out or model, net.cpu(), card, training_state=read_training_state(model),
                half_weights=card.get("weights_storage") == "float16")

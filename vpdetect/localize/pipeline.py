@@ -20,6 +20,7 @@ import numpy as np
 from vpdetect.errors import VPDetectError
 from vpdetect.localize.cluster import find_particles
 from vpdetect.localize.fiducials import GOLD_CONTRAST_RATIO, gold_picks
+from vpdetect.localize.membranes import erase_membranes
 from vpdetect.localize.tiling import (
     DEFAULT_HALO_CAP,
     MAP_IN_MEMORY_VOXELS,
@@ -139,6 +140,9 @@ class LocalizeOptions:
     # Filter the tomogram so its radial amplitude spectrum follows the model's training data
     # (`vpdetect.spectrum`); None = the card's "match_spectrum", else off.
     match_spectrum: bool | None = None
+    # Replace large thin dense sheets (membranes, gold streak fans) by background noise before
+    # the network (`vpdetect.localize.membranes`); None = the card's "erase_membranes", else off.
+    erase_membranes: bool | None = None
 
     def resolved_bandwidth(self, voxel_size: float | None) -> float:
         """The bandwidth in voxels for a tomogram of the given voxel size (Angstrom)."""
@@ -318,6 +322,14 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
         contrast = options.contrast
     if expected is not None:
         scale *= contrast_sign(contrast, expected)
+    if options.erase_membranes if options.erase_membranes is not None else card.get("erase_membranes", False):
+        # Dense matter is dark in the network's input where the model expects dark particles
+        # (a model that records no contrast gets the tomogram as given: dark unless told bright).
+        dense_sign = np.sign(scale) * (1.0 if (expected or contrast) == "bright" else -1.0)
+        voxel_a = card.get("voxel_size") if factor is not None else (tomo.voxel_size or card.get("voxel_size"))
+        volume, erased = erase_membranes(volume, centre, scale, dense_sign, (voxel_a or 10.0) / 10.0)
+        log.info("%s: %.1f %% of the voxels on membranes erased (--keep-membranes to keep them)",
+                 tomo.name, 100.0 * erased)
     if timings is not None:
         timings["load"] = timings.get("load", 0.0) + time.perf_counter() - start
     return ModelInput(volume, centre, scale, clip_of(method), contrast, score, scale_zyx)

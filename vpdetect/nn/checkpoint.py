@@ -184,8 +184,9 @@ def check_inference_card(card: dict, stage: str) -> None:
                 for v in reference)
     ):
         raise VPDetectError("model card spectrum_reference must be a list of non-negative numbers")
-    if not isinstance(card.get("match_spectrum", False), bool):
-        raise VPDetectError(f"model card match_spectrum must be true or false, got {card['match_spectrum']!r}")
+    for flag in ("match_spectrum", "erase_membranes"):
+        if not isinstance(card.get(flag, False), bool):
+            raise VPDetectError(f"model card {flag} must be true or false, got {card[flag]!r}")
     if card.get("contrast", "dark") not in CONTRASTS:
         raise VPDetectError(f"model expects input contrast {card['contrast']!r}; vpdetect knows dark or bright")
 
@@ -298,6 +299,8 @@ def format_model_card(card: dict) -> str:
     if card.get("spectrum_reference"):
         use = "matched by default" if card.get("match_spectrum") else "used with --match-spectrum"
         lines.append(f"  spectrum reference: {len(card['spectrum_reference'])} shells ({use})")
+    if card.get("erase_membranes"):
+        lines.append("  membranes: erased before the network by default (vpdetect.localize.membranes)")
     lines.append(f"  contrast: {card.get('contrast', 'not recorded (tomograms used as given)')}")
     voxel = card.get("voxel_size")
     lines.append(f"  voxel size: {'unknown' if voxel is None else f'{voxel:.3f} A'}")
