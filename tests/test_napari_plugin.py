@@ -332,6 +332,31 @@ def test_pick_widget_drops_gold_when_asked(viewer, tmp_path, rng):
 
 
 @needs_display
+def test_pick_widget_erases_membranes_when_asked(viewer, tmp_path, rng):
+    from test_localize_cli import intensity_localizer
+    from test_membranes import BALLS, SHEET_X, membrane_scene
+
+    from vpdetect.napari._widgets import PickWidget
+    from vpdetect.nn.checkpoint import bundle_model
+
+    volume, _, _ = membrane_scene(rng, noise=0.1)
+    viewer.add_image(volume, name="TS_01")
+    widget = PickWidget(viewer)
+    bundle_model(intensity_localizer(tmp_path / "loc.pt", volume), tmp_path / "bright.pt", {"contrast": "bright"})
+    widget.localizer.value = tmp_path / "bright.pt"
+    widget.mode.value = "localize"
+    widget.voxel_size.value = 10.0
+    found = []
+    for erase in (False, True):
+        widget.erase_membranes.value = erase
+        widget.run()
+        wait_for(lambda: widget.worker is None)
+        assert widget.result is not None, widget.status.value
+        found.append(widget.result)
+    assert (found[0]["x"] > SHEET_X[0] - 2).sum() > 3 and len(found[1]) == len(BALLS)
+
+
+@needs_display
 def test_pick_widget_reports_errors_in_its_status(viewer, tmp_path):
     from vpdetect.napari._widgets import PickWidget
 
