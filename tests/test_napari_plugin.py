@@ -307,6 +307,18 @@ def test_pick_widget_picks_in_a_worker_and_saves(viewer, tmp_path, rng):
     assert "saved" in widget.status.value
 
 
+def results_without_and_with(widget, check_box):
+    """The widget's picks with `check_box` off, then on."""
+    found = []
+    for value in (False, True):
+        check_box.value = value
+        widget.run()
+        wait_for(lambda: widget.worker is None)
+        assert widget.result is not None, widget.status.value
+        found.append(widget.result)
+    return found
+
+
 @needs_display
 def test_pick_widget_drops_gold_when_asked(viewer, tmp_path, rng):
     from test_localize_cli import CENTRES, SHAPE, intensity_localizer, scene
@@ -321,14 +333,8 @@ def test_pick_widget_drops_gold_when_asked(viewer, tmp_path, rng):
     widget.localizer.value = intensity_localizer(tmp_path / "loc.pt", volume)
     widget.mode.value = "localize"
     widget.voxel_size.value = 10.0
-    found = []
-    for drop in (False, True):
-        widget.drop_gold.value = drop
-        widget.run()
-        wait_for(lambda: widget.worker is None)
-        assert widget.result is not None, widget.status.value
-        found.append(len(widget.result))
-    assert found == [len(CENTRES) + 1, len(CENTRES)]
+    found = results_without_and_with(widget, widget.drop_gold)
+    assert [len(f) for f in found] == [len(CENTRES) + 1, len(CENTRES)]
 
 
 @needs_display
@@ -346,13 +352,7 @@ def test_pick_widget_erases_membranes_when_asked(viewer, tmp_path, rng):
     widget.localizer.value = tmp_path / "bright.pt"
     widget.mode.value = "localize"
     widget.voxel_size.value = 10.0
-    found = []
-    for erase in (False, True):
-        widget.erase_membranes.value = erase
-        widget.run()
-        wait_for(lambda: widget.worker is None)
-        assert widget.result is not None, widget.status.value
-        found.append(widget.result)
+    found = results_without_and_with(widget, widget.erase_membranes)
     assert (found[0]["x"] > SHEET_X[0] - 2).sum() > 3 and len(found[1]) == len(BALLS)
 
 

@@ -231,6 +231,14 @@ def test_tune_command_searches_the_grid_it_is_given(tmp_path, rng):
         assert result.exit_code == 2 and message in result.output, result.output
 
 
+def tuned_card(model, folder, flag, grid):
+    """The card `tune MODEL --data FOLDER/val FLAG GRID` writes to FOLDER/FLAG.pt."""
+    out = folder / f"{flag}.pt"
+    result = CliRunner().invoke(app, ["tune", str(model), "--data", str(folder / "val"), "-o", str(out), flag, *grid])
+    assert result.exit_code == 0, result.output
+    return read_model_card(out)
+
+
 def test_tune_with_spectrum_matching_records_the_choice(tmp_path, rng):
     from vpdetect.nn.checkpoint import load_model, save_model
     from vpdetect.spectrum import reference_profile
@@ -244,11 +252,7 @@ def test_tune_with_spectrum_matching_records_the_choice(tmp_path, rng):
     net, card = load_model(model)
     save_model(model, net, {**card, "spectrum_reference": reference_profile([volume])})
     for flag, expected in (("--match-spectrum", True), ("--no-match-spectrum", False)):
-        out = tmp_path / f"{flag}.pt"
-        result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "-o", str(out),
-                                          flag, *grid])
-        assert result.exit_code == 0, result.output
-        tuned = read_model_card(out)
+        tuned = tuned_card(model, tmp_path, flag, grid)
         assert tuned["match_spectrum"] is expected and tuned["postprocess"]["f1"] == 1.0
     plain = tmp_path / "plain.pt"
     assert CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "-o", str(plain),
@@ -262,11 +266,7 @@ def test_tune_with_erased_membranes_records_the_choice(tmp_path, rng):
     grid = ["--threshold", "0.5", "--bandwidth-factor", "2", "--merge-factor", "1", "--min-size", "5",
             "--max-component", "0", "--tile", "24", "--device", "cpu"]
     for flag, expected in (("--erase-membranes", True), ("--keep-membranes", False)):
-        out = tmp_path / f"{flag}.pt"
-        result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "-o", str(out),
-                                          flag, *grid])
-        assert result.exit_code == 0, result.output
-        tuned = read_model_card(out)
+        tuned = tuned_card(model, tmp_path, flag, grid)
         # No sheet in these balls: the same picks either way.
         assert tuned["erase_membranes"] is expected and tuned["postprocess"]["f1"] == 1.0
     result = CliRunner().invoke(app, ["info", str(tmp_path / "--erase-membranes.pt")])
