@@ -242,8 +242,8 @@ def erase_membranes_option():
         None, "--erase-membranes/--keep-membranes",
         help="Replace large thin dense sheets (membranes, the streak fans of gold beads, a carbon edge's face) "
         "by background noise before the network, so that particles beside them are found (Hessian "
-        "sheetness at 1.5 nm, sheets of at least 6000 nm^3; see README) (default: the model card's "
-        "choice, else off).",
+        "sheetness at 1.5 nm, sheets of at least 6000 nm^3; whole tomogram in memory; see README) "
+        "(default: the model card's choice, else off).",
     )
 
 
