@@ -6,6 +6,7 @@ import pytest
 from tests.test_localize_cli import card, intensity_localizer
 from vpdetect.localize.membranes import (
     MIN_SHEET_NM3,
+    drop_remnants,
     erase_membranes,
     membrane_mask,
     sheetness,
@@ -72,11 +73,11 @@ def test_membrane_mask_finds_the_sheet_and_spares_the_particles(rng):
 
 def test_erase_replaces_only_the_sheet_in_either_contrast_and_is_deterministic(rng):
     volume, balls, plane = membrane_scene(rng)
-    erased, fraction = erase_membranes(volume, 0.0, 0.3, dense_sign=1.0, voxel_nm=1.0)
+    erased, mask = erase_membranes(volume, 0.0, 0.3, dense_sign=1.0, voxel_nm=1.0)
     again, _ = erase_membranes(volume, 0.0, 0.3, dense_sign=1.0, voxel_nm=1.0)
     np.testing.assert_array_equal(erased, again)
     changed = erased != volume
-    assert fraction == pytest.approx(changed.mean())
+    np.testing.assert_array_equal(mask, changed)
     assert not changed[balls].any() and changed[plane].mean() > 0.9
     assert abs(float(erased[plane].mean())) < 0.1  # background now, not the sheet's 1.0
     # Dark contrast (a standard reconstruction) with the normalisation's negated scale: the mirror image.
@@ -112,3 +113,16 @@ def test_a_card_with_a_non_boolean_erase_membranes_is_refused():
     check_inference_card({**card(), "erase_membranes": True}, "localizer")
     with pytest.raises(VPDetectError, match="erase_membranes must be true or false"):
         check_inference_card({**card(), "erase_membranes": "yes"}, "localizer")
+
+
+def test_drop_remnants_removes_thin_pieces_beside_the_erased_region_only():
+    z, y, x = np.indices((30, 40, 40))
+    erased = (x >= 18) & (x < 21)  # an erased plane
+    prob = np.zeros(erased.shape, dtype=np.float32)
+    ball = (z - 15) ** 2 + (y - 10) ** 2 + (x - 25) ** 2 <= 9  # a particle 2 voxels from it
+    piece = (x == 22) & (y >= 25) & (y < 35) & (z >= 5) & (z < 15)  # a one-voxel-thin leftover beside it
+    far = (x == 35) & (y >= 25) & (y < 35) & (z >= 5) & (z < 15)  # the same shape far away
+    prob[ball | piece | far] = 0.9
+    assert drop_remnants(prob, erased, 0.5) == 1
+    assert (prob[piece] == 0).all() and (prob[ball] == 0.9).all() and (prob[far] == 0.9).all()
+    assert drop_remnants(prob, np.zeros_like(erased), 0.5) == 0

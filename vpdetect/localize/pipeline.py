@@ -20,7 +20,7 @@ import numpy as np
 from vpdetect.errors import VPDetectError
 from vpdetect.localize.cluster import find_particles
 from vpdetect.localize.fiducials import GOLD_CONTRAST_RATIO, gold_picks
-from vpdetect.localize.membranes import erase_membranes
+from vpdetect.localize.membranes import drop_remnants, erase_membranes
 from vpdetect.localize.tiling import (
     DEFAULT_HALO_CAP,
     MAP_IN_MEMORY_VOXELS,
@@ -274,6 +274,7 @@ class ModelInput:
     contrast: str
     contrast_score: float | None
     scale_zyx: tuple[float, float, float] | None
+    erased: np.ndarray | None = None  # voxels replaced by noise (`--erase-membranes`), model grid
 
 
 def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None = None) -> ModelInput:
@@ -329,10 +330,12 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
         voxel_a = card.get("voxel_size") if factor is not None else (tomo.voxel_size or card.get("voxel_size"))
         volume, erased = erase_membranes(volume, centre, scale, dense_sign, (voxel_a or 10.0) / 10.0)
         log.info("%s: %.1f %% of the voxels on membranes erased (--keep-membranes to keep them)",
-                 tomo.name, 100.0 * erased)
+                 tomo.name, 100.0 * erased.mean())
+    else:
+        erased = None
     if timings is not None:
         timings["load"] = timings.get("load", 0.0) + time.perf_counter() - start
-    return ModelInput(volume, centre, scale, clip_of(method), contrast, score, scale_zyx)
+    return ModelInput(volume, centre, scale, clip_of(method), contrast, score, scale_zyx, erased)
 
 
 def segment_volume(
@@ -384,6 +387,10 @@ def segment_volume(
         clip=prepared.clip,
         flips=resolve_flips(options.flips, card),
     )
+    if prepared.erased is not None:
+        resolved = options.with_model_defaults(card)
+        dropped = drop_remnants(prob, prepared.erased, resolved.threshold, resolved.opening_radius)
+        log.debug("%s: %d leftover piece(s) of erased membranes removed from the map", tomo.name, dropped)
     return prob, timings
 
 
