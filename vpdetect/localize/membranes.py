@@ -153,9 +153,11 @@ def drop_remnants(prob: np.ndarray, erased: np.ndarray, threshold: float, openin
 
     from vpdetect.localize.cluster import binary_opening
 
+    if not erased.any():
+        return 0
     foreground = np.asarray(prob) >= threshold
     labels, n = ndimage.label(foreground)
-    if n == 0 or not erased.any():
+    if n == 0:
         return 0
     near = np.zeros(n + 1, dtype=bool)
     near[np.unique(labels[ndimage.binary_dilation(erased, iterations=REMNANT_REACH) & foreground])] = True

@@ -323,6 +323,7 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
         contrast = options.contrast
     if expected is not None:
         scale *= contrast_sign(contrast, expected)
+    erased = None
     if options.erase_membranes if options.erase_membranes is not None else card.get("erase_membranes", False):
         # Dense matter is dark in the network's input where the model expects dark particles
         # (a model that records no contrast gets the tomogram as given: dark unless told bright).
@@ -331,8 +332,6 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
         volume, erased = erase_membranes(volume, centre, scale, dense_sign, (voxel_a or 10.0) / 10.0)
         log.info("%s: %.1f %% of the voxels on membranes erased (--keep-membranes to keep them)",
                  tomo.name, 100.0 * erased.mean())
-    else:
-        erased = None
     if timings is not None:
         timings["load"] = timings.get("load", 0.0) + time.perf_counter() - start
     return ModelInput(volume, centre, scale, clip_of(method), contrast, score, scale_zyx, erased)
@@ -388,6 +387,8 @@ def segment_volume(
         flips=resolve_flips(options.flips, card),
     )
     if prepared.erased is not None:
+        # Pieces as the card's (or the given) threshold and opening cut them; `tune` then
+        # searches its thresholds on the cleaned map.
         resolved = options.with_model_defaults(card)
         dropped = drop_remnants(prob, prepared.erased, resolved.threshold, resolved.opening_radius)
         log.debug("%s: %d leftover piece(s) of erased membranes removed from the map", tomo.name, dropped)
