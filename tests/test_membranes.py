@@ -126,3 +126,19 @@ def test_drop_remnants_removes_thin_pieces_beside_the_erased_region_only():
     assert drop_remnants(prob, erased, 0.5) == 1
     assert (prob[piece] == 0).all() and (prob[ball] == 0.9).all() and (prob[far] == 0.9).all()
     assert drop_remnants(prob, np.zeros_like(erased), 0.5) == 0
+
+
+def test_drop_remnants_removes_weak_blobs_near_the_erased_region_only():
+    z, y, x = np.indices((30, 40, 60))
+    erased = (x >= 10) & (x < 13)  # an erased plane
+
+    def ball(cx, cy):
+        return (z - 15) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 <= 9
+
+    prob = np.zeros(erased.shape, dtype=np.float32)
+    weak_near, strong_near, weak_far = ball(21, 10), ball(21, 30), ball(45, 20)  # 8, 8 and 32 voxels away
+    prob[weak_near | weak_far] = 0.6
+    prob[strong_near] = 0.9
+    assert drop_remnants(prob, erased, 0.5) == 1
+    assert (prob[weak_near] == 0).all()
+    assert (prob[strong_near] == 0.9).all() and (prob[weak_far] == 0.6).all()

@@ -307,11 +307,11 @@ def test_pick_widget_picks_in_a_worker_and_saves(viewer, tmp_path, rng):
     assert "saved" in widget.status.value
 
 
-def results_without_and_with(widget, check_box):
-    """The widget's picks with `check_box` off, then on."""
+def results_without_and_with(widget, control, values=(False, True)):
+    """The widget's picks with `control` set to each of `values` (a check box: off, then on)."""
     found = []
-    for value in (False, True):
-        check_box.value = value
+    for value in values:
+        control.value = value
         widget.run()
         wait_for(lambda: widget.worker is None)
         assert widget.result is not None, widget.status.value
@@ -338,7 +338,7 @@ def test_pick_widget_drops_gold_when_asked(viewer, tmp_path, rng):
 
 
 @needs_display
-def test_pick_widget_erases_membranes_when_asked(viewer, tmp_path, rng):
+def test_pick_widget_erases_or_keeps_membranes_as_asked(viewer, tmp_path, rng):
     from test_localize_cli import intensity_localizer
     from test_membranes import BALLS, SHEET_X, membrane_scene
 
@@ -352,8 +352,9 @@ def test_pick_widget_erases_membranes_when_asked(viewer, tmp_path, rng):
     widget.localizer.value = tmp_path / "bright.pt"
     widget.mode.value = "localize"
     widget.voxel_size.value = 10.0
-    found = results_without_and_with(widget, widget.erase_membranes)
+    found = results_without_and_with(widget, widget.membranes, ("keep", "erase", "model's default"))
     assert (found[0]["x"] > SHEET_X[0] - 2).sum() > 3 and len(found[1]) == len(BALLS)
+    assert len(found[2]) == len(found[0])  # this model's card does not ask for erasing
 
 
 @needs_display

@@ -243,7 +243,7 @@ def erase_membranes_option():
         help="Replace large thin dense sheets (membranes, the streak fans of gold beads, a carbon edge's face) "
         "by background noise before the network, so that particles beside them are found (Hessian "
         "sheetness at 1.5 nm, sheets of at least 6000 nm^3; whole tomogram in memory; see README) "
-        "(default: the model card's choice, else off).",
+        "(default: the model card's choice, else off; the bundled localizer erases).",
     )
 
 

@@ -28,6 +28,8 @@ from vpdetect.errors import VPDetectError
 from vpdetect.napari._reader import METADATA_KEY, frame_from_points, points_layer_data
 
 MODES = ("pick", "localize")
+# The model card says whether membranes are erased (the bundled localizer: yes); the others override it.
+MEMBRANE_CHOICES = ("model's default", "erase", "keep")
 TABLE_FILTER = "*.star *.csv *.txt"
 
 
@@ -70,9 +72,9 @@ class PickWidget(Container):
                                       tooltip="Foreground probability; 0: the model's tuned value.")
         self.drop_gold = CheckBox(label="drop gold", value=False,
                                   tooltip="Drop picks on gold fiducials (localize/pick --drop-gold).")
-        self.erase_membranes = CheckBox(label="erase membranes", value=False,
-                                        tooltip="Replace membranes by background before the network "
-                                        "(localize/pick --erase-membranes); off: the model's default.")
+        self.membranes = ComboBox(label="membranes", choices=MEMBRANE_CHOICES, value=MEMBRANE_CHOICES[0],
+                                  tooltip="erase: replace membranes by background before the network "
+                                  "(localize/pick --erase-membranes); keep: --keep-membranes.")
         self.voxel_size = FloatSpinBox(label="voxel size (A)", min=0.0, max=1e4, value=0.0,
                                        tooltip="0: from the tomogram's header, if it has one.")
         self.output = FileEdit(label="save to", mode="w", filter=TABLE_FILTER, value="",
@@ -81,7 +83,7 @@ class PickWidget(Container):
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self.status = Label(value="")
         self.extend([self.image, self.mode, self.localizer, self.classifier, self.threshold,
-                     self.drop_gold, self.erase_membranes, self.voxel_size, self.output, self.run_button, self.progress, self.status])
+                     self.drop_gold, self.membranes, self.voxel_size, self.output, self.run_button, self.progress, self.status])
         self.mode.changed.connect(lambda value: setattr(self.classifier, "enabled", value == "pick"))
         self.run_button.clicked.connect(self.run)
         self.viewer.layers.events.inserted.connect(lambda _: self.image.reset_choices())
@@ -109,8 +111,8 @@ class PickWidget(Container):
             options["threshold"] = float(self.threshold.value)
         if self.drop_gold.value:
             options["drop_gold"] = True
-        if self.erase_membranes.value:
-            options["erase_membranes"] = True
+        if self.membranes.value != MEMBRANE_CHOICES[0]:
+            options["erase_membranes"] = self.membranes.value == "erase"
         localizer = _path_or_none(self.localizer)
         classifier = _path_or_none(self.classifier)
         emit = self._relay.progressed.emit
