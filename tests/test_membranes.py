@@ -142,3 +142,20 @@ def test_drop_remnants_removes_weak_blobs_near_the_erased_region_only():
     assert drop_remnants(prob, erased, 0.5) == 1
     assert (prob[weak_near] == 0).all()
     assert (prob[strong_near] == 0.9).all() and (prob[weak_far] == 0.6).all()
+
+
+def test_erasing_is_timed_as_its_own_phase_and_the_bundled_localizer_erases(tmp_path, rng):
+    from vpdetect.io.mrc import Tomogram
+    from vpdetect.localize.pipeline import LocalizeOptions, format_timings, localize_volume
+    from vpdetect.models import default_model_path
+    from vpdetect.nn.checkpoint import load_model
+
+    volume, _, _ = membrane_scene(rng, noise=0.1)
+    model, card = load_model(intensity_localizer(tmp_path / "localizer.pt", volume))
+    tomo = Tomogram(data=volume, voxel_size=10.0)
+    for erase in (False, True):
+        options = LocalizeOptions(bandwidth=4, contrast="bright", erase_membranes=erase).with_model_defaults(card)
+        _, timings = localize_volume(tomo, model, card, options)
+        assert ("membranes" in timings) == erase
+    assert format_timings(timings).startswith("load ") and ", membranes " in format_timings(timings)
+    assert load_model(default_model_path("localizer"))[1]["erase_membranes"] is True

@@ -123,7 +123,8 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     classifier, classifier_card = load_stage_model(job.classifier_path, "classifier", device)
     roi = read_roi(job.mask, tomo.data.shape) if job.mask is not None else None
     options = replace(job.localize_options, device=device).with_model_defaults(localizer_card)
-    prepared = model_input(tomo, localizer_card, options)
+    input_timings: dict[str, float] = {}
+    prepared = model_input(tomo, localizer_card, options, input_timings)
     # One pass over the tomogram serves both stages when they normalise alike on the same grid.
     method = classifier_card.get("normalisation", NORMALISATION)
     if (prepared.scale_zyx is None and method == localizer_card.get("normalisation", NORMALISATION)
@@ -131,7 +132,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
         stats = (prepared.centre, abs(prepared.scale))
     else:
         stats = tomogram_stats(tomo.data, method)
-    opened = time.perf_counter() - start
+    opened = time.perf_counter() - start - input_timings.get("membranes", 0.0)
 
     with progress_bar(job.show_progress) as bar:
         tiles = bar.add_task(f"{tomo.name}: localize", total=None)
@@ -140,6 +141,8 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
             progress=lambda done, total: bar.update(tiles, completed=done, total=total), prepared=prepared,
         )
         timings["load"] += opened
+        if "membranes" in input_timings:
+            timings["membranes"] = input_timings["membranes"]
         found = particles_from_map(prob, tomo, options, roi, timings)
         bandwidth = found.data.attrs["bandwidth"]
         del prob  # the map can be large; stage 2 needs only the coordinates
