@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from vpdetect.localize.fiducials import GOLD_CONTRAST_RATIO, MIN_PICKS, gold_picks, peak_contrast
+from vpdetect.localize.fiducials import (
+    GOLD_CONTRAST_RATIO,
+    MIN_PICKS,
+    gold_picks,
+    peak_contrast,
+    remove_gold_streaks,
+)
 
 SHAPE = (40, 64, 64)
 
@@ -53,3 +59,50 @@ def test_peak_contrast_at_the_volume_edges_and_against_the_local_background(rng)
     assert peaks[0] > 5.0 and peaks[1] == pytest.approx(0.0, abs=1e-5)
     assert np.isfinite(peaks).all()
     assert GOLD_CONTRAST_RATIO > 2.9  # above the largest true particle measured (module docstring)
+
+
+def bead_with_streaks(rng, sign=1.0):
+    """Unit noise [z, y, x] with a bead (radius 3, -60) at BEAD, its streaks (an X of +8 rays at +-60 degrees
+    from z in the x-z planes of the bead's slab, y within 3) and a particle (radius 2, -5) at PARTICLE on a
+    ray, off the bead's y plane. Returns (volume, bead core, streak voxels off the core and the particle, particle)."""
+    shape = (48, 40, 64)
+    z, y, x = np.indices(shape)
+    volume = rng.normal(0.0, 1.0, shape).astype(np.float32)
+    bz, by, bx = BEAD
+    dz, dx = z - bz, x - bx
+    ray = (np.abs(dx * np.cos(np.pi / 3) - dz * np.sin(np.pi / 3)) < 0.7) | (
+        np.abs(dx * np.cos(np.pi / 3) + dz * np.sin(np.pi / 3)) < 0.7)
+    streaks = ray & (np.abs(y - by) <= 3) & (dz**2 + dx**2 > 36)
+    core = (z - bz) ** 2 + (y - by) ** 2 + (x - bx) ** 2 <= 9
+    particle = np.sum((np.indices(shape).T - PARTICLE).T ** 2, axis=0) <= 4
+    volume[streaks] += 8.0
+    volume[core] -= 60.0
+    volume[particle] -= 5.0
+    return sign * volume, core, streaks & ~particle, particle
+
+
+BEAD = (24, 20, 32)
+PARTICLE = (24 + 8, 22, 32 + 14)  # on a ray (dx = 14, dz = 8: about 60 degrees from z), 2 voxels off y = 20
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_remove_gold_streaks_subtracts_the_symmetric_streaks_and_keeps_bead_and_particle(rng, sign):
+    volume, core, streaks, particle = bead_with_streaks(rng, sign)
+    cleaned, beads = remove_gold_streaks(volume, 0.0, 1.0)
+    assert beads == 1 and cleaned.dtype == np.float32 and cleaned.shape == volume.shape
+    before, after = np.abs(volume[streaks]).mean(), np.abs(cleaned[streaks]).mean()
+    assert before > 7.0 and after < 1.5  # streaks down to noise
+    np.testing.assert_array_equal(cleaned[core], volume[core])  # the bead stays for the picker
+    # The particle sits on a ray (+8) but has no mirror image: the ray goes, the particle stays.
+    assert sign * cleaned[particle].mean() == pytest.approx(-5.0, abs=1.0)
+    far = np.zeros(volume.shape, dtype=bool)
+    far[:, :12] = True  # y far outside the bead's slab: untouched
+    np.testing.assert_array_equal(cleaned[far], volume[far])
+    np.testing.assert_array_equal(remove_gold_streaks(volume, 0.0, 1.0)[0], cleaned)  # deterministic
+
+
+def test_remove_gold_streaks_leaves_a_tomogram_without_beads_alone(rng):
+    volume, centres, _ = beads_and_particles(rng, n_gold=0)
+    cleaned, beads = remove_gold_streaks(volume, 0.0, 0.3)
+    assert beads == 0
+    np.testing.assert_array_equal(cleaned, volume)

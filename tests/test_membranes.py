@@ -106,13 +106,14 @@ def test_localize_erases_membranes_when_asked_or_when_the_card_says(tmp_path, rn
     assert len(off) == len(kept)
 
 
-def test_a_card_with_a_non_boolean_erase_membranes_is_refused():
+@pytest.mark.parametrize("flag", ["erase_membranes", "remove_gold_streaks"])
+def test_a_card_with_a_non_boolean_cleaning_flag_is_refused(flag):
     from vpdetect.errors import VPDetectError
     from vpdetect.nn.checkpoint import check_inference_card
 
-    check_inference_card({**card(), "erase_membranes": True}, "localizer")
-    with pytest.raises(VPDetectError, match="erase_membranes must be true or false"):
-        check_inference_card({**card(), "erase_membranes": "yes"}, "localizer")
+    check_inference_card({**card(), flag: True}, "localizer")
+    with pytest.raises(VPDetectError, match=f"{flag} must be true or false"):
+        check_inference_card({**card(), flag: "yes"}, "localizer")
 
 
 def test_drop_remnants_removes_thin_pieces_beside_the_erased_region_only():
@@ -144,7 +145,7 @@ def test_drop_remnants_removes_weak_blobs_near_the_erased_region_only():
     assert (prob[strong_near] == 0.9).all() and (prob[weak_far] == 0.6).all()
 
 
-def test_erasing_is_timed_as_its_own_phase_and_the_bundled_localizer_erases(tmp_path, rng):
+def test_cleaning_steps_are_timed_as_their_own_phases_and_the_bundled_localizer_erases(tmp_path, rng):
     from vpdetect.io.mrc import Tomogram
     from vpdetect.localize.pipeline import LocalizeOptions, format_timings, localize_volume
     from vpdetect.models import default_model_path
@@ -154,8 +155,10 @@ def test_erasing_is_timed_as_its_own_phase_and_the_bundled_localizer_erases(tmp_
     model, card = load_model(intensity_localizer(tmp_path / "localizer.pt", volume))
     tomo = Tomogram(data=volume, voxel_size=10.0)
     for erase in (False, True):
-        options = LocalizeOptions(bandwidth=4, contrast="bright", erase_membranes=erase).with_model_defaults(card)
+        options = LocalizeOptions(bandwidth=4, contrast="bright", erase_membranes=erase,
+                                  remove_gold_streaks=erase).with_model_defaults(card)
         _, timings = localize_volume(tomo, model, card, options)
-        assert ("membranes" in timings) == erase
-    assert format_timings(timings).startswith("load ") and ", membranes " in format_timings(timings)
+        assert ("membranes" in timings) == erase and ("gold" in timings) == erase
+    assert format_timings(timings).startswith("load ") and ", gold " in format_timings(timings)
+    assert ", membranes " in format_timings(timings)
     assert load_model(default_model_path("localizer"))[1]["erase_membranes"] is True

@@ -390,3 +390,31 @@ def test_filter_widget_hides_picks_and_saves_what_is_shown(viewer, tmp_path):
     widget.save()
     kept = vp.read_table(tmp_path / "kept.star")
     assert kept["class_name"].tolist() == ["a"] and kept.attrs["voxel_size"] == 10.0
+
+
+@needs_display
+def test_pick_widget_passes_the_cleaning_choices_to_the_api(viewer, monkeypatch):
+    import pandas as pd
+
+    import vpdetect.api
+    from vpdetect.napari._widgets import PickWidget
+
+    calls = []
+
+    def fake_localize(volume, localizer, **options):
+        calls.append(options)
+        return pd.DataFrame({"x": [1.0], "y": [2.0], "z": [3.0], "score": [0.9]})
+
+    monkeypatch.setattr(vpdetect.api, "localize", fake_localize)
+    viewer.add_image(np.zeros((8, 8, 8), dtype=np.float32), name="TS_01")
+    widget = PickWidget(viewer)
+    widget.mode.value = "localize"
+    expected = []
+    for membranes, streaks in (("model's default", "model's default"), ("keep", "remove"), ("erase", "keep")):
+        widget.membranes.value, widget.gold_streaks.value = membranes, streaks
+        widget.run()
+        wait_for(lambda: widget.worker is None)
+        expected.append({**({} if membranes == "model's default" else {"erase_membranes": membranes == "erase"}),
+                         **({} if streaks == "model's default" else {"remove_gold_streaks": streaks == "remove"})})
+    got = [{k: v for k, v in c.items() if k in ("erase_membranes", "remove_gold_streaks")} for c in calls]
+    assert got == expected

@@ -260,14 +260,18 @@ def test_tune_with_spectrum_matching_records_the_choice(tmp_path, rng):
     assert "match_spectrum" not in read_model_card(plain)  # not given: the card is left as it was
 
 
-def test_tune_with_erased_membranes_records_the_choice(tmp_path, rng):
+@pytest.mark.parametrize("on, off, key, info", [
+    ("--erase-membranes", "--keep-membranes", "erase_membranes", "membranes: erased before the network by default"),
+    ("--remove-gold-streaks", "--keep-gold-streaks", "remove_gold_streaks", "gold beads' streaks: subtracted"),
+])
+def test_tune_with_an_input_cleaning_step_records_the_choice(tmp_path, rng, on, off, key, info):
     volume = shrec_folder(tmp_path / "val", rng)
     model = intensity_localizer(tmp_path / "loc.pt", volume)
     grid = ["--threshold", "0.5", "--bandwidth-factor", "2", "--merge-factor", "1", "--min-size", "5",
             "--max-component", "0", "--tile", "24", "--device", "cpu"]
-    for flag, expected in (("--erase-membranes", True), ("--keep-membranes", False)):
+    for flag, expected in ((on, True), (off, False)):
         tuned = tuned_card(model, tmp_path, flag, grid)
-        # No sheet in these balls: the same picks either way.
-        assert tuned["erase_membranes"] is expected and tuned["postprocess"]["f1"] == 1.0
-    result = CliRunner().invoke(app, ["info", str(tmp_path / "--erase-membranes.pt")])
-    assert result.exit_code == 0 and "membranes: erased before the network by default" in result.output
+        # No sheet and no bead in these balls: the same picks either way.
+        assert tuned[key] is expected and tuned["postprocess"]["f1"] == 1.0
+    result = CliRunner().invoke(app, ["info", str(tmp_path / f"{on}.pt")])
+    assert result.exit_code == 0 and info in result.output

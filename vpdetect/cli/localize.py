@@ -247,6 +247,16 @@ def erase_membranes_option():
     )
 
 
+def gold_streaks_option():
+    return typer.Option(
+        None, "--remove-gold-streaks/--keep-gold-streaks",
+        help="Subtract the streaks that gold beads throw across the tomogram before the network: each "
+        "bead's (smoothed robust |z| over 20) streaks are estimated from the tomogram by their symmetry "
+        "(point reflection and y mirror through the bead; tilt axis y) and subtracted outside the bead "
+        "(see README) (default: the model card's choice, else off).",
+    )
+
+
 def mask_option():
     return typer.Option(
         None, "--mask", help="MRC mask the size of the tomogram: search only where it is nonzero."
@@ -308,6 +318,7 @@ def build_localize_options(
     rescale: bool = True,
     match_spectrum: bool | None = None,
     erase_membranes: bool | None = None,
+    remove_gold_streaks: bool | None = None,
 ):
     """A validated `LocalizeOptions` from CLI values (`device` already resolved)."""
     from vpdetect.localize.pipeline import LocalizeOptions
@@ -346,6 +357,7 @@ def build_localize_options(
         rescale=rescale,
         match_spectrum=match_spectrum,
         erase_membranes=erase_membranes,
+        remove_gold_streaks=remove_gold_streaks,
     )
 
 
@@ -489,6 +501,7 @@ def localize(
     rescale: bool = rescale_option(),
     match_spectrum: bool = match_spectrum_option(),
     erase_membranes: bool = erase_membranes_option(),
+    remove_gold_streaks: bool = gold_streaks_option(),
     copick: Path = copick_option(),
     run: list[str] = run_option(),
     voxel_spacing: float = voxel_spacing_option(),
@@ -517,6 +530,7 @@ def localize(
         flips=test_time_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
         contrast=contrast, rescale=rescale, match_spectrum=match_spectrum, erase_membranes=erase_membranes,
+        remove_gold_streaks=remove_gold_streaks,
     )
     model_path = resolve_model_path(model, "localizer")
     # A wrong model fails once, before any input (checked on the CPU when workers take the GPUs).

@@ -58,6 +58,7 @@ from vpdetect.cli.localize import (
     drop_gold_option,
     drop_thin_option,
     erase_membranes_option,
+    gold_streaks_option,
     halo_option,
     localizer_flips_option,
     mask_option,
@@ -229,6 +230,7 @@ def pick(
     rescale: bool = rescale_option(),
     match_spectrum: bool = match_spectrum_option(),
     erase_membranes: bool = erase_membranes_option(),
+    remove_gold_streaks: bool = gold_streaks_option(),
     copick: Path = copick_option(),
     run: list[str] = run_option(),
     voxel_spacing: float = voxel_spacing_option(),
@@ -260,6 +262,7 @@ def pick(
         flips=localizer_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
         contrast=contrast, rescale=rescale, match_spectrum=match_spectrum, erase_membranes=erase_membranes,
+        remove_gold_streaks=remove_gold_streaks,
     )
     classify_options = ClassifyOptions(
         batch_size=box_batch_size, search_radius=search_radius, drop_unknown=drop_unknown,

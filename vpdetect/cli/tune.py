@@ -10,6 +10,7 @@ from vpdetect.cli.app import app, console, user_errors
 from vpdetect.cli.batch import device_option
 from vpdetect.cli.localize import (
     erase_membranes_option,
+    gold_streaks_option,
     halo_option,
     match_spectrum_option,
     tile_option,
@@ -78,6 +79,7 @@ def tune(
     ),
     match_spectrum: bool = match_spectrum_option(),
     erase_membranes: bool = erase_membranes_option(),
+    remove_gold_streaks: bool = gold_streaks_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
     device: str = device_option(),
@@ -87,8 +89,8 @@ def tune(
 
     The winners are stored in the model's card and become `localize`'s and `pick`'s
     defaults for that model (options given on the command line still win). With
-    --match-spectrum or --no-match-spectrum (and --erase-membranes or --keep-membranes) the
-    maps are made that way and the card keeps that choice as the model's default.
+    --match-spectrum or --no-match-spectrum (likewise --erase-membranes or --keep-membranes,
+    --remove-gold-streaks or --keep-gold-streaks) the maps are made that way and the card keeps that choice as the model's default.
     """
     from vpdetect.cli.batch import resolve_device
     from vpdetect.cli.localize import build_localize_options
@@ -120,7 +122,7 @@ def tune(
     device = resolve_device(device)
     net, card = load_model(model, stage="localizer", device=device)
     options = build_localize_options(tile=tile, halo=halo, device=device, match_spectrum=match_spectrum,
-                                     erase_membranes=erase_membranes)
+                                     erase_membranes=erase_membranes, remove_gold_streaks=remove_gold_streaks)
     maps = []
     for folder in data:
         tomo = read_tomogram(folder / "reconstruction.mrc")
@@ -154,6 +156,8 @@ def tune(
         card["match_spectrum"] = match_spectrum
     if erase_membranes is not None:
         card["erase_membranes"] = erase_membranes
+    if remove_gold_streaks is not None:
+        card["remove_gold_streaks"] = remove_gold_streaks
     # A shipped model keeps its float16 storage (its weights are float16 values already).
     save_model(out or model, net.cpu(), card, training_state=read_training_state(model),
                half_weights=card.get("weights_storage") == "float16")

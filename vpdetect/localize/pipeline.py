@@ -19,7 +19,7 @@ import numpy as np
 
 from vpdetect.errors import VPDetectError
 from vpdetect.localize.cluster import find_particles
-from vpdetect.localize.fiducials import GOLD_CONTRAST_RATIO, gold_picks
+from vpdetect.localize.fiducials import GOLD_CONTRAST_RATIO, gold_picks, remove_gold_streaks
 from vpdetect.localize.membranes import drop_remnants, erase_membranes
 from vpdetect.localize.tiling import (
     DEFAULT_HALO_CAP,
@@ -143,6 +143,9 @@ class LocalizeOptions:
     # Replace large thin dense sheets (membranes, gold streak fans) by background noise before
     # the network (`vpdetect.localize.membranes`); None = the card's "erase_membranes", else off.
     erase_membranes: bool | None = None
+    # Subtract the streaks of gold beads before the network (`vpdetect.localize.fiducials`);
+    # None = the card's "remove_gold_streaks", else off.
+    remove_gold_streaks: bool | None = None
 
     def resolved_bandwidth(self, voxel_size: float | None) -> float:
         """The bandwidth in voxels for a tomogram of the given voxel size (Angstrom)."""
@@ -296,6 +299,16 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
             timings["rescale"] = time.perf_counter() - start
     start = time.perf_counter()
     volume = subtract_background(volume, card.get("background_sigma"))
+    method = card.get("normalisation", NORMALISATION)
+    if options.remove_gold_streaks if options.remove_gold_streaks is not None else card.get("remove_gold_streaks", False):
+        # Before the spectrum is matched: the beads' far excess is what finds them.
+        gold_start = time.perf_counter()
+        volume, beads = remove_gold_streaks(volume, *tomogram_stats(volume, "robust"))
+        if beads:
+            log.info("%s: streaks of %d gold bead(s) subtracted (--keep-gold-streaks to keep them)", tomo.name, beads)
+        if timings is not None:
+            timings["gold"] = timings.get("gold", 0.0) + time.perf_counter() - gold_start
+            start += time.perf_counter() - gold_start
     # Matched as the model sees the tomogram: after the background subtraction, so that a
     # carbon film or thick ice is not clipped into a plateau before it is filtered.
     if options.match_spectrum if options.match_spectrum is not None else card.get("match_spectrum", False):
@@ -307,7 +320,6 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
             )
         volume = match_spectrum(volume, reference)
         log.info("%s: amplitude spectrum matched to the model's training data", tomo.name)
-    method = card.get("normalisation", NORMALISATION)
     centre, scale = tomogram_stats(volume, method)
     # Models of version 0.1 record no contrast: they get the tomogram as it is.
     expected = card.get("contrast")
@@ -500,7 +512,7 @@ def localize_volume(
 
 def format_timings(timings: dict) -> str:
     """`load 0.1 s, network 3.2 s, ...` in the order the phases run."""
-    order = ["load", "membranes", "network", "stitch", "cluster", "write"]
+    order = ["load", "gold", "membranes", "network", "stitch", "cluster", "write"]
     names = [n for n in order if n in timings] + [n for n in timings if n not in order]
     total = sum(timings.values())
     return ", ".join(f"{n} {timings[n]:.2f} s" for n in names) + f" (total {total:.2f} s)"

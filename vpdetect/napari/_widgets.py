@@ -28,8 +28,10 @@ from vpdetect.errors import VPDetectError
 from vpdetect.napari._reader import METADATA_KEY, frame_from_points, points_layer_data
 
 MODES = ("pick", "localize")
-# The model card says whether membranes are erased (the bundled localizer: yes); the others override it.
+# The model card says whether membranes are erased (the bundled localizer: yes) and gold streaks
+# removed; the other choices override it.
 MEMBRANE_CHOICES = ("model's default", "erase", "keep")
+STREAK_CHOICES = ("model's default", "remove", "keep")
 TABLE_FILTER = "*.star *.csv *.txt"
 
 
@@ -75,6 +77,9 @@ class PickWidget(Container):
         self.membranes = ComboBox(label="membranes", choices=MEMBRANE_CHOICES, value=MEMBRANE_CHOICES[0],
                                   tooltip="erase: replace membranes by background before the network "
                                   "(localize/pick --erase-membranes); keep: --keep-membranes.")
+        self.gold_streaks = ComboBox(label="gold streaks", choices=STREAK_CHOICES, value=STREAK_CHOICES[0],
+                                     tooltip="remove: subtract the streaks of gold beads before the network "
+                                     "(localize/pick --remove-gold-streaks); keep: --keep-gold-streaks.")
         self.voxel_size = FloatSpinBox(label="voxel size (A)", min=0.0, max=1e4, value=0.0,
                                        tooltip="0: from the tomogram's header, if it has one.")
         self.output = FileEdit(label="save to", mode="w", filter=TABLE_FILTER, value="",
@@ -83,7 +88,7 @@ class PickWidget(Container):
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self.status = Label(value="")
         self.extend([self.image, self.mode, self.localizer, self.classifier, self.threshold,
-                     self.drop_gold, self.membranes, self.voxel_size, self.output, self.run_button, self.progress, self.status])
+                     self.drop_gold, self.membranes, self.gold_streaks, self.voxel_size, self.output, self.run_button, self.progress, self.status])
         self.mode.changed.connect(lambda value: setattr(self.classifier, "enabled", value == "pick"))
         self.run_button.clicked.connect(self.run)
         self.viewer.layers.events.inserted.connect(lambda _: self.image.reset_choices())
@@ -113,6 +118,8 @@ class PickWidget(Container):
             options["drop_gold"] = True
         if self.membranes.value != MEMBRANE_CHOICES[0]:
             options["erase_membranes"] = self.membranes.value == "erase"
+        if self.gold_streaks.value != STREAK_CHOICES[0]:
+            options["remove_gold_streaks"] = self.gold_streaks.value == "remove"
         localizer = _path_or_none(self.localizer)
         classifier = _path_or_none(self.classifier)
         emit = self._relay.progressed.emit
