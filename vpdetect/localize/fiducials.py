@@ -24,6 +24,9 @@ the mirror across its y plane (the tilt axis is y), while particles are not. The
 median of the four mirror samples is the artefact (one particle among them is
 outvoted); soft-shrunk by STREAK_SHRINK robust deviations (noise), it is
 subtracted outside the bead's core, which stays for the picker and `--drop-gold`.
+`localize --remove-gold-streaks`; not the bundled localizer's default: it lifts the
+benchmark's validation gold cells (0.87 -> 0.92, 0.84 -> 0.88) but costs two of the
+tuning tomograms with many strong beads (12 tomograms 0.734 -> 0.728).
 """
 
 from __future__ import annotations
