@@ -106,3 +106,20 @@ def test_remove_gold_streaks_leaves_a_tomogram_without_beads_alone(rng):
     cleaned, beads = remove_gold_streaks(volume, 0.0, 0.3)
     assert beads == 0
     np.testing.assert_array_equal(cleaned, volume)
+
+
+def test_pick_times_the_gold_streaks_as_their_own_phase(tmp_path, rng):
+    from typer.testing import CliRunner
+
+    import vpdetect.cli  # noqa: F401  registers the commands
+    from tests.test_localize_cli import intensity_localizer
+    from vpdetect.cli.app import app
+    from vpdetect.io.mrc import write_mrc
+
+    volume, _, _, _ = bead_with_streaks(rng)
+    write_mrc(tmp_path / "tomo.mrc", volume, voxel_size=10.0)
+    model = intensity_localizer(tmp_path / "loc.pt", volume)
+    result = CliRunner().invoke(app, ["pick", str(tmp_path / "tomo.mrc"), "--localizer", str(model),
+                                      "--remove-gold-streaks", "-o", str(tmp_path / "picks.star")])
+    assert result.exit_code == 0, result.output
+    assert ", gold " in result.output and "streaks of 1 gold bead(s) subtracted" in result.output

@@ -253,7 +253,7 @@ def gold_streaks_option():
         help="Subtract the streaks that gold beads throw across the tomogram before the network: each "
         "bead's (smoothed robust |z| over 20) streaks are estimated from the tomogram by their symmetry "
         "(point reflection and y mirror through the bead; tilt axis y) and subtracted outside the bead "
-        "(see README) (default: the model card's choice, else off).",
+        "(whole tomogram in memory; see README) (default: the model card's choice, else off).",
     )
 
 

@@ -133,7 +133,9 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
         stats = (prepared.centre, abs(prepared.scale))
     else:
         stats = tomogram_stats(tomo.data, method)
-    opened = time.perf_counter() - start - input_timings.get("membranes", 0.0)
+    # The input's cleaning steps are phases of their own, not part of "load".
+    cleaning = {phase: seconds for phase, seconds in input_timings.items() if phase in ("gold", "membranes")}
+    opened = time.perf_counter() - start - sum(cleaning.values())
 
     with progress_bar(job.show_progress) as bar:
         tiles = bar.add_task(f"{tomo.name}: localize", total=None)
@@ -142,8 +144,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
             progress=lambda done, total: bar.update(tiles, completed=done, total=total), prepared=prepared,
         )
         timings["load"] += opened
-        if "membranes" in input_timings:
-            timings["membranes"] = input_timings["membranes"]
+        timings.update(cleaning)
         found = particles_from_map(prob, tomo, options, roi, timings)
         bandwidth = found.data.attrs["bandwidth"]
         del prob  # the map can be large; stage 2 needs only the coordinates
