@@ -109,6 +109,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     from vpdetect.io.mrc import read_roi, read_tomogram
     from vpdetect.io.particles import write_particles
     from vpdetect.localize.pipeline import (
+        CLEANING_PHASES,
         NORMALISATION,
         format_timings,
         model_input,
@@ -134,7 +135,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
     else:
         stats = tomogram_stats(tomo.data, method)
     # The input's cleaning steps are phases of their own, not part of "load".
-    cleaning = {phase: seconds for phase, seconds in input_timings.items() if phase in ("gold", "membranes")}
+    cleaning = {phase: seconds for phase, seconds in input_timings.items() if phase in CLEANING_PHASES}
     opened = time.perf_counter() - start - sum(cleaning.values())
 
     with progress_bar(job.show_progress) as bar:

@@ -128,15 +128,16 @@ def _symmetric_streaks(z: np.ndarray, centre: np.ndarray, y_range: tuple[int, in
 
 
 def remove_gold_streaks(volume: np.ndarray, centre: float, scale: float) -> tuple[np.ndarray, int]:
-    """`volume` [z, y, x] (float32, a copy) with the streaks of its gold beads subtracted;
-    `centre` and `scale` its robust centre and spread. Returns (volume, number of beads)."""
+    """`volume` [z, y, x] (float32) with the streaks of its gold beads subtracted (a new array;
+    the input itself where there is no bead); `centre` and `scale` its robust centre and
+    spread. Returns (volume, number of beads)."""
     from scipy import ndimage
 
-    z = (np.array(volume, dtype=np.float32) - centre) / scale
+    z = (np.asarray(volume, dtype=np.float32) - centre) / scale
     smoothed = ndimage.gaussian_filter(np.abs(z), SMOOTHING_SIGMA)
     labels, n = ndimage.label(smoothed > STREAK_Z)
     if n == 0:
-        return np.array(volume, dtype=np.float32), 0
+        return np.asarray(volume, dtype=np.float32), 0
     for peak in ndimage.maximum_position(smoothed, labels, range(1, n + 1)):
         bead_centre, radius, box, core = _bead_geometry(smoothed, peak)
         half = int(np.ceil(radius + SLAB_MARGIN))

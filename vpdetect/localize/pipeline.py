@@ -280,6 +280,15 @@ class ModelInput:
     erased: np.ndarray | None = None  # voxels replaced by noise (`--erase-membranes`), model grid
 
 
+# Steps of `model_input` timed as phases of their own (the rest of it is "load").
+CLEANING_PHASES = ("gold", "membranes")
+
+
+def _chosen(value: bool | None, card: dict, key: str) -> bool:
+    """An on/off option: as given, else the model card's choice, else off."""
+    return bool(card.get(key, False)) if value is None else value
+
+
 def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None = None) -> ModelInput:
     """Resample (if the voxel sizes differ), subtract the smooth background (where the card asks),
     measure the normalisation and decide the contrast."""
@@ -298,20 +307,19 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
         if timings is not None:
             timings["rescale"] = time.perf_counter() - start
     start = time.perf_counter()
+    phases: dict[str, float] = {}  # the cleaning steps that ran
     volume = subtract_background(volume, card.get("background_sigma"))
     method = card.get("normalisation", NORMALISATION)
-    if options.remove_gold_streaks if options.remove_gold_streaks is not None else card.get("remove_gold_streaks", False):
+    if _chosen(options.remove_gold_streaks, card, "remove_gold_streaks"):
         # Before the spectrum is matched: the beads' far excess is what finds them.
-        gold_start = time.perf_counter()
+        phase_start = time.perf_counter()
         volume, beads = remove_gold_streaks(volume, *tomogram_stats(volume, "robust"))
         if beads:
             log.info("%s: streaks of %d gold bead(s) subtracted (--keep-gold-streaks to keep them)", tomo.name, beads)
-        if timings is not None:
-            timings["gold"] = timings.get("gold", 0.0) + time.perf_counter() - gold_start
-            start += time.perf_counter() - gold_start
+        phases["gold"] = time.perf_counter() - phase_start
     # Matched as the model sees the tomogram: after the background subtraction, so that a
     # carbon film or thick ice is not clipped into a plateau before it is filtered.
-    if options.match_spectrum if options.match_spectrum is not None else card.get("match_spectrum", False):
+    if _chosen(options.match_spectrum, card, "match_spectrum"):
         reference = card.get("spectrum_reference")
         if not reference:
             raise VPDetectError(
@@ -336,20 +344,20 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
     if expected is not None:
         scale *= contrast_sign(contrast, expected)
     erased = None
-    if options.erase_membranes if options.erase_membranes is not None else card.get("erase_membranes", False):
+    if _chosen(options.erase_membranes, card, "erase_membranes"):
         # Dense matter is dark in the network's input where the model expects dark particles
         # (a model that records no contrast gets the tomogram as given: dark unless told bright).
         dense_sign = np.sign(scale) * (1.0 if (expected or contrast) == "bright" else -1.0)
         voxel_a = card.get("voxel_size") if factor is not None else (tomo.voxel_size or card.get("voxel_size"))
-        erase_start = time.perf_counter()
+        phase_start = time.perf_counter()
         volume, erased = erase_membranes(volume, centre, scale, dense_sign, (voxel_a or 10.0) / 10.0)
         log.info("%s: %.1f %% of the voxels on membranes erased (--keep-membranes to keep them)",
                  tomo.name, 100.0 * erased.mean())
-        if timings is not None:
-            timings["membranes"] = timings.get("membranes", 0.0) + time.perf_counter() - erase_start
-            start += time.perf_counter() - erase_start  # not counted twice under "load"
+        phases["membranes"] = time.perf_counter() - phase_start
     if timings is not None:
-        timings["load"] = timings.get("load", 0.0) + time.perf_counter() - start
+        timings["load"] = timings.get("load", 0.0) + time.perf_counter() - start - sum(phases.values())
+        for phase, seconds in phases.items():
+            timings[phase] = timings.get(phase, 0.0) + seconds
     return ModelInput(volume, centre, scale, clip_of(method), contrast, score, scale_zyx, erased)
 
 
@@ -512,7 +520,7 @@ def localize_volume(
 
 def format_timings(timings: dict) -> str:
     """`load 0.1 s, network 3.2 s, ...` in the order the phases run."""
-    order = ["load", "gold", "membranes", "network", "stitch", "cluster", "write"]
+    order = ["load", *CLEANING_PHASES, "network", "stitch", "cluster", "write"]
     names = [n for n in order if n in timings] + [n for n in timings if n not in order]
     total = sum(timings.values())
     return ", ".join(f"{n} {timings[n]:.2f} s" for n in names) + f" (total {total:.2f} s)"
