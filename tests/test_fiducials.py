@@ -2,10 +2,12 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from vpdetect.localize.fiducials import (
     GOLD_CONTRAST_RATIO,
     MIN_PICKS,
+    _nan_median,
     gold_picks,
     peak_contrast,
     remove_gold_streaks,
@@ -61,20 +63,21 @@ def test_peak_contrast_at_the_volume_edges_and_against_the_local_background(rng)
     assert GOLD_CONTRAST_RATIO > 2.9  # above the largest true particle measured (module docstring)
 
 
-def bead_with_streaks(rng, sign=1.0):
+def bead_with_streaks(rng, sign=1.0, particle_at=None):
     """Unit noise [z, y, x] with a bead (radius 3, -60) at BEAD, its streaks (an X of +8 rays at +-60 degrees
-    from z in the x-z planes of the bead's slab, y within 3) and a particle (radius 2, -5) at PARTICLE on a
+    from z in the x-z planes of the bead's slab, y within 3, about as wide as the bead whose projection they
+    back-project) and a particle (radius 2, -5) at PARTICLE on a
     ray, off the bead's y plane. Returns (volume, bead core, streak voxels off the core and the particle, particle)."""
     shape = (48, 40, 64)
     z, y, x = np.indices(shape)
     volume = rng.normal(0.0, 1.0, shape).astype(np.float32)
     bz, by, bx = BEAD
     dz, dx = z - bz, x - bx
-    ray = (np.abs(dx * np.cos(np.pi / 3) - dz * np.sin(np.pi / 3)) < 0.7) | (
-        np.abs(dx * np.cos(np.pi / 3) + dz * np.sin(np.pi / 3)) < 0.7)
+    ray = (np.abs(dx * np.cos(np.pi / 3) - dz * np.sin(np.pi / 3)) < 2.0) | (
+        np.abs(dx * np.cos(np.pi / 3) + dz * np.sin(np.pi / 3)) < 2.0)
     streaks = ray & (np.abs(y - by) <= 3) & (dz**2 + dx**2 > 36)
     core = (z - bz) ** 2 + (y - by) ** 2 + (x - bx) ** 2 <= 9
-    particle = np.sum((np.indices(shape).T - PARTICLE).T ** 2, axis=0) <= 4
+    particle = np.sum((np.indices(shape).T - (PARTICLE if particle_at is None else particle_at)).T ** 2, axis=0) <= 4
     volume[streaks] += 8.0
     volume[core] -= 60.0
     volume[particle] -= 5.0
@@ -93,12 +96,23 @@ def test_remove_gold_streaks_subtracts_the_symmetric_streaks_and_keeps_bead_and_
     before, after = np.abs(volume[streaks]).mean(), np.abs(cleaned[streaks]).mean()
     assert before > 7.0 and after < 1.5  # streaks down to noise
     np.testing.assert_array_equal(cleaned[core], volume[core])  # the bead stays for the picker
-    # The particle sits on a ray (+8) but has no mirror image: the ray goes, the particle stays.
-    assert sign * cleaned[particle].mean() == pytest.approx(-5.0, abs=1.0)
+    # The particle sits on a ray (+8) but has no mirror image: the ray goes, the particle keeps its
+    # contrast against the cleaned ray beside it.
+    beside = streaks & (ndimage.distance_transform_edt(~particle) <= 6)
+    assert sign * (cleaned[particle].mean() - cleaned[beside].mean()) == pytest.approx(-5.0, abs=1.0)
     far = np.zeros(volume.shape, dtype=bool)
     far[:, :12] = True  # y far outside the bead's slab: untouched
     np.testing.assert_array_equal(cleaned[far], volume[far])
     np.testing.assert_array_equal(remove_gold_streaks(volume, 0.0, 1.0)[0], cleaned)  # deterministic
+
+
+def test_a_particle_on_the_beads_y_plane_keeps_its_contrast(rng):
+    # There the y mirror sample is the particle itself; the samples along the ray (32 voxels out on
+    # it, scaled offsets move 3 voxels) outvote it.
+    volume, _, streaks, particle = bead_with_streaks(rng, particle_at=(24 + 16, 20, 32 + 28))
+    cleaned, _ = remove_gold_streaks(volume, 0.0, 1.0)
+    beside = streaks & (ndimage.distance_transform_edt(~particle) <= 6)
+    assert cleaned[particle].mean() - cleaned[beside].mean() == pytest.approx(-5.0, abs=1.0)
 
 
 def test_remove_gold_streaks_leaves_a_tomogram_without_beads_alone(rng):
@@ -123,3 +137,18 @@ def test_pick_times_the_gold_streaks_as_their_own_phase(tmp_path, rng):
                                       "--remove-gold-streaks", "-o", str(tmp_path / "picks.star")])
     assert result.exit_code == 0, result.output
     assert ", gold " in result.output and "streaks of 1 gold bead(s) subtracted" in result.output
+
+
+def test_nan_median_matches_numpy(rng):
+    import warnings
+
+    stack = rng.normal(size=(12, 30, 7)).astype(np.float32)
+    stack[rng.random(stack.shape) < 0.4] = np.nan
+    stack[:, 0, 0] = np.nan  # no sample at all: 0
+    stack[:, 1, 1] = np.nan
+    stack[3, 1, 1] = 2.5  # one sample: itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.nan_to_num(np.nanmedian(stack, axis=0))
+    np.testing.assert_allclose(_nan_median(stack), expected, rtol=0, atol=1e-6)
+    assert _nan_median(stack)[1, 1] == 2.5
