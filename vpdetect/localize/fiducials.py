@@ -26,7 +26,10 @@ from the bead is scaled by 0.9 or 1.1. Particles have none of these symmetries:
 the median of the twelve samples is the artefact (a particle among them is
 outvoted, even on the bead's y plane, where the y mirror is the particle itself).
 Soft-shrunk by STREAK_SHRINK robust deviations (noise), it is subtracted outside
-the bead's core, which stays for the picker and `--drop-gold`.
+the bead's core, which stays for the picker and `--drop-gold`. On by default for
+the bundled localizer (`--keep-gold-streaks` turns it off): the benchmark's
+validation gold cells 0.87 -> 0.93 and 0.84 -> 0.90, its tuning tomograms 0.734 ->
+0.743. Cost on 200 x 512 x 512: 0.3 s without beads, 11 s with ten.
 """
 
 from __future__ import annotations
