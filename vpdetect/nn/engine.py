@@ -74,9 +74,12 @@ from vpdetect.nn.precision import check_precision, inference_arithmetic, resolve
 # for an efficient multiply (measured on AVX-512: ~20k is the sweet spot).
 SLAB_COLUMNS = 20_000
 # Planes larger than this many columns are multiplied in bands of rows, each row once
-# (a band's taps are scattered into the rows they reach): a whole 256^2 or 512^2 plane per
-# multiply leaves the caches and runs at a fraction of the rate.
-BAND_COLUMNS = 20_000
+# (a band's taps are scattered into the rows they reach): a whole 512^2 plane per multiply
+# leaves the caches. A whole 256^2 plane (69k columns with its padding) per multiply beats
+# bands of 20k on this project's 2-core host (paired runs, `python -m benchmarks msdnet`
+# shapes: paper-sized localizer 0.87-0.97 of the time, bundled 0.83-0.87 on 256^2 and
+# 512^2 planes); larger bands gain nothing more.
+BAND_COLUMNS = 70_000
 # Slabs (or banded planes) each worker multiplies per step and layer, between two barriers:
 # more planes per step make fewer barriers and accumulator passes for a little more memory
 # (the paper-sized localizer on 64 x 256 x 256, 2 threads: 3.47 -> 3.24 us/voxel along z).
