@@ -145,7 +145,7 @@ def test_drop_remnants_removes_weak_blobs_near_the_erased_region_only():
     assert (prob[strong_near] == 0.9).all() and (prob[weak_far] == 0.6).all()
 
 
-def test_cleaning_steps_are_timed_as_their_own_phases_and_the_bundled_localizer_erases(tmp_path, rng):
+def test_cleaning_steps_are_timed_as_their_own_phases_and_the_bundled_localizer_cleans(tmp_path, rng):
     from vpdetect.io.mrc import Tomogram
     from vpdetect.localize.pipeline import LocalizeOptions, format_timings, localize_volume
     from vpdetect.models import default_model_path
@@ -161,4 +161,5 @@ def test_cleaning_steps_are_timed_as_their_own_phases_and_the_bundled_localizer_
         assert ("membranes" in timings) == erase and ("gold" in timings) == erase
     assert format_timings(timings).startswith("load ") and ", gold " in format_timings(timings)
     assert ", membranes " in format_timings(timings)
-    assert load_model(default_model_path("localizer"))[1]["erase_membranes"] is True
+    bundled = load_model(default_model_path("localizer"))[1]
+    assert bundled["erase_membranes"] is True and bundled["remove_gold_streaks"] is True
