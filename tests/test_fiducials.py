@@ -66,8 +66,8 @@ def test_peak_contrast_at_the_volume_edges_and_against_the_local_background(rng)
 def bead_with_streaks(rng, sign=1.0, particle_at=None):
     """Unit noise [z, y, x] with a bead (radius 3, -60) at BEAD, its streaks (an X of +8 rays at +-60 degrees
     from z in the x-z planes of the bead's slab, y within 3, about as wide as the bead whose projection they
-    back-project) and a particle (radius 2, -5) at PARTICLE on a
-    ray, off the bead's y plane. Returns (volume, bead core, streak voxels off the core and the particle, particle)."""
+    back-project) and a particle (radius 2, -5) at `particle_at` (default PARTICLE: on a ray,
+    off the bead's y plane). Returns (volume, bead core, streak voxels off the core and the particle, particle)."""
     shape = (48, 40, 64)
     z, y, x = np.indices(shape)
     volume = rng.normal(0.0, 1.0, shape).astype(np.float32)
