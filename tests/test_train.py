@@ -589,3 +589,68 @@ def test_cli_match_spectrum_trains_on_matched_tomograms_and_the_model_matches_by
     bad = runner.invoke(app, ["train", "classifier", "--data", str(shrec_dir), "--out", str(tmp_path / "c.pt"),
                               "--match-spectrum"])
     assert bad.exit_code != 0 and "localizers only" in bad.output
+
+
+def _training_volume(volume, std=1.0, voxel_size=10.0):
+    from vpdetect.train.data import TrainingVolume
+
+    targets = np.zeros(volume.shape, dtype=np.int16)
+    targets[0, 0, 0] = 1
+    return TrainingVolume("t", volume, 0.0, std, targets, np.zeros((1, 3), np.int64), np.ones(1, np.int64),
+                          voxel_size=voxel_size, clip=5.0)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_streaks_removed_cleans_a_training_tomogram_as_localize_does(sign):
+    from tests.test_fiducials import bead_with_streaks
+    from vpdetect.localize.fiducials import remove_gold_streaks
+    from vpdetect.preprocess import normalisation_params
+    from vpdetect.train.data import streaks_removed
+
+    volume, core, streaks, _ = bead_with_streaks(np.random.default_rng(3), sign)
+    tv = _training_volume(volume, std=-1.0)  # a flipped tomogram: the sign is the contrast's
+    cleaned = streaks_removed(tv, "robust")
+    expected, beads = remove_gold_streaks(volume, *normalisation_params(volume, "robust"))
+    assert beads == 1
+    np.testing.assert_array_equal(cleaned.volume, expected)
+    assert np.abs(cleaned.volume[streaks]).mean() < 0.3 * np.abs(volume[streaks]).mean()
+    np.testing.assert_allclose(cleaned.volume[core], volume[core], atol=1e-4)  # the bead stays
+    # Normalisation measured again on the cleaned tomogram, contrast sign kept; labels untouched.
+    centre, scale = normalisation_params(expected, "robust")
+    assert cleaned.mean == pytest.approx(centre) and cleaned.std == pytest.approx(-scale)
+    assert cleaned.targets is tv.targets
+    quiet = _training_volume(np.random.default_rng(4).normal(size=(24, 24, 24)).astype(np.float32))
+    assert streaks_removed(quiet, "robust") is quiet  # no bead: nothing copied
+
+
+def test_membranes_erased_cleans_a_training_tomogram_as_localize_does():
+    from tests.test_membranes import membrane_scene
+    from vpdetect.localize.membranes import erase_membranes
+    from vpdetect.train.data import membranes_erased
+
+    volume, balls, plane = membrane_scene(np.random.default_rng(5))
+    # Dense matter dark, as the model expects: the normalisation's scale is positive.
+    tv = _training_volume(-volume, std=0.3)
+    erased = membranes_erased(tv)
+    expected, _ = erase_membranes(-volume, 0.0, 0.3, dense_sign=-1.0, voxel_nm=1.0)
+    np.testing.assert_array_equal(erased.volume, expected)
+    assert (erased.volume[plane] != -volume[plane]).mean() > 0.9 and (erased.volume[balls] == -volume[balls]).all()
+    assert (erased.mean, erased.std) == (tv.mean, tv.std) and erased.targets is tv.targets
+    # The same tomogram stored bright and flipped for training (negative scale): the same voxels erased.
+    flipped = membranes_erased(_training_volume(volume, std=-0.3))
+    np.testing.assert_array_equal(flipped.volume != volume, erased.volume != -volume)
+
+
+def test_cli_cleaning_flags_are_recorded_and_refused_for_classifiers(shrec_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "clean.pt"
+    result = runner.invoke(app, ["train", "localizer", "--data", str(shrec_dir), "--out", str(out), *TINY,
+                                 "--epochs", "1", "--remove-gold-streaks", "--erase-membranes"])
+    assert result.exit_code == 0, result.output
+    card = read_model_card(out)
+    assert card["remove_gold_streaks"] is True and card["erase_membranes"] is True
+    assert card["provenance"]["gold_streaks_removed"] is True and card["provenance"]["membranes_erased"] is True
+    for flag in ("--remove-gold-streaks", "--erase-membranes"):
+        bad = runner.invoke(app, ["train", "classifier", "--data", str(shrec_dir), "--out", str(tmp_path / "c.pt"),
+                                  flag])
+        assert bad.exit_code != 0 and "localizers only" in bad.output

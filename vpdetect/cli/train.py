@@ -165,6 +165,17 @@ def train(
         "training set's mean radial amplitude spectrum, as `localize --match-spectrum` filters a user's "
         "tomogram; the model then matches by default, so that it sees at inference what it saw in training.",
     ),
+    remove_gold_streaks: bool = typer.Option(
+        False, "--remove-gold-streaks/--keep-gold-streaks",
+        help="Localizers: subtract gold beads' streaks from every training tomogram as `localize` subtracts "
+        "a user's (after the background, before the spectrum); recorded in the model, which then "
+        "subtracts them by default.",
+    ),
+    erase_membranes: bool = typer.Option(
+        False, "--erase-membranes/--keep-membranes",
+        help="Localizers: replace membranes by noise in every training tomogram as `localize` erases a "
+        "user's (last, labels kept); recorded in the model, which then erases them by default.",
+    ),
     classes: str = typer.Option(
         None, "--classes", help="Comma-separated classes to train (others become background); default all."
     ),
@@ -278,8 +289,10 @@ def train(
         raise VPDetectError("--background-sigma applies to localizers only (classifiers read boxes as they are)")
     background_sigma = (LOCALIZER_BACKGROUND_SIGMA if stage == "localizer" else 0.0) if background_sigma is None \
         else float(background_sigma)
-    if match_spectrum and stage != "localizer":
-        raise VPDetectError("--match-spectrum applies to localizers only")
+    for flag, name in ((match_spectrum, "--match-spectrum"), (remove_gold_streaks, "--remove-gold-streaks"),
+                       (erase_membranes, "--erase-membranes")):
+        if flag and stage != "localizer":
+            raise VPDetectError(f"{name} applies to localizers only")
     if size_balance and boxes:
         raise VPDetectError("--size-balance applies to MSDNet crops; box classifiers sample classes evenly")
     if structure_share and boxes:
@@ -308,10 +321,12 @@ def train(
         CropDataset,
         build_class_mapping,
         class_voxel_counts,
+        membranes_erased,
         merged_radii,
         parse_merge,
         prepare_volume,
         spectrum_matched,
+        streaks_removed,
     )
     from vpdetect.train.loop import (
         TrainConfig,
@@ -357,6 +372,11 @@ def train(
         say(f"{len(flipped)} tomogram(s) with bright contrast negated for training: {', '.join(flipped[:8])}"
             + (" ..." if len(flipped) > 8 else ""))
 
+    # In `localize`'s order: background, streaks, spectrum, normalisation, membranes.
+    if remove_gold_streaks:
+        volumes = [streaks_removed(tv, normalisation) for tv in volumes]
+        val_volumes = [streaks_removed(tv, normalisation) for tv in val_volumes]
+        say(f"{len(volumes) + len(val_volumes)} tomogram(s) checked for gold beads, their streaks subtracted")
     # What `--match-spectrum` filters a user's tomogram towards (vpdetect.spectrum).
     # Measured as the model sees its tomograms (after any background subtraction), where
     # `localize` matches a user's.
@@ -365,6 +385,10 @@ def train(
         volumes = [spectrum_matched(tv, spectrum, normalisation) for tv in volumes]
         val_volumes = [spectrum_matched(tv, spectrum, normalisation) for tv in val_volumes]
         say(f"{len(volumes) + len(val_volumes)} tomogram(s) filtered towards the training set's amplitude spectrum")
+    if erase_membranes:
+        volumes = [membranes_erased(tv) for tv in volumes]
+        val_volumes = [membranes_erased(tv) for tv in val_volumes]
+        say(f"{len(volumes) + len(val_volumes)} tomogram(s) with their membranes erased")
     alpha_spec = alpha if alpha is not None else defaults["alpha"]
     radii = merged_radii(sources, mapping)
     if alpha is None and alpha_spec == "radius" and any(c not in radii for c in mapping.class_names[1:]):
@@ -465,6 +489,8 @@ def train(
             **({"background_sigma": background_sigma} if background_sigma else {}),
             **({"spectrum_reference": spectrum} if spectrum else {}),
             **({"match_spectrum": True} if match_spectrum else {}),
+            **({"remove_gold_streaks": True} if remove_gold_streaks else {}),
+            **({"erase_membranes": True} if erase_membranes else {}),
             "contrast": MODEL_CONTRAST,
             "voxel_size": voxel_sizes[0] if voxel_sizes else None,
             "crop_size": crop_size,
@@ -480,6 +506,8 @@ def train(
                 **({"size_balance": size_balance} if size_balance else {}),
                 **({"structure_share": structure_share} if structure_share else {}),
                 **({"spectrum_matched": True} if match_spectrum else {}),
+                **({"gold_streaks_removed": True} if remove_gold_streaks else {}),
+                **({"membranes_erased": True} if erase_membranes else {}),
                 "data": data_names,
                 "init": str(init) if init is not None else None,
                 "validation": [str(p) for p in val] + [str(p) for p in val_tomogram],

@@ -280,6 +280,37 @@ def spectrum_matched(tv: TrainingVolume, reference, normalisation: str) -> Train
     return replace(tv, volume=volume, mean=mean, std=float(np.copysign(std, tv.std)))
 
 
+def streaks_removed(tv: TrainingVolume, normalisation: str) -> TrainingVolume:
+    """`tv` with its gold beads' streaks subtracted (`vpdetect.localize.fiducials`, as `localize`
+    subtracts a user's: after the background, before any spectrum matching) and its
+    normalisation measured again, the contrast sign kept."""
+    from vpdetect.localize.fiducials import remove_gold_streaks
+
+    volume = np.asarray(tv.volume, dtype=np.float32)
+    centre, scale = normalisation_params(volume, "robust")
+    volume, beads = remove_gold_streaks(volume, centre, scale)
+    if not beads:
+        return tv
+    try:
+        mean, std = normalisation_params(volume, normalisation)
+    except VPDetectError as exc:
+        raise VPDetectError(f"{tv.name}: {exc}") from None
+    return replace(tv, volume=volume, mean=mean, std=float(np.copysign(std, tv.std)))
+
+
+def membranes_erased(tv: TrainingVolume, default_voxel_a: float = 10.0) -> TrainingVolume:
+    """`tv` with its membranes replaced by noise (`vpdetect.localize.membranes`, as `localize`
+    erases a user's: last, with the normalisation measured before, which stays). Labels are
+    kept: a particle on a membrane is still a particle."""
+    from vpdetect.localize.membranes import erase_membranes
+
+    # Dense matter is dark in the model's input: the scale's sign says whether it is here too.
+    dense_sign = -np.sign(tv.std)
+    voxel_nm = (tv.voxel_size or default_voxel_a) / 10.0
+    volume, _ = erase_membranes(np.asarray(tv.volume, dtype=np.float32), tv.mean, tv.std, dense_sign, voxel_nm)
+    return replace(tv, volume=volume)
+
+
 def class_voxel_counts(volumes: Sequence[TrainingVolume], n_classes: int) -> np.ndarray:
     """Voxels per target class over all volumes (for --alpha frequency)."""
     total = np.zeros(n_classes, dtype=np.int64)
