@@ -374,9 +374,11 @@ def train(
 
     # In `localize`'s order: background, streaks, spectrum, normalisation, membranes.
     if remove_gold_streaks:
+        before = volumes + val_volumes
         volumes = [streaks_removed(tv, normalisation) for tv in volumes]
         val_volumes = [streaks_removed(tv, normalisation) for tv in val_volumes]
-        say(f"{len(volumes) + len(val_volumes)} tomogram(s) checked for gold beads, their streaks subtracted")
+        with_beads = sum(new is not old for new, old in zip(volumes + val_volumes, before, strict=True))
+        say(f"gold streaks subtracted in {with_beads} of {len(before)} tomogram(s) (the others have no bead)")
     # What `--match-spectrum` filters a user's tomogram towards (vpdetect.spectrum).
     # Measured as the model sees its tomograms (after any background subtraction), where
     # `localize` matches a user's.

@@ -298,7 +298,7 @@ def streaks_removed(tv: TrainingVolume, normalisation: str) -> TrainingVolume:
     return replace(tv, volume=volume, mean=mean, std=float(np.copysign(std, tv.std)))
 
 
-def membranes_erased(tv: TrainingVolume, default_voxel_a: float = 10.0) -> TrainingVolume:
+def membranes_erased(tv: TrainingVolume) -> TrainingVolume:
     """`tv` with its membranes replaced by noise (`vpdetect.localize.membranes`, as `localize`
     erases a user's: last, with the normalisation measured before, which stays). Labels are
     kept: a particle on a membrane is still a particle."""
@@ -306,7 +306,7 @@ def membranes_erased(tv: TrainingVolume, default_voxel_a: float = 10.0) -> Train
 
     # Dense matter is dark in the model's input: the scale's sign says whether it is here too.
     dense_sign = -np.sign(tv.std)
-    voxel_nm = (tv.voxel_size or default_voxel_a) / 10.0
+    voxel_nm = (tv.voxel_size or 10.0) / 10.0  # as `localize` assumes without a voxel size
     volume, _ = erase_membranes(np.asarray(tv.volume, dtype=np.float32), tv.mean, tv.std, dense_sign, voxel_nm)
     return replace(tv, volume=volume)
 
