@@ -88,6 +88,9 @@ def grid(validation: bool = False) -> list[Cell]:
         one("defocus_um", defocus, f"{defocus:g}", defocus_um=defocus)
     for tilt in (40.0, 55.0, 70.0):
         one("tilt", tilt, f"+-{tilt:g}", tilt_range=(-tilt, tilt))
+    # A lamella milled at a pre-tilt is imaged over a range off centre: its missing wedge and
+    # every gold bead's streaks lose their mirror symmetry across the beam axis.
+    one("tilt", "-50..+66", tilt_range=(-50.0, 66.0))
     # Same particles in nm at another voxel size: 0.5x / 2x their base size in voxels.
     one("size", "0.5x", "0.5x (2 nm voxels)", voxel_nm=2.0)
     one("size", "2x", "2x (0.5 nm voxels)", voxel_nm=0.5, shape_xyz=(160, 160, 96))

@@ -114,7 +114,7 @@ def test_grid_names_are_unique_and_quick_cells_exist():
     assert all(9000 <= c.seed <= 9999 for c in cells)
     assert [c.name for c in bench.select_cells(cells, None, quick=True)] == list(bench.QUICK_CELLS)
     assert [c.name for c in bench.select_cells(cells, "tilt", quick=False)] == [
-        "tilt=+-40", "tilt=+-55", "tilt=+-70"]
+        "tilt=+-40", "tilt=+-55", "tilt=+-70", "tilt=-50..+66"]
     assert [c.name for c in bench.select_cells(cells, ["tilt=+-40", "snr=0.02"], quick=False)] == [
         "snr=0.02", "tilt=+-40"]
     for c in cells:
