@@ -188,6 +188,8 @@ def test_volume_smaller_than_one_tile_still_works(kit):
          "no particle coordinates"),
         ("nan.csv", "x,y,z\n1,2,3\nnan,2,3\n", "row 2 is not a number"),
         ("binary.txt", "\x00\xff\xfe garbage", "not a UTF-8 text file"),
+        # A data block the parser cannot split (escapes written literally by a shell's echo).
+        ("oneline.star", "data_\\nloop_\\n_rlnCoordinateX\\n", "malformed STAR syntax"),
     ],
 )
 def test_bad_tables(kit, command, name, text, expected):

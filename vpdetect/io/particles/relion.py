@@ -66,7 +66,10 @@ def star_blocks(path: Path) -> dict[str, pd.DataFrame]:
     try:
         raw = starfile.read(path, always_dict=True)
     except Exception as exc:  # noqa: BLE001 - starfile/pandas raise many types on bad input
-        raise VPDetectError(f"cannot parse STAR file {path}: {one_line(exc)}") from None
+        # The parser's own slips (unpacking None, a missing attribute) say nothing to a user.
+        internal = isinstance(exc, (TypeError, AttributeError, IndexError))
+        reason = f"malformed STAR syntax ({one_line(exc)})" if internal else one_line(exc)
+        raise VPDetectError(f"cannot parse STAR file {path}: {reason}") from None
     blocks: dict[str, pd.DataFrame] = {}
     for name, block in raw.items():
         if isinstance(block, pd.DataFrame):
