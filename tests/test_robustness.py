@@ -148,6 +148,17 @@ def test_bad_tomograms(kit, command, kind):
     assert_clean_failure(result, BAD_TOMOGRAMS[kind], kit["out"])
 
 
+# train's option range already refuses negative sizes in its usage message.
+@pytest.mark.parametrize("command,pixel_size", [
+    *[(command, size) for command in ("localize", "pick", "classify") for size in ("0", "-3", "nan")],
+    ("train", "0"),
+])
+def test_a_voxel_size_that_is_not_positive_is_refused(kit, command, pixel_size):
+    # Not taken as "no voxel size": a zero or negative size would resample the tomogram to nothing.
+    result = run(*command_on_tomogram(command, kit, kit["tomo"]), "--pixel-size", pixel_size)
+    assert_clean_failure(result, "must be a positive number", kit["out"])
+
+
 @pytest.mark.parametrize("kind", ["truncated", "complex mode 4", "2d image", "not mrc"])
 def test_bad_occupancy_mask_for_evaluate(kit, kind):
     write_bad_tomogram(kit["truth"] / "occupancy_mask.mrc", kind, kit["volume"])

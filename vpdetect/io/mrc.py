@@ -116,6 +116,8 @@ def read_tomogram(
     `keep_dtype=True` keeps the file's own dtype when reading into memory too.
     """
     path = Path(path)
+    if voxel_size is not None and not (np.isfinite(voxel_size) and voxel_size > 0):
+        raise VPDetectError(f"voxel size (--pixel-size) must be a positive number of Angstrom, got {voxel_size:g}")
     if path.suffix.lower() == ZARR_SUFFIX:
         from vpdetect.io.omezarr import read_omezarr
 
