@@ -448,3 +448,21 @@ def test_mask_of_another_shape(kit, command):
     result = run(*command_on_tomogram(command, kit, kit["tomo"]), "--mask", kit["dir"] / "mask.mrc")
     assert_clean_failure(result, "mask mask.mrc is 20x24x24 voxels (x, y, z) but the tomogram is 24x24x24",
                          kit["out"])
+
+
+@pytest.mark.parametrize("command", ["localize", "pick"])
+def test_an_all_zero_mask_is_refused(kit, command):
+    write_mrc(kit["dir"] / "mask.mrc", np.zeros((24, 24, 24), np.int8))
+    result = run(*command_on_tomogram(command, kit, kit["tomo"]), "--mask", kit["dir"] / "mask.mrc")
+    assert_clean_failure(result, "mask mask.mrc selects no voxel", kit["out"])
+
+
+def test_an_output_of_unknown_format_is_refused_before_the_network_runs(kit, monkeypatch):
+    import vpdetect.localize.pipeline as pipeline
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the network ran for an output that cannot be written")
+
+    monkeypatch.setattr(pipeline, "segment_volume", must_not_run)
+    result = run("localize", kit["tomo"], "-m", kit["localizer"], "-o", kit["out"] / "picks.xyz")
+    assert_clean_failure(result, "cannot tell the output format of picks.xyz", kit["out"])

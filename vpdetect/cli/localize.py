@@ -552,6 +552,10 @@ def localize(
         copick_session=copick_session,
     )
     load_tomograms(tomograms_star)  # a bad tomograms.star fails once, before any input
+    if output is not None and fmt is None:
+        from vpdetect.io.particles import detect_format
+
+        detect_format(output, for_writing=True)  # an unknown extension fails before hours of work
     parameters = options.as_dict() | {
         "format": fmt, "mask": mask, "save_map": save_map, "pixel_size": pixel_size, "model": model_path,
         "tomograms_star": tomograms_star, "coords_pixel_size": coords_pixel_size,

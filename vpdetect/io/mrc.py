@@ -176,6 +176,9 @@ def read_roi(path: str | os.PathLike, shape_zyx: tuple[int, int, int]) -> np.nda
             f"mask {Path(path).name} is {'x'.join(map(str, roi.shape[::-1]))} voxels (x, y, z) but the "
             f"tomogram is {'x'.join(map(str, tuple(shape_zyx)[::-1]))}"
         )
+    # Slab by slab, stopping at the first nonzero voxel: most masks are found in the first slab.
+    if not any(np.any(roi[z : z + 16]) for z in range(0, roi.shape[0], 16)):
+        raise VPDetectError(f"mask {Path(path).name} selects no voxel (it is all zero): nothing would be searched")
     return roi
 
 
