@@ -466,3 +466,14 @@ def test_an_output_of_unknown_format_is_refused_before_the_network_runs(kit, mon
     monkeypatch.setattr(pipeline, "segment_volume", must_not_run)
     result = run("localize", kit["tomo"], "-m", kit["localizer"], "-o", kit["out"] / "picks.xyz")
     assert_clean_failure(result, "cannot tell the output format of picks.xyz", kit["out"])
+
+
+def test_running_out_of_memory_is_one_line(kit, monkeypatch):
+    import vpdetect.simulate.pipeline as pipeline
+
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 36.4 TiB for an array with shape (1000, 100000, 100000)")
+
+    monkeypatch.setattr(pipeline, "simulate_tomogram", too_big)
+    result = run("simulate", kit["out"] / "sim", "--shape", "100000", "100000", "1000")
+    assert_clean_failure(result, "out of memory: Unable to allocate 36.4 TiB", kit["out"])
