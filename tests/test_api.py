@@ -91,6 +91,9 @@ def test_options_are_passed_to_the_option_dataclasses_and_unknown_ones_refused(t
         vp.localize(volume[0], model)
     with pytest.raises(VPDetectError, match="mask has shape"):
         vp.localize(volume, model, mask=np.ones((3, 3, 3)))
+    for bad in (0.0, -10.0, float("nan")):
+        with pytest.raises(VPDetectError, match="must be a positive number"):
+            vp.localize(volume, model, voxel_size=bad)
 
 
 def test_classify_and_pick_give_each_ball_its_class(tmp_path, rng):

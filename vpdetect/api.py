@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from vpdetect.errors import VPDetectError
-from vpdetect.io.mrc import Tomogram
+from vpdetect.io.mrc import Tomogram, check_voxel_size
 from vpdetect.io.particles import ParticleTable
 
 Progress = Callable[[str, int, int], None]
@@ -121,6 +121,7 @@ def _tomogram(volume, voxel_size: float | None) -> Tomogram:
             data = data.astype(np.float32)
         tomo = Tomogram(data=data)
     if voxel_size is not None:
+        check_voxel_size(float(voxel_size))
         tomo = dataclasses.replace(tomo, voxel_size=float(voxel_size))
     return tomo
 

@@ -98,6 +98,12 @@ def _open_mrc(path: Path, mmap: bool):
         raise VPDetectError(f"cannot read MRC file {path}: {exc}") from exc
 
 
+def check_voxel_size(voxel_size: float | None) -> None:
+    """A given voxel size must be a positive number: zero or negative would resample to nothing."""
+    if voxel_size is not None and not (np.isfinite(voxel_size) and voxel_size > 0):
+        raise VPDetectError(f"voxel size (--pixel-size) must be a positive number of Angstrom, got {voxel_size:g}")
+
+
 def read_tomogram(
     path: str | os.PathLike,
     voxel_size: float | None = None,
@@ -116,8 +122,7 @@ def read_tomogram(
     `keep_dtype=True` keeps the file's own dtype when reading into memory too.
     """
     path = Path(path)
-    if voxel_size is not None and not (np.isfinite(voxel_size) and voxel_size > 0):
-        raise VPDetectError(f"voxel size (--pixel-size) must be a positive number of Angstrom, got {voxel_size:g}")
+    check_voxel_size(voxel_size)
     if path.suffix.lower() == ZARR_SUFFIX:
         from vpdetect.io.omezarr import read_omezarr
 
