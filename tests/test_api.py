@@ -91,6 +91,8 @@ def test_options_are_passed_to_the_option_dataclasses_and_unknown_ones_refused(t
         vp.localize(volume[0], model)
     with pytest.raises(VPDetectError, match="mask has shape"):
         vp.localize(volume, model, mask=np.ones((3, 3, 3)))
+    with pytest.raises(VPDetectError, match="mask selects no voxel"):
+        vp.localize(volume, model, mask=np.zeros(volume.shape, bool))
     for bad in (0.0, -10.0, float("nan")):
         with pytest.raises(VPDetectError, match="must be a positive number"):
             vp.localize(volume, model, voxel_size=bad)

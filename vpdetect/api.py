@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from vpdetect.errors import VPDetectError
-from vpdetect.io.mrc import Tomogram, check_voxel_size
+from vpdetect.io.mrc import Tomogram, check_roi_selects, check_voxel_size
 from vpdetect.io.particles import ParticleTable
 
 Progress = Callable[[str, int, int], None]
@@ -403,4 +403,5 @@ def _mask(mask, shape_zyx) -> np.ndarray | None:
     roi = np.asarray(mask)
     if roi.shape != tuple(shape_zyx):
         raise VPDetectError(f"mask has shape {roi.shape}, the volume {tuple(shape_zyx)}")
+    check_roi_selects(roi)
     return roi

@@ -181,10 +181,15 @@ def read_roi(path: str | os.PathLike, shape_zyx: tuple[int, int, int]) -> np.nda
             f"mask {Path(path).name} is {'x'.join(map(str, roi.shape[::-1]))} voxels (x, y, z) but the "
             f"tomogram is {'x'.join(map(str, tuple(shape_zyx)[::-1]))}"
         )
-    # Slab by slab, stopping at the first nonzero voxel: most masks are found in the first slab.
-    if not any(np.any(roi[z : z + 16]) for z in range(0, roi.shape[0], 16)):
-        raise VPDetectError(f"mask {Path(path).name} selects no voxel (it is all zero): nothing would be searched")
+    check_roi_selects(roi, f"mask {Path(path).name}")
     return roi
+
+
+def check_roi_selects(roi: np.ndarray, name: str = "mask") -> None:
+    """A search mask must select some voxel. Slab by slab, stopping at the first nonzero one, so
+    a memory-mapped mask is rarely read through."""
+    if not any(np.any(roi[z : z + 16]) for z in range(0, roi.shape[0], 16)):
+        raise VPDetectError(f"{name} selects no voxel (it is all zero): nothing would be searched")
 
 
 def read_mrc_header(path: str | os.PathLike) -> dict:
