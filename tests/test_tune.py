@@ -76,6 +76,29 @@ def test_tune_refuses_a_folder_without_ground_truth(tmp_path, rng):
     assert "occupancy_mask.mrc" in result.output
 
 
+@pytest.mark.parametrize("listed", ["", "vesicle"])
+def test_tune_refuses_a_folder_without_particles_before_segmenting(tmp_path, rng, monkeypatch, listed):
+    # Empty, or context only: every setting would score 0 and the grid's first point would be "best".
+    import vpdetect.localize.pipeline as pipeline
+
+    volume = shrec_folder(tmp_path / "val", rng)
+    _, occupancy, _ = annotated_scene(rng)
+    if listed:  # ball 1 listed as a vesicle, the others not at all
+        truth = ParticleTable.from_arrays(np.array(CENTRES[:1])[:, ::-1], voxel_size=10.0, tomo_size=SHAPE[::-1],
+                                          class_name=[listed])
+        write_particles(tmp_path / "val" / "particle_locations.txt", truth, fmt="shrec")
+        write_mrc(tmp_path / "val" / "occupancy_mask.mrc", np.where(occupancy == 1, 1, 0).astype(np.int16))
+    else:
+        (tmp_path / "val" / "particle_locations.txt").write_text("")
+        write_mrc(tmp_path / "val" / "occupancy_mask.mrc", np.zeros_like(occupancy))
+    model = intensity_localizer(tmp_path / "loc.pt", volume)
+    monkeypatch.setattr(pipeline, "segment_volume", lambda *a, **k: pytest.fail("segmented"))
+    result = CliRunner().invoke(app, ["tune", str(model), "--data", str(tmp_path / "val"), "-o", str(tmp_path / "t.pt")])
+    assert result.exit_code == 2, result.output
+    assert "lists no particle to tune on" in result.output
+    assert not (tmp_path / "t.pt").exists()
+
+
 def test_adaptive_search_stores_factors_and_localize_uses_them(rng):
     from vpdetect.localize.pipeline import LocalizeOptions
 

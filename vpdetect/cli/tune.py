@@ -96,7 +96,7 @@ def tune(
     from vpdetect.cli.localize import build_localize_options
     from vpdetect.cli.logs import progress_bar
     from vpdetect.errors import VPDetectError
-    from vpdetect.evaluate.shrec import read_truth
+    from vpdetect.evaluate.shrec import UNSCORED_CLASSES, read_truth
     from vpdetect.io.atomic import atomic_path, check_output_dir
     from vpdetect.io.mrc import read_tomogram
     from vpdetect.localize.pipeline import segment_volume
@@ -123,10 +123,16 @@ def tune(
     net, card = load_model(model, stage="localizer", device=device)
     options = build_localize_options(tile=tile, halo=halo, device=device, match_spectrum=match_spectrum,
                                      erase_membranes=erase_membranes, remove_gold_streaks=remove_gold_streaks)
+    # Every folder's truth first: one without particles would make any setting score 0 (and the
+    # grid's first point "best") after all the others were segmented.
+    truths = [read_truth(folder) for folder in data]
+    for folder, (_, truth) in zip(data, truths, strict=True):
+        names = truth.data["class_name"] if "class_name" in truth.data else [""] * len(truth)
+        if not any(str(name).strip().lower() not in UNSCORED_CLASSES for name in names):
+            raise VPDetectError(f"{folder}: its particle_locations.txt lists no particle to tune on")
     maps = []
-    for folder in data:
+    for folder, (occupancy, truth) in zip(data, truths, strict=True):
         tomo = read_tomogram(folder / "reconstruction.mrc")
-        occupancy, truth = read_truth(folder)
         console.print(f"segmenting {folder} ...")
         prob, _ = segment_volume(tomo, net, card, options)
         maps.append(AnnotatedMap(prob, occupancy, truth, tomo.voxel_size))
