@@ -139,6 +139,15 @@ def test_missing_predictions_count_as_missed(tmp_path, two_folders):
     assert (total["TP"], total["FN"], total["RR"]) == (2, 2, 2)
 
 
+def test_a_truth_without_particles_is_named_in_a_warning(tmp_path, two_folders):
+    sim, folders, p0, p1 = two_folders
+    (folders[1] / "particle_locations.txt").write_text("")
+    write_mrc(folders[1] / "occupancy_mask.mrc", np.zeros((8, 12, 16), dtype=np.int16), voxel_size=10.0)
+    with pytest.warns(UserWarning, match=r"truth tomogram\(s\) model_1 list no scored particle"):
+        result = invoke("evaluate", p0, p1, "--truth", sim, "--metric", "shrec")
+    assert result.exit_code == 0, result.output
+
+
 def test_evaluate_refusals(tmp_path, two_folders):
     sim, folders, p0, p1 = two_folders
     truth_table = folders[0] / "particle_locations.txt"

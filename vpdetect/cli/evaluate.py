@@ -100,6 +100,10 @@ def evaluate(
     else:
         per, total = _czii(pred_tables, truths, folders, radius, weight, beta, distance_multiplier, pixel_size)
     per_tomogram = dict(zip(names, per, strict=True))
+    empty = [name for name, result in per_tomogram.items() if result.get("localization", {}).get("n_particles") == 0]
+    if empty:
+        warnings.warn(f"truth tomogram(s) {', '.join(empty)} list no scored particle: their recall and F1 are "
+                      "undefined (reported as 0)", stacklevel=1)
 
     # Render everything before writing anything, so a failure leaves no partial output.
     png = csv_text = None
