@@ -66,7 +66,7 @@ def user_errors(func: F) -> F:
             raise fail(f"I/O error: {exc}") from None
         except MemoryError as exc:
             # numpy names the array it could not allocate; the fix is a smaller job, not a bug report.
-            raise fail(f"out of memory: {exc or 'an allocation failed'} (try a smaller volume, tile or batch)") from None
+            raise fail(f"out of memory: {str(exc) or 'an allocation failed'} (try a smaller volume, tile or batch)") from None
         except KeyboardInterrupt:
             raise fail("interrupted", code=130) from None
 

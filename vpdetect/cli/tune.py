@@ -96,7 +96,7 @@ def tune(
     from vpdetect.cli.localize import build_localize_options
     from vpdetect.cli.logs import progress_bar
     from vpdetect.errors import VPDetectError
-    from vpdetect.evaluate.shrec import UNSCORED_CLASSES, read_truth
+    from vpdetect.evaluate.shrec import read_truth, scored_particles
     from vpdetect.io.atomic import atomic_path, check_output_dir
     from vpdetect.io.mrc import read_tomogram
     from vpdetect.localize.pipeline import segment_volume
@@ -127,8 +127,7 @@ def tune(
     # grid's first point "best") after all the others were segmented.
     truths = [read_truth(folder) for folder in data]
     for folder, (_, truth) in zip(data, truths, strict=True):
-        names = truth.data["class_name"] if "class_name" in truth.data else [""] * len(truth)
-        if not any(str(name).strip().lower() not in UNSCORED_CLASSES for name in names):
+        if not scored_particles(truth).any():
             raise VPDetectError(f"{folder}: its particle_locations.txt lists no particle to tune on")
     maps = []
     for folder, (occupancy, truth) in zip(data, truths, strict=True):

@@ -131,18 +131,20 @@ class ScoringMask:
     scored: np.ndarray
 
 
+def scored_particles(truth: ParticleTable) -> np.ndarray:
+    """Per row of `truth`, whether the particle counts (vesicles are context, not targets)."""
+    labels = truth.class_labels()
+    if labels is None:
+        return np.ones(len(truth), dtype=bool)
+    return np.array([_key(v) not in UNSCORED_CLASSES for v in labels], dtype=bool)
+
+
 def scoring_mask(occupancy: np.ndarray, truth: ParticleTable) -> ScoringMask:
     """The checked, dilated lookup of `occupancy` for `truth` (vesicles are not scored)."""
     occupancy = _check_truth(occupancy, truth)
     n = len(truth)
-    truth_labels = truth.class_labels()
-    truth_keys = [_key(v) for v in truth_labels] if truth_labels is not None else [""] * n
     # ids 1..n; scored[k] says whether particle k counts.
-    scored = np.ones(n + 1, dtype=bool)
-    scored[0] = False
-    for i, key in enumerate(truth_keys):
-        if key in UNSCORED_CLASSES:
-            scored[i + 1] = False
+    scored = np.concatenate([[False], scored_particles(truth)])
     id_map = np.where(scored, np.arange(n + 1), 0).astype(occupancy.dtype)
     return ScoringMask(dilate_occupancy(id_map[occupancy]), scored)
 
