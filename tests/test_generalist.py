@@ -221,3 +221,32 @@ def test_membrane_proteins_are_drawn_recorded_and_fixed_by_the_option(tmp_path):
     bad = CliRunner().invoke(app, ["simulate", str(tmp_path / "bad"), "--membrane-proteins", "1.5"])
     assert bad.exit_code != 0 and "membrane protein share" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_context_preset_adds_beads_and_carbon_to_the_generalist_draw():
+    from vpdetect.simulate.generalist import CONTEXT_BEADS, draw_tomogram, enrich_context
+
+    params = preset_params("generalist-context", shape_xyz=(96, 96, 48))
+    carbon = 0
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        plain, _, context, record = draw_tomogram(params, rng)
+        before = dict(record)
+        rich, rich_context = enrich_context(plain, context, record, rng)
+        assert CONTEXT_BEADS[0] <= rich.n_fiducials <= CONTEXT_BEADS[1] and rich.fiducials
+        assert record["n_fiducials"] == rich.n_fiducials
+        # Everything else is the generalist draw.
+        assert dataclasses.replace(rich, n_fiducials=plain.n_fiducials, fiducials=plain.fiducials) == plain
+        assert {k: v for k, v in record.items() if k not in ("n_fiducials", "carbon_edge")} == \
+            {k: v for k, v in before.items() if k not in ("n_fiducials", "carbon_edge")}
+        if context.carbon_edge is not None:
+            assert rich_context.carbon_edge == context.carbon_edge
+        elif rich_context.carbon_edge is not None:
+            assert rich_context.carbon_edge["texture"] > 0 and record["carbon_edge"] == rich_context.carbon_edge
+            carbon += 1
+    assert 5 <= carbon <= 25
+    # Same seed, same tomogram; its record names the beads placed.
+    small = preset_params("generalist-context", **SMALL)
+    first, second = simulate_tomogram(small, seed=4), simulate_tomogram(small, seed=4)
+    assert np.array_equal(first.reconstruction, second.reconstruction)
+    assert first.metadata["randomized"]["n_fiducials"] >= CONTEXT_BEADS[0]

@@ -88,7 +88,7 @@ def test_sidecar_records_version_models_parameters_and_input(kit, command):  # n
         expected = used.get(param.name, param.default)
         assert value == (list(expected) if isinstance(expected, tuple) else expected), param.name
         checked += 1
-    assert checked == {"localize": 36, "classify": 13, "pick": 39}[command], checked
+    assert checked == {"localize": 38, "classify": 13, "pick": 41}[command], checked
     assert record["result"]["n_particles"] >= 0
 
 

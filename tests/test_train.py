@@ -465,6 +465,22 @@ def test_cli_init_grows_a_shallower_localizer_and_refuses_another_width(shrec_di
     assert "Traceback" not in wider.output and not (tmp_path / "c.pt").exists()
 
 
+def test_cli_init_from_a_verified_localizer_leaves_the_verifier_behind(shrec_dir, tmp_path):
+    from vpdetect.nn.checkpoint import load_model, save_model
+    from vpdetect.nn.verifier import PickVerifier
+
+    runner = CliRunner()
+    base = ["train", "localizer", "--data", str(shrec_dir), "--epochs", "1", *TINY]
+    assert runner.invoke(app, [*base, "--out", str(tmp_path / "a.pt")]).exit_code == 0
+    net, card = load_model(tmp_path / "a.pt")
+    net.verifier = PickVerifier(2, 2, 8)
+    save_model(tmp_path / "verified.pt", net, {**card, "verifier": {"min_score": 0.2}})
+    again = runner.invoke(app, [*base, "--out", str(tmp_path / "b.pt"), "--init", str(tmp_path / "verified.pt")])
+    assert again.exit_code == 0, again.output
+    assert "not carried over" in " ".join(again.output.split())
+    assert "verifier" not in read_model_card(tmp_path / "b.pt")
+
+
 def test_cli_classifier_from_coordinates(tmp_path, shrec_dir):
     table = ParticleTable(
         data=pd.DataFrame({

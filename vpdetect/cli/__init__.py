@@ -18,4 +18,5 @@ from vpdetect.cli import localize  # noqa: E402,F401  isort: skip
 from vpdetect.cli import pick  # noqa: E402,F401  isort: skip
 from vpdetect.cli import train  # noqa: E402,F401  isort: skip
 from vpdetect.cli import tune  # noqa: E402,F401  isort: skip
+from vpdetect.cli import train_verifier  # noqa: E402,F401  isort: skip
 from vpdetect.cli import view  # noqa: E402,F401  isort: skip

@@ -155,6 +155,22 @@ def drop_gold_option():
     )
 
 
+def verify_option():
+    return typer.Option(
+        None, "--verify/--no-verify",
+        help="Score every pick with the localizer's pick verifier (a small network that reads a box of the "
+        "tomogram and the map around the pick) and drop those scoring under --min-verified. Default: on "
+        "when the model holds a verifier (`vpdetect train-verifier`; `vpdetect info` says).",
+    )
+
+
+def min_verified_option():
+    return typer.Option(
+        None, "--min-verified", min=0.0, max=1.0,
+        help="Least verifier score a pick needs, 0-1 (default: the model card's).",
+    )
+
+
 def spare_small_option():
     return typer.Option(
         None, "--spare-small", min=0.0,
@@ -290,6 +306,7 @@ def postprocess_record(options) -> dict:
         "max_centre_gap": options.max_centre_gap, "snap_distance": options.snap_distance,
         "max_component": options.max_component, "drop_thin": options.drop_thin,
         "spare_small": options.spare_small, "drop_gold": options.drop_gold,
+        "verify": options.verify, "min_verified": options.min_verified,
     }
 
 
@@ -307,6 +324,8 @@ def build_localize_options(
     drop_thin: bool | None = None,
     spare_small: float | None = None,
     drop_gold: bool = False,
+    verify: bool | None = None,
+    min_verified: float | None = None,
     flips: int | None = None,
     tile: int | None = None,
     halo: int | None = None,
@@ -346,6 +365,8 @@ def build_localize_options(
         drop_thin=drop_thin,
         spare_small=spare_small,
         drop_gold=drop_gold,
+        verify=verify,
+        min_verified=min_verified,
         flips=flips,
         tile=tile,
         halo=halo,
@@ -399,7 +420,12 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
 
     from vpdetect.io.mrc import read_roi, read_tomogram, write_mrc
     from vpdetect.io.particles import write_particles
-    from vpdetect.localize.pipeline import format_timings, particles_from_map, segment_volume
+    from vpdetect.localize.pipeline import (
+        format_timings,
+        model_input,
+        particles_from_map,
+        segment_volume,
+    )
     from vpdetect.nn.engine import kernels_used
 
     start = time.perf_counter()
@@ -408,14 +434,19 @@ def localize_task(source: Path, output: Path, device: str, job: LocalizeJob) -> 
     options = replace(job.options, device=device).with_model_defaults(card)
     roi = read_roi(job.mask, tomo.data.shape) if job.mask is not None else None
     opened = time.perf_counter() - start
+    input_timings: dict[str, float] = {}
+    prepared = model_input(tomo, card, options, input_timings)
 
     with progress_bar(job.show_progress) as bar:
         tiles = bar.add_task(f"{tomo.name}: network", total=None)
         prob, timings = segment_volume(
-            tomo, model, card, options, progress=lambda done, total: bar.update(tiles, completed=done, total=total)
+            tomo, model, card, options, progress=lambda done, total: bar.update(tiles, completed=done, total=total),
+            prepared=prepared,
         )
+    for phase, seconds in input_timings.items():
+        timings[phase] = timings.get(phase, 0.0) + seconds
     timings["load"] += opened
-    table = particles_from_map(prob, tomo, options, roi, timings)
+    table = particles_from_map(prob, tomo, options, roi, timings, model=model, prepared=prepared)
     bandwidth = table.data.attrs["bandwidth"]
     table = place_in_project(table, tomo, source, load_tomograms(job.tomograms_star))
 
@@ -487,6 +518,8 @@ def localize(
     drop_thin: bool | None = drop_thin_option(),
     spare_small: float | None = spare_small_option(),
     drop_gold: bool = drop_gold_option(),
+    verify: bool | None = verify_option(),
+    min_verified: float | None = min_verified_option(),
     test_time_flips: int = localizer_flips_option(),
     tile: int = tile_option(),
     halo: int = halo_option(),
@@ -527,6 +560,8 @@ def localize(
         drop_thin=drop_thin,
         spare_small=spare_small,
         drop_gold=drop_gold,
+        verify=verify,
+        min_verified=min_verified,
         flips=test_time_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
         contrast=contrast, rescale=rescale, match_spectrum=match_spectrum, erase_membranes=erase_membranes,

@@ -67,6 +67,7 @@ from vpdetect.cli.localize import (
     max_component_option,
     min_score_option,
     min_size_option,
+    min_verified_option,
     opening_radius_option,
     particle_diameter_option,
     pixel_size_option,
@@ -79,6 +80,7 @@ from vpdetect.cli.localize import (
     table_output_option,
     threshold_option,
     tile_option,
+    verify_option,
     z_range_option,
 )
 
@@ -146,7 +148,7 @@ def pick_task(source: Path, output: Path, device: str, job: PickJob) -> dict:
         )
         timings["load"] += opened
         timings.update(cleaning)
-        found = particles_from_map(prob, tomo, options, roi, timings)
+        found = particles_from_map(prob, tomo, options, roi, timings, model=localizer, prepared=prepared)
         bandwidth = found.data.attrs["bandwidth"]
         del prob  # the map can be large; stage 2 needs only the coordinates
         if len(found):
@@ -211,6 +213,8 @@ def pick(
     drop_thin: bool | None = drop_thin_option(),
     spare_small: float | None = spare_small_option(),
     drop_gold: bool = drop_gold_option(),
+    verify: bool | None = verify_option(),
+    min_verified: float | None = min_verified_option(),
     localizer_flips: int = localizer_flips_option("--localizer-flips"),
     tile: int = tile_option(),
     halo: int = halo_option(),
@@ -261,6 +265,8 @@ def pick(
         drop_thin=drop_thin,
         spare_small=spare_small,
         drop_gold=drop_gold,
+        verify=verify,
+        min_verified=min_verified,
         flips=localizer_flips,
         batch_size=batch_size, device=resolved_device, precision=precision, z_range=z_range or None,
         contrast=contrast, rescale=rescale, match_spectrum=match_spectrum, erase_membranes=erase_membranes,

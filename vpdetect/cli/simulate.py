@@ -28,7 +28,8 @@ def simulate(
         "shrec21", "--preset",
         help="shrec21: SHREC'21-like 512^3, 200-voxel slab, crowded, SNR 0.5; easy: small, clean, quick; "
         "generalist: 192x192x96, every tomogram draws SNR, defocus, tilts, filter, contrast, crowding, "
-        "context and procedural shapes (options given here fix the drawn value).",
+        "context and procedural shapes (options given here fix the drawn value); generalist-context: the "
+        "same with 12-25 gold beads in every tomogram and a textured carbon edge in about every second one.",
     ),
     shape: tuple[int, int, int] = typer.Option(
         None, "--shape", help="Volume size in voxels, X Y Z (default: the preset's)."
@@ -87,7 +88,7 @@ def simulate(
         overrides["shape_xyz"] = tuple(int(v) for v in shape)
     if slab_thickness is not None:
         overrides["slab_thickness"] = slab_thickness
-    elif shape is not None and preset != "generalist":
+    elif shape is not None and not preset.startswith("generalist"):
         # keep the preset's slab unless it no longer fits the requested depth
         from vpdetect.simulate.pipeline import PRESETS
 

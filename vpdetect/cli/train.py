@@ -452,6 +452,9 @@ def train(
     trainer = Trainer(config, train_set, val_set, torch_device, dist_info)
     if init is not None:
         start_model, start_card = load_model(init, stage=stage)
+        if getattr(start_model, "verifier", None) is not None:
+            del start_model.verifier  # it reads the old network's map: `vpdetect train-verifier` the new one
+            say(f"{init}'s pick verifier is not carried over (it reads that network's map; train-verifier the new one)")
         if start_model.arch() == trainer.model.arch():
             trainer.model.load_state_dict(start_model.state_dict())
             say(f"starting from the weights of {init}")

@@ -30,6 +30,7 @@ from vpdetect.localize.tiling import (
     recompute_factor,
     tile_shape,
 )
+from vpdetect.localize.verify import score_picks
 from vpdetect.nn.checkpoint import check_inference_card
 from vpdetect.nn.flips import resolve_flips
 from vpdetect.preprocess import (
@@ -121,6 +122,11 @@ class LocalizeOptions:
     # `vpdetect.localize.fiducials`); off by default: SHREC'21 and vpdetect's training data
     # count beads as particles (class `fiducial`).
     drop_gold: bool = False
+    # Score every pick with the model's pick verifier and drop those under `min_verified`
+    # (`vpdetect.localize.verify`); None = on when the model has one.
+    verify: bool | None = None
+    # None = the card's verifier min_score.
+    min_verified: float | None = None
     # Bandwidth (and merge radius) as multiples of the particles' radius measured on the map,
     # used when neither bandwidth nor particle_diameter is set (from a tuned model card).
     bandwidth_factor: float | None = None
@@ -182,6 +188,16 @@ class LocalizeOptions:
                 updates[name] = type(default)(tuned.get(name, default))
         if self.drop_thin is None:
             updates["drop_thin"] = bool(tuned.get("drop_thin", False))
+        verifier = card.get("verifier") or {}
+        if self.verify and not verifier:
+            raise VPDetectError("this localizer has no pick verifier (`vpdetect train-verifier` adds one): "
+                                "run without --verify")
+        if self.verify is None:
+            updates["verify"] = bool(verifier)
+        if self.min_verified is None:
+            updates["min_verified"] = float(verifier.get("min_score", 0.0))
+        elif not 0.0 <= self.min_verified <= 1.0:
+            raise VPDetectError(f"the minimum verifier score must lie in [0, 1], got {self.min_verified:g}")
         updates["flips"] = resolve_flips(self.flips, card)
         user_size = self.bandwidth is not None or self.particle_diameter is not None
         if not user_size and self.bandwidth_factor is None and tuned.get("bandwidth_factor") is not None:
@@ -432,10 +448,14 @@ def particles_from_map(
     options: LocalizeOptions,
     roi: np.ndarray | None = None,
     timings: dict | None = None,
+    model=None,
+    prepared: ModelInput | None = None,
 ):
     """Particles of a probability map as a ParticleTable of the tomogram (columns x, y, z,
     tomo_name, tomo_path, score, cluster_size; `data.attrs["bandwidth"]` the mean-shift
-    bandwidth used). An empty table is valid; a warning says so."""
+    bandwidth used). An empty table is valid; a warning says so. With `options.verify`,
+    `model` (the localizer, holding its `verifier`) and `prepared` (the map's `model_input`)
+    are needed: picks the verifier scores under `options.min_verified` are dropped."""
     from vpdetect.io.particles import ParticleTable
 
     start = time.perf_counter()
@@ -464,6 +484,8 @@ def particles_from_map(
         drop_thin=bool(options.drop_thin),
         spare_small=float(options.spare_small or 0.0),
     )
+    if options.verify and len(found):
+        found = _verified(found, prob, tomo, options, model, prepared)
     if bandwidth is None:
         log.info("%s: mean-shift bandwidth %.1f voxels (%g x the particles' radius measured on the map; "
                  "--bandwidth or --particle-diameter to set it)", tomo.name, found.attrs["bandwidth"],
@@ -497,6 +519,19 @@ def particles_from_map(
     return table
 
 
+def _verified(found, prob, tomo, options: LocalizeOptions, model, prepared: ModelInput | None):
+    """`found` (model-grid picks) without those the model's verifier scores under the minimum."""
+    verifier = getattr(model, "verifier", None)
+    if verifier is None or prepared is None:
+        raise ValueError("verifying picks needs the localizer holding a verifier and the map's model input")
+    scores = score_picks(verifier, prepared, prob, found[["z", "y", "x"]].to_numpy(), options.device)
+    rejected = scores < options.min_verified
+    if rejected.any():
+        log.info("%s: %d of %d pick(s) scored under %g by the pick verifier, dropped (--no-verify to keep them)",
+                 tomo.name, int(rejected.sum()), len(found), options.min_verified)
+    return found[~rejected]
+
+
 def localize_volume(
     tomo,
     model,
@@ -513,8 +548,12 @@ def localize_volume(
     "stitch" and "cluster".
     """
     options = options.with_model_defaults(card)
-    prob, timings = segment_volume(tomo, model, card, options, progress)
-    table = particles_from_map(prob, tomo, options, roi, timings)
+    input_timings: dict[str, float] = {}
+    prepared = model_input(tomo, card, options, input_timings)
+    prob, timings = segment_volume(tomo, model, card, options, progress, prepared=prepared)
+    for phase, seconds in input_timings.items():
+        timings[phase] = timings.get(phase, 0.0) + seconds
+    table = particles_from_map(prob, tomo, options, roi, timings, model=model, prepared=prepared)
     return table, timings
 
 

@@ -74,12 +74,31 @@ def _check_card(card: dict, source: str) -> None:
     keys = ARCH_KEYS if name == "msdnet" else BOX_ARCH_KEYS
     if any(not isinstance(arch.get(k), int) or arch.get(k) < 1 for k in keys):
         raise VPDetectError(f"{source}: model card has an incomplete architecture {arch!r}")
+    _check_verifier_entry(card, source)
     names = card.get("class_names")
     if not isinstance(names, list) or len(names) != arch["n_classes"] or not names or names[0] != "background":
         raise VPDetectError(
             f"{source}: model card class names {names!r} do not match its "
             f"{arch['n_classes']} output classes with index 0 'background'"
         )
+
+
+def _check_verifier_entry(card: dict, source: str) -> None:
+    """A localizer's optional pick verifier (`vpdetect.nn.verifier`): architecture and minimum score."""
+    from vpdetect.nn.verifier import build_verifier
+
+    entry = card.get("verifier")
+    if entry is None:
+        return
+    if card.get("stage") != "localizer" or not isinstance(entry, dict):
+        raise VPDetectError(f"{source}: only a localizer's card may hold a pick verifier")
+    try:
+        build_verifier(entry.get("arch"))
+    except ValueError as exc:
+        raise VPDetectError(f"{source}: {exc}") from None
+    score = entry.get("min_score", 0.0)
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not 0.0 <= score <= 1.0:
+        raise VPDetectError(f"{source}: the card's verifier min_score must lie in [0, 1], got {score!r}")
 
 
 def save_model(path, model, card: dict, training_state: dict | None = None, half_weights: bool = False) -> None:
@@ -96,6 +115,12 @@ def save_model(path, model, card: dict, training_state: dict | None = None, half
     full = _plain(dict(card))
     full["format"] = FORMAT
     full["arch"] = _plain(model.arch())
+    # The card describes the verifier the weights hold, or none.
+    verifier = getattr(model, "verifier", None)
+    if verifier is not None:
+        full["verifier"] = {**(full.get("verifier") or {}), "arch": _plain(verifier.arch())}
+    else:
+        full.pop("verifier", None)
     full.setdefault("normalisation", "zscore")
     if half_weights:
         full["weights_storage"] = "float16"
@@ -227,6 +252,10 @@ def load_model(path, stage: str | None = None, device="cpu"):
         model = build_from_arch(card["arch"])
     except ValueError as exc:
         raise VPDetectError(f"{path}: {exc}") from None
+    if card.get("verifier"):
+        from vpdetect.nn.verifier import build_verifier
+
+        model.verifier = build_verifier(card["verifier"]["arch"])
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError:
@@ -312,6 +341,14 @@ def format_model_card(card: dict) -> str:
         lines.append(f"  test-time flips: {card['test_time_flips']} (predictions averaged over axis flips)")
     if "halo" in card:
         lines.append(f"  receptive-field halo: {card['halo']} voxels")
+    verifier = card.get("verifier")
+    if verifier:
+        arch_v = verifier.get("arch", {})
+        lines.append(
+            f"  pick verifier: box {arch_v.get('box_size', '?')}^3 of the input and the map, width "
+            f"{arch_v.get('width', '?')}; picks scoring under {_fmt_number(verifier.get('min_score', 0.0))} dropped "
+            "by default (--no-verify to keep them)"
+        )
     postprocess = card.get("postprocess")
     if postprocess:
         lines.append(f"  localize defaults (tuned): {_describe_postprocess(postprocess)}")

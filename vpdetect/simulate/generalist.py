@@ -286,3 +286,32 @@ def draw_tomogram(params, rng: np.random.Generator):
     microscope = dataclasses.replace(params.microscope, **micro)
     params = dataclasses.replace(params, microscope=microscope, randomize=(), **changes)
     return params, extra, Context(carbon, gradient, tuple(membranes)), record
+
+
+# The `generalist-context` preset: every tomogram with this many gold beads and every second one
+# (of those the draw left without) with a textured carbon edge - the context a localizer's
+# false picks come from, for training its pick verifier (`vpdetect train-verifier`).
+CONTEXT_BEADS = (12, 25)
+CONTEXT_CARBON_SHARE = 0.5
+
+
+def enrich_context(params, context: Context, record: dict, rng: np.random.Generator):
+    """A `draw_tomogram` result with many beads and often a carbon edge, drawn from `rng`, which
+    continues the stream `draw_tomogram` used (so the rest of the tomogram is the generalist one)."""
+    extra = np.random.default_rng(int(rng.integers(2**31)))
+    n = int(extra.integers(CONTEXT_BEADS[0], CONTEXT_BEADS[1] + 1))
+    params = dataclasses.replace(params, fiducials=True, n_fiducials=n)
+    record["n_fiducials"] = n
+    if context.carbon_edge is None and extra.random() < CONTEXT_CARBON_SHARE:
+        nx, ny, _ = params.shape_xyz
+        carbon = {"normal_deg": round(float(extra.uniform(0, 360)), 1),
+                  "offset_vox": round(float(extra.uniform(0.1, 0.4) * min(nx, ny)), 1),
+                  "density": round(float(extra.uniform(0.3, 1.2)), 3),
+                  "width_vox": round(float(extra.uniform(1.0, 4.0)), 2),
+                  "texture": round(float(extra.uniform(0.1, 0.6)), 3),
+                  "texture_sigma_vox": round(float(extra.uniform(0.7, 2.0)), 2),
+                  "texture_seed": int(extra.integers(2**31))}
+        context = dataclasses.replace(context, carbon_edge=carbon)
+        record["carbon_edge"] = carbon
+    return params, context
+

@@ -18,7 +18,13 @@ import numpy as np
 
 from vpdetect.errors import VPDetectError
 from vpdetect.io.particles import ParticleTable
-from vpdetect.simulate.generalist import RANDOMIZABLE, Context, add_context, draw_tomogram
+from vpdetect.simulate.generalist import (
+    RANDOMIZABLE,
+    Context,
+    add_context,
+    draw_tomogram,
+    enrich_context,
+)
 from vpdetect.simulate.microscope import MicroscopeParams, image_and_reconstruct
 from vpdetect.simulate.phantoms import (
     ParticleClass,
@@ -155,6 +161,13 @@ PRESETS: dict[str, dict] = {
         "slab_thickness": 80,
         "randomize": RANDOMIZABLE,
     },
+    # The same with 12-25 gold beads in every tomogram and a textured carbon edge in about every
+    # second one (`generalist.enrich_context`): training data for a localizer's pick verifier.
+    "generalist-context": {
+        "shape_xyz": (192, 192, 96),
+        "slab_thickness": 80,
+        "randomize": RANDOMIZABLE,
+    },
 }
 
 # Which randomized parameter an explicit setting fixes.
@@ -260,7 +273,11 @@ def simulate_tomogram(
     extra: list[ParticleClass] = []
     context, randomized = Context(), None
     if params.randomize:
-        params, extra, context, randomized = draw_tomogram(params, np.random.default_rng(randomize_seq))
+        rng = np.random.default_rng(randomize_seq)
+        preset = params.preset
+        params, extra, context, randomized = draw_tomogram(params, rng)
+        if preset == "generalist-context":
+            params, context = enrich_context(params, context, randomized, rng)
         params.validate()
     nx, ny, nz = (int(v) for v in params.shape_xyz)
     slab_mvox = nx * ny * params.slab_thickness / 1e6
