@@ -148,6 +148,8 @@ def test_localize_drops_what_the_verifier_rejects_unless_told_not_to(tmp_path, r
     result = run("localize", tmp_path / "TS_01.mrc", "--model", rejecting, "-o", tmp_path / "none.csv", *common)
     assert result.exit_code == 0, result.output
     assert len(read_particles(tmp_path / "none.csv")) == 0
+    assert "4 of 4 pick(s) scored under 0.5" in " ".join(result.output.split())
+    assert " verify " in result.output  # its own phase in the timing line
     result = run("localize", tmp_path / "TS_01.mrc", "--model", rejecting, "-o", tmp_path / "all.csv", "--no-verify",
                  *common)
     assert result.exit_code == 0, result.output

@@ -484,8 +484,11 @@ def particles_from_map(
         drop_thin=bool(options.drop_thin),
         spare_small=float(options.spare_small or 0.0),
     )
+    verify_seconds = 0.0
     if options.verify and len(found):
+        verify_start = time.perf_counter()
         found = _verified(found, prob, tomo, options, model, prepared)
+        verify_seconds = time.perf_counter() - verify_start
     if bandwidth is None:
         log.info("%s: mean-shift bandwidth %.1f voxels (%g x the particles' radius measured on the map; "
                  "--bandwidth or --particle-diameter to set it)", tomo.name, found.attrs["bandwidth"],
@@ -510,7 +513,9 @@ def particles_from_map(
     )
     table.data.attrs["bandwidth"] = used_bandwidth  # model-grid voxels, for provenance records
     if timings is not None:
-        timings["cluster"] = timings.get("cluster", 0.0) + time.perf_counter() - start
+        timings["cluster"] = timings.get("cluster", 0.0) + time.perf_counter() - start - verify_seconds
+        if options.verify:
+            timings["verify"] = timings.get("verify", 0.0) + verify_seconds
     if len(table) == 0:
         log.warning(
             "no particles found in %s (threshold %g, min size %d): wrote an empty table",
@@ -559,7 +564,7 @@ def localize_volume(
 
 def format_timings(timings: dict) -> str:
     """`load 0.1 s, network 3.2 s, ...` in the order the phases run."""
-    order = ["load", *CLEANING_PHASES, "network", "stitch", "cluster", "write"]
+    order = ["load", *CLEANING_PHASES, "network", "stitch", "cluster", "verify", "write"]
     names = [n for n in order if n in timings] + [n for n in timings if n not in order]
     total = sum(timings.values())
     return ", ".join(f"{n} {timings[n]:.2f} s" for n in names) + f" (total {total:.2f} s)"
