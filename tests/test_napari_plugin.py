@@ -338,6 +338,23 @@ def test_pick_widget_drops_gold_when_asked(viewer, tmp_path, rng):
 
 
 @needs_display
+def test_pick_widget_verifies_picks_or_keeps_them_as_asked(viewer, tmp_path, rng):
+    from test_localize_cli import CENTRES, scene
+    from test_verifier import verified_localizer
+
+    from vpdetect.napari._widgets import PickWidget
+
+    volume = scene(rng)
+    viewer.add_image(volume, name="TS_01")
+    widget = PickWidget(viewer)
+    widget.localizer.value = verified_localizer(tmp_path, volume, -4.0)  # rejects every pick
+    widget.mode.value = "localize"
+    widget.voxel_size.value = 10.0
+    found = results_without_and_with(widget, widget.verify, ("model's default", "keep all", "verify"))
+    assert [len(f) for f in found] == [0, len(CENTRES), 0]
+
+
+@needs_display
 def test_pick_widget_erases_or_keeps_membranes_as_asked(viewer, tmp_path, rng):
     from test_localize_cli import intensity_localizer
     from test_membranes import BALLS, SHEET_X, membrane_scene

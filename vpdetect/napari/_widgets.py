@@ -32,6 +32,7 @@ MODES = ("pick", "localize")
 # removed; the other choices override it.
 MEMBRANE_CHOICES = ("model's default", "erase", "keep")
 STREAK_CHOICES = ("model's default", "remove", "keep")
+VERIFY_CHOICES = ("model's default", "verify", "keep all")
 TABLE_FILTER = "*.star *.csv *.txt"
 
 
@@ -80,6 +81,9 @@ class PickWidget(Container):
         self.gold_streaks = ComboBox(label="gold streaks", choices=STREAK_CHOICES, value=STREAK_CHOICES[0],
                                      tooltip="remove: subtract the streaks of gold beads before the network "
                                      "(localize/pick --remove-gold-streaks); keep: --keep-gold-streaks.")
+        self.verify = ComboBox(label="pick verifier", choices=VERIFY_CHOICES, value=VERIFY_CHOICES[0],
+                               tooltip="verify: drop picks the localizer's pick verifier scores low "
+                               "(localize/pick --verify); keep all: --no-verify.")
         self.voxel_size = FloatSpinBox(label="voxel size (A)", min=0.0, max=1e4, value=0.0,
                                        tooltip="0: from the tomogram's header, if it has one.")
         self.output = FileEdit(label="save to", mode="w", filter=TABLE_FILTER, value="",
@@ -88,7 +92,7 @@ class PickWidget(Container):
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self.status = Label(value="")
         self.extend([self.image, self.mode, self.localizer, self.classifier, self.threshold,
-                     self.drop_gold, self.membranes, self.gold_streaks, self.voxel_size, self.output, self.run_button, self.progress, self.status])
+                     self.drop_gold, self.membranes, self.gold_streaks, self.verify, self.voxel_size, self.output, self.run_button, self.progress, self.status])
         self.mode.changed.connect(lambda value: setattr(self.classifier, "enabled", value == "pick"))
         self.run_button.clicked.connect(self.run)
         self.viewer.layers.events.inserted.connect(lambda _: self.image.reset_choices())
@@ -120,6 +124,8 @@ class PickWidget(Container):
             options["erase_membranes"] = self.membranes.value == "erase"
         if self.gold_streaks.value != STREAK_CHOICES[0]:
             options["remove_gold_streaks"] = self.gold_streaks.value == "remove"
+        if self.verify.value != VERIFY_CHOICES[0]:
+            options["verify"] = self.verify.value == "verify"
         localizer = _path_or_none(self.localizer)
         classifier = _path_or_none(self.classifier)
         emit = self._relay.progressed.emit
