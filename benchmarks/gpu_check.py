@@ -148,7 +148,12 @@ def section_precision(work: Path) -> dict:
     from vpdetect.evaluate.shrec import evaluate_picks
     from vpdetect.io.mrc import read_tomogram
     from vpdetect.io.shrec import read_truth
-    from vpdetect.localize.pipeline import LocalizeOptions, particles_from_map, segment_volume
+    from vpdetect.localize.pipeline import (
+        LocalizeOptions,
+        model_input,
+        particles_from_map,
+        segment_volume,
+    )
     from vpdetect.models import default_model_path
     from vpdetect.nn.checkpoint import load_model
 
@@ -159,12 +164,13 @@ def section_precision(work: Path) -> dict:
     for device, precision in [("cuda:0", p) for p in PRECISIONS] + [("cpu", "fp32")]:
         net, card = load_model(default_model_path("localizer"), stage="localizer", device=device)
         options = LocalizeOptions(device=device, precision=precision).with_model_defaults(card)
-        segment_volume(tomo, net, card, options)  # warm-up: cuDNN autotuning, engine buffers
+        prepared = model_input(tomo, card, options)
+        segment_volume(tomo, net, card, options, prepared=prepared)  # warm-up: cuDNN autotuning, engine buffers
         torch.cuda.synchronize()
         start = time.perf_counter()
-        prob, timings = segment_volume(tomo, net, card, options)
+        prob, timings = segment_volume(tomo, net, card, options, prepared=prepared)
         seconds = time.perf_counter() - start
-        table = particles_from_map(prob, tomo, options)
+        table = particles_from_map(prob, tomo, options, model=net, prepared=prepared)  # the pick verifier too
         scores = evaluate_picks(table, occupancy, truth)["localization"]
         key = precision if device != "cpu" else "cpu-fp32"
         maps[key] = np.asarray(prob, dtype=np.float32)
