@@ -13,7 +13,13 @@ from vpdetect.localize.pipeline import LocalizeOptions, ModelInput
 from vpdetect.localize.verify import verifier_boxes, verifier_scores
 from vpdetect.nn.checkpoint import load_model, read_model_card, save_model
 from vpdetect.nn.verifier import PickVerifier, build_verifier
-from vpdetect.train.verifier import Candidates, roc_auc, train_verifier, unique_picks
+from vpdetect.train.verifier import (
+    Candidates,
+    candidate_settings,
+    roc_auc,
+    train_verifier,
+    unique_picks,
+)
 
 # Balls the intensity localizer finds but the truth does not list: its false picks.
 EXTRA = [(10.0, 30.0, 12.0), (26.0, 12.0, 12.0)]  # [z, y, x]
@@ -70,6 +76,12 @@ def test_unique_picks_keep_the_first_of_close_pairs():
     first = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
     second = np.array([[1.0, 1.0, 0.0], [20.0, 0.0, 0.0]])
     np.testing.assert_array_equal(unique_picks([first, second]), [[0, 0, 0], [10, 0, 0], [20, 0, 0]])
+
+
+def test_candidates_come_from_the_cards_threshold_a_lower_one_and_unopened_blobs():
+    assert candidate_settings(LocalizeOptions(threshold=0.5)) == [
+        {"threshold": 0.5}, {"threshold": 0.3}, {"threshold": 0.5, "spare_small": 1.0}]
+    assert candidate_settings(LocalizeOptions(threshold=0.3)) == [{"threshold": 0.3}, {"threshold": 0.3, "spare_small": 1.0}]
 
 
 def test_roc_auc_matches_the_pairwise_definition(rng):

@@ -65,8 +65,8 @@ def train_verifier_command(
 ) -> None:
     """Train a pick verifier on the localizer's own picks and store it in a copy of the localizer.
 
-    The localizer picks every --data tomogram at its card's threshold and at 0.3; each pick is
-    labelled true or false by the SHREC hit rule, and a small 3D CNN learns to tell them apart
+    The localizer picks every --data tomogram at its card's threshold, at 0.3, and at its threshold
+    with small components left unopened; each pick is labelled true or false by the SHREC hit rule, and a small 3D CNN learns to tell them apart
     from a box of the tomogram (as the localizer sees it) and of its map. `localize` and `pick`
     with the written model then drop picks the verifier scores under --min-score (--no-verify
     keeps them). The verifier reads this localizer's map: retrain it after retraining the localizer.
@@ -81,7 +81,7 @@ def train_verifier_command(
     from vpdetect.io.atomic import check_output_dir
     from vpdetect.nn.checkpoint import load_model, save_model
     from vpdetect.train.loop import hardware_description
-    from vpdetect.train.verifier import CANDIDATE_THRESHOLD, Candidates, train_verifier
+    from vpdetect.train.verifier import Candidates, candidate_settings, train_verifier
 
     if box_size % 4:
         raise VPDetectError(f"--box-size must be a multiple of 4, got {box_size}")
@@ -131,7 +131,7 @@ def train_verifier_command(
         "provenance": {
             "data": [str(p) for p in data], "val": [str(p) for p in val], "seed": seed, "epochs": len(history),
             "epochs_planned": epochs, "lr": lr, "candidates": len(train_set.labels), "true_candidates": n_true,
-            "candidate_thresholds": sorted({options.threshold, CANDIDATE_THRESHOLD}, reverse=True),
+            "candidate_settings": candidate_settings(options),
             "wall_time_s": round(time.perf_counter() - start, 1),
             "hardware": hardware_description(torch.device(device), 1), "vpdetect_version": __version__,
         },

@@ -1,8 +1,9 @@
 """Training a localizer's pick verifier (`vpdetect.nn.verifier`) on the localizer's own picks.
 
 Candidates are the picks the localizer makes on annotated tomograms, at its card's
-threshold and at a lower one (more near-misses and more false picks to learn from), each
-labelled by the SHREC hit rule: 1 when it falls in a scored particle's dilated mask. The
+threshold, at a lower one, and at its threshold with small components left unopened (more
+near-misses, faint particles and false picks to learn from), each labelled by the SHREC hit
+rule: 1 when it falls in a scored particle's dilated mask. The
 verifier then learns which of them are particles from a box of the tomogram as the
 localizer sees it and of its map (`vpdetect.localize.verify.verifier_boxes`), with the two
 classes weighted to balance and the box flipped along z, y and x (mirrors that keep a
@@ -19,6 +20,9 @@ import numpy as np
 
 # The lower of the two thresholds candidates are picked at (the card's is the other).
 CANDIDATE_THRESHOLD = 0.3
+# A third set at the card's threshold: components of up to this many typical particles left
+# unopened (`--spare-small`), the faint blobs the opening erases.
+CANDIDATE_SPARE_SMALL = 1.0
 # Picks of the two thresholds closer than this (voxels) are one candidate.
 SAME_PICK = 2.0
 GAIN_JITTER = 0.3  # the input channel is scaled by exp(U(-J, J)): contrast differs between tomograms
@@ -54,10 +58,21 @@ def unique_picks(tables: Sequence[np.ndarray], min_distance: float = SAME_PICK) 
     return kept
 
 
-def tomogram_candidates(tomo, occupancy, truth, model, card: dict, options, box_size: int, index: int = 0,
-                        thresholds: Sequence[float] | None = None) -> Candidates:
-    """One annotated tomogram's candidates: the localizer's picks at its threshold and at
-    CANDIDATE_THRESHOLD, boxed on the model grid and labelled by the SHREC hit rule."""
+def candidate_settings(options) -> list[dict]:
+    """The post-processing settings candidates are picked with, in order (a pick close to an
+    earlier one is the same candidate): the card's, CANDIDATE_THRESHOLD, and the card's
+    threshold with CANDIDATE_SPARE_SMALL."""
+    settings = [{"threshold": options.threshold}]
+    if options.threshold != CANDIDATE_THRESHOLD:
+        settings.append({"threshold": CANDIDATE_THRESHOLD})
+    settings.append({"threshold": options.threshold, "spare_small": CANDIDATE_SPARE_SMALL})
+    return settings
+
+
+def tomogram_candidates(tomo, occupancy, truth, model, card: dict, options, box_size: int,
+                        index: int = 0) -> Candidates:
+    """One annotated tomogram's candidates: the localizer's picks with each of
+    `candidate_settings`, boxed on the model grid and labelled by the SHREC hit rule."""
     from vpdetect.evaluate.shrec import round_and_clip, scoring_mask
     from vpdetect.localize.pipeline import model_input, particles_from_map, segment_volume
     from vpdetect.localize.verify import verifier_boxes
@@ -65,9 +80,9 @@ def tomogram_candidates(tomo, occupancy, truth, model, card: dict, options, box_
     options = replace(options, verify=False)
     prepared = model_input(tomo, card, options)
     prob, _ = segment_volume(tomo, model, card, options, prepared=prepared)
-    thresholds = thresholds or sorted({options.threshold, CANDIDATE_THRESHOLD}, reverse=True)
     picks = unique_picks([
-        particles_from_map(prob, tomo, replace(options, threshold=t)).coords_xyz() for t in thresholds
+        particles_from_map(prob, tomo, replace(options, **setting)).coords_xyz()
+        for setting in candidate_settings(options)
     ])
     mask = scoring_mask(occupancy, truth)
     voxels, _ = round_and_clip(picks, mask.lookup.shape)
