@@ -99,7 +99,7 @@ def synthetic_candidates(rng, n=160, box=8):
     labels = (np.arange(n) % 2).astype(np.int8)
     c = slice(box // 2 - 2, box // 2 + 2)
     boxes[labels == 1, 0, c, c, c] += 3.0
-    return Candidates(boxes.astype(np.float16), labels, np.zeros(n, np.int32))
+    return Candidates(boxes.astype(np.float16), labels)
 
 
 def test_training_learns_a_separable_task_and_repeats_by_seed(rng):
@@ -112,7 +112,7 @@ def test_training_learns_a_separable_task_and_repeats_by_seed(rng):
     for key, value in model.state_dict().items():
         assert torch.equal(value, again.state_dict()[key]), key
     with pytest.raises(ValueError, match="all true or all false"):
-        train_verifier(Candidates(train.boxes[:4], np.ones(4, np.int8), np.zeros(4, np.int32)), None, epochs=1)
+        train_verifier(Candidates(train.boxes[:4], np.ones(4, np.int8)), None, epochs=1)
 
 
 def verified_localizer(tmp_path, volume, logit: float, min_score: float = 0.5):
@@ -160,7 +160,7 @@ def test_localize_drops_what_the_verifier_rejects_unless_told_not_to(tmp_path, r
     result = run("localize", tmp_path / "TS_01.mrc", "--model", rejecting, "-o", tmp_path / "none.csv", *common)
     assert result.exit_code == 0, result.output
     assert len(read_particles(tmp_path / "none.csv")) == 0
-    assert "4 of 4 pick(s) scored under 0.5" in " ".join(result.output.split())
+    assert "pick verifier dropped 4 of 4 pick(s) under 0.5" in " ".join(result.output.split())
     assert " verify " in result.output  # its own phase in the timing line
     result = run("localize", tmp_path / "TS_01.mrc", "--model", rejecting, "-o", tmp_path / "all.csv", "--no-verify",
                  *common)
@@ -241,3 +241,18 @@ def test_the_python_api_verifies_by_default_too(tmp_path, rng):
     assert len(api.localize(volume, rejecting, voxel_size=10.0, tile=24, spare_small=1.0)) == 0
     kept = api.localize(volume, rejecting, voxel_size=10.0, tile=24, spare_small=1.0, verify=False)
     assert len(kept) == len(CENTRES)
+
+
+def test_tune_keeps_the_verifier_and_a_bad_box_size_is_refused(tmp_path, rng):
+    volume = annotated_folder(tmp_path / "val", rng)
+    verified = verified_localizer(tmp_path, volume, 4.0, min_score=0.3)
+    result = run("tune", verified, "--data", tmp_path / "val", "-o", tmp_path / "tuned.pt", "--tile", 24,
+                 "--device", "cpu", "--threshold", 0.5, "--min-size", 5)
+    assert result.exit_code == 0, result.output
+    card = read_model_card(tmp_path / "tuned.pt")
+    assert card["verifier"]["min_score"] == 0.3 and "postprocess" in card
+    tuned, _ = load_model(tmp_path / "tuned.pt")
+    assert tuned.verifier.head[1].bias.item() == pytest.approx(4.0)
+    result = run("train-verifier", verified, "--data", tmp_path / "val", "--out", tmp_path / "v.pt",
+                 "--box-size", 10)
+    assert result.exit_code == 2 and "multiple of 4" in result.output and not (tmp_path / "v.pt").exists()

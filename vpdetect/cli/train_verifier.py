@@ -16,17 +16,17 @@ from vpdetect.cli.localize import erase_membranes_option, gold_streaks_option, m
 DEFAULT_MIN_SCORE = 0.2
 
 
-def _folders_candidates(folders, net, card, options, box_size: int, bar, label: str, offset: int = 0):
+def _folders_candidates(folders, net, card, options, box_size: int, bar, label: str):
     from vpdetect.evaluate.shrec import read_truth
     from vpdetect.io.mrc import read_tomogram
     from vpdetect.train.verifier import tomogram_candidates
 
     parts = []
     task = bar.add_task(f"{label} candidates", total=len(folders))
-    for index, folder in enumerate(folders):
+    for folder in folders:
         occupancy, truth = read_truth(folder)
         tomo = read_tomogram(folder / "reconstruction.mrc", mmap=False)
-        part = tomogram_candidates(tomo, occupancy, truth, net, card, options, box_size, offset + index)
+        part = tomogram_candidates(tomo, occupancy, truth, net, card, options, box_size)
         parts.append(part)
         console.print(f"{folder}: {len(part.labels)} candidates, {int(part.labels.sum())} on particles")
         bar.advance(task)
@@ -80,11 +80,14 @@ def train_verifier_command(
     from vpdetect.errors import VPDetectError
     from vpdetect.io.atomic import check_output_dir
     from vpdetect.nn.checkpoint import load_model, save_model
+    from vpdetect.nn.verifier import check_box_size
     from vpdetect.train.loop import hardware_description
     from vpdetect.train.verifier import Candidates, candidate_settings, train_verifier
 
-    if box_size % 4:
-        raise VPDetectError(f"--box-size must be a multiple of 4, got {box_size}")
+    try:
+        check_box_size(box_size)
+    except ValueError as exc:
+        raise VPDetectError(f"--box-size: {exc}") from None
     if out.exists() and not overwrite:
         raise VPDetectError(f"{out} exists: pass --overwrite to replace it")
     check_output_dir(out.parent)
@@ -104,7 +107,7 @@ def train_verifier_command(
     start = time.perf_counter()
     with progress_bar() as bar:
         train_parts = _folders_candidates(data, net, card, options, box_size, bar, "training")
-        val_parts = _folders_candidates(val, net, card, options, box_size, bar, "validation", len(data))
+        val_parts = _folders_candidates(val, net, card, options, box_size, bar, "validation")
     train_set = Candidates.concatenate(train_parts)
     val_set = Candidates.concatenate(val_parts) if val_parts else None
     n_true = int(train_set.labels.sum())
@@ -115,7 +118,7 @@ def train_verifier_command(
                             "(add tomograms where it makes mistakes)")
 
     def report(row: dict) -> None:
-        extra = (f", validation ROC AUC {row['val_auc']:.3f}, false picks dropped {row['val_false_dropped']:.2f}, "
+        extra = (f", val AUC {row['val_auc']:.3f}, false dropped {row['val_false_dropped']:.2f}, "
                  f"true kept {row['val_true_kept']:.3f}" if "val_auc" in row else "")
         console.print(f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.3f}{extra} ({row['seconds']:.0f} s)")
 

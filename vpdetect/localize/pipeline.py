@@ -532,7 +532,7 @@ def _verified(found, prob, tomo, options: LocalizeOptions, model, prepared: Mode
     scores = score_picks(verifier, prepared, prob, found[["z", "y", "x"]].to_numpy(), options.device)
     rejected = scores < options.min_verified
     if rejected.any():
-        log.info("%s: %d of %d pick(s) scored under %g by the pick verifier, dropped (--no-verify to keep them)",
+        log.info("%s: pick verifier dropped %d of %d pick(s) under %g (--no-verify keeps them)",
                  tomo.name, int(rejected.sum()), len(found), options.min_verified)
     return found[~rejected]
 

@@ -85,7 +85,7 @@ def _check_card(card: dict, source: str) -> None:
 
 def _check_verifier_entry(card: dict, source: str) -> None:
     """A localizer's optional pick verifier (`vpdetect.nn.verifier`): architecture and minimum score."""
-    from vpdetect.nn.verifier import build_verifier
+    from vpdetect.nn.verifier import check_verifier_arch
 
     entry = card.get("verifier")
     if entry is None:
@@ -93,7 +93,7 @@ def _check_verifier_entry(card: dict, source: str) -> None:
     if card.get("stage") != "localizer" or not isinstance(entry, dict):
         raise VPDetectError(f"{source}: only a localizer's card may hold a pick verifier")
     try:
-        build_verifier(entry.get("arch"))
+        check_verifier_arch(entry.get("arch"))
     except ValueError as exc:
         raise VPDetectError(f"{source}: {exc}") from None
     score = entry.get("min_score", 0.0)

@@ -21,6 +21,12 @@ VERIFIER_NAME = "pick-verifier"
 VERIFIER_CHANNELS = ("input", "map")
 
 
+def check_box_size(box_size: int) -> None:
+    """Two 2x poolings need a box edge that is a positive multiple of 4."""
+    if box_size < 4 or box_size % 4:
+        raise ValueError(f"verifier box size must be a multiple of 4, got {box_size}")
+
+
 def _conv(n_in: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(n_in, n_out, 3, padding=1, bias=False), nn.BatchNorm3d(n_out),
                          nn.ReLU(inplace=True))
@@ -32,8 +38,7 @@ class PickVerifier(nn.Module):
 
     def __init__(self, in_channels: int = 2, width: int = 16, box_size: int = 24):
         super().__init__()
-        if box_size < 4 or box_size % 4:
-            raise ValueError(f"verifier box size must be a multiple of 4, got {box_size}")
+        check_box_size(box_size)
         self.in_channels, self.width, self.box_size = int(in_channels), int(width), int(box_size)
         w = self.width
         self.features = nn.Sequential(
@@ -52,10 +57,16 @@ class PickVerifier(nn.Module):
                 "box_size": self.box_size}
 
 
-def build_verifier(arch: dict) -> PickVerifier:
-    """The (untrained) verifier a card's `verifier.arch` describes."""
+def check_verifier_arch(arch) -> None:
+    """Raise ValueError unless `arch` describes a pick verifier that can be built."""
     if not isinstance(arch, dict) or arch.get("name") != VERIFIER_NAME or any(
         not isinstance(arch.get(k), int) or isinstance(arch.get(k), bool) or arch[k] < 1 for k in VERIFIER_ARCH_KEYS
     ):
         raise ValueError(f"model card has an incomplete pick-verifier architecture {arch!r}")
+    check_box_size(arch["box_size"])
+
+
+def build_verifier(arch: dict) -> PickVerifier:
+    """The (untrained) verifier a card's `verifier.arch` describes."""
+    check_verifier_arch(arch)
     return PickVerifier(**{k: arch[k] for k in VERIFIER_ARCH_KEYS})

@@ -30,17 +30,16 @@ GAIN_JITTER = 0.3  # the input channel is scaled by exp(U(-J, J)): contrast diff
 
 @dataclass
 class Candidates:
-    """Boxes [n, 2, B, B, B] (float16), labels [n] (1 = hits a particle) and the tomogram index of each."""
+    """Boxes [n, 2, B, B, B] (float16) and labels [n] (1 = hits a particle)."""
 
     boxes: np.ndarray
     labels: np.ndarray
-    tomogram: np.ndarray
 
     @staticmethod
     def concatenate(parts: Sequence[Candidates]) -> Candidates:
         if not parts:
             raise ValueError("no candidates")
-        return Candidates(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("boxes", "labels", "tomogram")))
+        return Candidates(np.concatenate([p.boxes for p in parts]), np.concatenate([p.labels for p in parts]))
 
 
 def unique_picks(tables: Sequence[np.ndarray], min_distance: float = SAME_PICK) -> np.ndarray:
@@ -69,8 +68,7 @@ def candidate_settings(options) -> list[dict]:
     return settings
 
 
-def tomogram_candidates(tomo, occupancy, truth, model, card: dict, options, box_size: int,
-                        index: int = 0) -> Candidates:
+def tomogram_candidates(tomo, occupancy, truth, model, card: dict, options, box_size: int) -> Candidates:
     """One annotated tomogram's candidates: the localizer's picks with each of
     `candidate_settings`, boxed on the model grid and labelled by the SHREC hit rule."""
     from vpdetect.evaluate.shrec import round_and_clip, scoring_mask
@@ -91,7 +89,7 @@ def tomogram_candidates(tomo, occupancy, truth, model, card: dict, options, box_
     if prepared.scale_zyx is not None:  # picks are on the tomogram's grid, boxes on the model's
         grid_zyx = grid_zyx / np.asarray(prepared.scale_zyx)
     boxes = verifier_boxes(prepared, prob, grid_zyx, box_size).astype(np.float16)
-    return Candidates(boxes, labels, np.full(len(labels), index, dtype=np.int32))
+    return Candidates(boxes, labels)
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
