@@ -153,10 +153,12 @@ fi
 # radius measured on each map, merge radius, minimum size) on held-out tomograms spread over
 # the range; the card keeps them as defaults. The grid the bundled localizer was tuned on
 # (drop these options to search tune's wider default grid), with the thin-structure filter on
-# (`--drop-thin`: fragments of membranes dropped; stored in the card).
+# (`--drop-thin`: fragments of membranes dropped; stored in the card) and picks on gold beads
+# dropped by default (`--drop-gold`, since 2026-12-06: beads are context, not macromolecules;
+# stored in the card, not part of the search).
 LOC_GRID=(--threshold 0.4 --threshold 0.5 --threshold 0.6 --bandwidth-factor 2.5 --bandwidth-factor 3
           --merge-factor 1 --min-size 5 --min-size 10 --max-component 0 --max-component 4 --max-component 8
-          --drop-thin)
+          --drop-thin --drop-gold)
 "$VPDETECT" tune "$WORK/localizer.pt" "${LOC_TUNE[@]}" "${LOC_GRID[@]}" --grid-csv "$WORK/localizer_tuning.csv"
 
 # The localizer's pick verifier (bundled since 2026-12-06, fourteenth session): a small 3D CNN

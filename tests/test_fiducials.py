@@ -1,15 +1,16 @@
-"""Picks on gold fiducials: flagged by peak contrast against the tomogram's median pick."""
+"""Gold fiducials: found by their far excess over the noise, their streaks subtracted, the picks on
+them flagged."""
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from vpdetect.localize.fiducials import (
-    GOLD_CONTRAST_RATIO,
-    MIN_PICKS,
+    BEAD_MARGIN,
+    Bead,
     _nan_median,
-    gold_picks,
-    peak_contrast,
+    find_beads,
+    picks_on_beads,
     remove_gold_streaks,
 )
 
@@ -32,35 +33,34 @@ def beads_and_particles(rng, n_particles=12, n_gold=2, gold=20.0):
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_gold_picks_flags_the_beads_in_either_contrast(rng, sign):
+def test_find_beads_finds_each_bead_in_either_contrast_and_no_particle(rng, sign):
     volume, centres, is_gold = beads_and_particles(rng)
-    # Centres a voxel off still find the bead's core.
+    beads = find_beads(sign * volume, 0.0, 0.3)
+    assert len(beads) == is_gold.sum()
+    found = sorted(tuple(b.centre) for b in beads)
+    np.testing.assert_allclose(found, sorted(map(tuple, centres[is_gold])), atol=0.5)
+    for bead in beads:  # a radius-2 ball: the half-maximum body of the blurred bead is about as large
+        assert 1.5 <= bead.radius <= 3.5 and bead.core.shape == tuple(s.stop - s.start for s in bead.box)
+    # Centres a voxel off still sit on their bead; particles do not.
     shaken = centres + rng.uniform(-1.0, 1.0, centres.shape)
-    np.testing.assert_array_equal(gold_picks(sign * volume, shaken), is_gold)
+    np.testing.assert_array_equal(picks_on_beads(shaken, beads), is_gold)
 
 
-def test_proteins_alone_and_faint_beads_are_kept(rng):
-    volume, centres, _ = beads_and_particles(rng, n_gold=0)
-    assert not gold_picks(volume, centres).any()
+def test_proteins_alone_and_faint_beads_are_no_beads(rng):
+    volume, _, _ = beads_and_particles(rng, n_gold=0)
+    assert find_beads(volume, 0.0, 0.3) == []
     # A "bead" only twice a protein's density is no bead.
-    volume, centres, _ = beads_and_particles(rng, gold=2.0)
-    assert not gold_picks(volume, centres).any()
+    volume, _, _ = beads_and_particles(rng, gold=2.0)
+    assert find_beads(volume, 0.0, 0.3) == []
 
 
-def test_too_few_picks_for_a_median_flag_nothing(rng):
-    volume, centres, is_gold = beads_and_particles(rng, n_particles=MIN_PICKS - 2, n_gold=1)
-    assert len(centres) < MIN_PICKS
-    assert not gold_picks(volume, centres).any()
-    assert gold_picks(volume, np.zeros((0, 3))).shape == (0,)
-
-
-def test_peak_contrast_at_the_volume_edges_and_against_the_local_background(rng):
-    volume = np.full(SHAPE, 5.0, dtype=np.float32)  # a constant offset is background, not contrast
-    volume[0:3, 0:3, 0:3] += 10.0
-    peaks = peak_contrast(volume, np.array([[0, 0, 0], [39, 63, 63], [-3, 70, 10]]))
-    assert peaks[0] > 5.0 and peaks[1] == pytest.approx(0.0, abs=1e-5)
-    assert np.isfinite(peaks).all()
-    assert GOLD_CONTRAST_RATIO > 2.9  # above the largest true particle measured (module docstring)
+def test_picks_on_beads_reach_the_radius_and_margin():
+    bead = Bead(np.array([10.0, 10.0, 10.0]), 3.0, (slice(0, 1),) * 3, np.ones((1, 1, 1), dtype=bool))
+    reach = 3.0 + BEAD_MARGIN
+    centres = np.array([[10.0, 10.0, 10.0 + reach - 0.01], [10.0, 10.0 + reach + 0.01, 10.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(picks_on_beads(centres, [bead]), [True, False, False])
+    assert picks_on_beads(centres, []).tolist() == [False] * 3
+    assert picks_on_beads(np.zeros((0, 3)), [bead]).shape == (0,)
 
 
 def bead_with_streaks(rng, sign=1.0, particle_at=None, tilts=(-60.0, 60.0)):
@@ -94,7 +94,7 @@ PARTICLE = (24 + 8, 22, 32 + 14)  # on a ray (dx = 14, dz = 8: about 60 degrees 
 def test_remove_gold_streaks_subtracts_the_symmetric_streaks_and_keeps_bead_and_particle(rng, sign):
     volume, core, streaks, particle = bead_with_streaks(rng, sign)
     cleaned, beads = remove_gold_streaks(volume, 0.0, 1.0)
-    assert beads == 1 and cleaned.dtype == np.float32 and cleaned.shape == volume.shape
+    assert len(beads) == 1 and cleaned.dtype == np.float32 and cleaned.shape == volume.shape
     before, after = np.abs(volume[streaks]).mean(), np.abs(cleaned[streaks]).mean()
     assert before > 7.0 and after < 1.5  # streaks down to noise
     np.testing.assert_array_equal(cleaned[core], volume[core])  # the bead stays for the picker
@@ -113,7 +113,7 @@ def test_streaks_of_an_off_centre_tilt_range_go_too(rng):
     # symmetry across the beam axis but keeps the point reflection through the bead.
     volume, core, streaks, _ = bead_with_streaks(rng, particle_at=(0, 0, 0), tilts=(-50.0, 66.0))
     cleaned, beads = remove_gold_streaks(volume, 0.0, 1.0)
-    assert beads == 1
+    assert len(beads) == 1
     assert np.abs(volume[streaks]).mean() > 7.0 and np.abs(cleaned[streaks]).mean() < 1.5
     np.testing.assert_array_equal(cleaned[core], volume[core])
 
@@ -130,7 +130,7 @@ def test_a_particle_on_the_beads_y_plane_keeps_its_contrast(rng):
 def test_remove_gold_streaks_leaves_a_tomogram_without_beads_alone(rng):
     volume, centres, _ = beads_and_particles(rng, n_gold=0)
     cleaned, beads = remove_gold_streaks(volume, 0.0, 0.3)
-    assert beads == 0
+    assert beads == []
     np.testing.assert_array_equal(cleaned, volume)
 
 
@@ -164,3 +164,4 @@ def test_nan_median_matches_numpy(rng):
         expected = np.nan_to_num(np.nanmedian(stack, axis=0))
     np.testing.assert_allclose(_nan_median(stack), expected, rtol=0, atol=1e-6)
     assert _nan_median(stack)[1, 1] == 2.5
+

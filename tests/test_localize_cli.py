@@ -384,3 +384,24 @@ def test_drop_gold_removes_the_bead_pick_and_records_it(tmp_path, rng):
     assert_centres(read_particles(dropped), CENTRES)
     record = json.loads((tmp_path / "dropped.csv.json").read_text())
     assert record["result"]["postprocess"]["drop_gold"] is True
+
+
+def test_a_card_that_drops_gold_drops_it_by_default_and_keep_gold_keeps_it(tmp_path, rng):
+    from vpdetect import api
+    from vpdetect.io.particles import ParticleTable
+    from vpdetect.nn.checkpoint import format_model_card, load_model, save_model
+
+    volume = scene(rng)
+    z, y, x = np.indices(SHAPE)
+    volume[(z - 18) ** 2 + (y - 20) ** 2 + (x - 22) ** 2 <= 9] = 20.0
+    net, model_card = load_model(intensity_localizer(tmp_path / "plain.pt", volume))
+    save_model(tmp_path / "drops.pt", net, {**model_card, "drop_gold": True})
+    assert "picks on gold beads: dropped by default" in format_model_card(load_model(tmp_path / "drops.pt")[1])
+    by_card = api.localize(volume, tmp_path / "drops.pt", voxel_size=10.0, bandwidth=4)
+    assert_centres(ParticleTable(by_card), CENTRES)
+    kept = api.localize(volume, tmp_path / "drops.pt", voxel_size=10.0, bandwidth=4, drop_gold=False)
+    assert_centres(ParticleTable(kept), CENTRES + [(18.0, 20.0, 22.0)])
+    # On a tomogram resampled to the model's voxel size, the beads are found on the model grid.
+    resampled = api.localize(volume, tmp_path / "drops.pt", voxel_size=8.0, bandwidth=4)
+    assert len(resampled) == len(CENTRES)
+

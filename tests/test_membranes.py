@@ -106,7 +106,7 @@ def test_localize_erases_membranes_when_asked_or_when_the_card_says(tmp_path, rn
     assert len(off) == len(kept)
 
 
-@pytest.mark.parametrize("flag", ["erase_membranes", "remove_gold_streaks"])
+@pytest.mark.parametrize("flag", ["erase_membranes", "remove_gold_streaks", "drop_gold"])
 def test_a_card_with_a_non_boolean_cleaning_flag_is_refused(flag):
     from vpdetect.errors import VPDetectError
     from vpdetect.nn.checkpoint import check_inference_card

@@ -320,7 +320,7 @@ def results_without_and_with(widget, control, values=(False, True)):
 
 
 @needs_display
-def test_pick_widget_drops_gold_when_asked(viewer, tmp_path, rng):
+def test_pick_widget_keeps_or_drops_gold_as_asked(viewer, tmp_path, rng):
     from test_localize_cli import CENTRES, SHAPE, intensity_localizer, scene
 
     from vpdetect.napari._widgets import PickWidget
@@ -333,8 +333,9 @@ def test_pick_widget_drops_gold_when_asked(viewer, tmp_path, rng):
     widget.localizer.value = intensity_localizer(tmp_path / "loc.pt", volume)
     widget.mode.value = "localize"
     widget.voxel_size.value = 10.0
-    found = results_without_and_with(widget, widget.drop_gold)
-    assert [len(f) for f in found] == [len(CENTRES) + 1, len(CENTRES)]
+    found = results_without_and_with(widget, widget.gold_picks, values=("keep", "drop", "model's default"))
+    # The test localizer's card does not ask for beads to be dropped: its default keeps them.
+    assert [len(f) for f in found] == [len(CENTRES) + 1, len(CENTRES), len(CENTRES) + 1]
 
 
 @needs_display

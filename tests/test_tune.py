@@ -286,6 +286,7 @@ def test_tune_with_spectrum_matching_records_the_choice(tmp_path, rng):
 @pytest.mark.parametrize("on, off, key, info", [
     ("--erase-membranes", "--keep-membranes", "erase_membranes", "membranes: erased before the network by default"),
     ("--remove-gold-streaks", "--keep-gold-streaks", "remove_gold_streaks", "gold beads' streaks: subtracted"),
+    ("--drop-gold", "--keep-gold", "drop_gold", "picks on gold beads: dropped by default"),
 ])
 def test_tune_with_an_input_cleaning_step_records_the_choice(tmp_path, rng, on, off, key, info):
     volume = shrec_folder(tmp_path / "val", rng)
@@ -298,3 +299,4 @@ def test_tune_with_an_input_cleaning_step_records_the_choice(tmp_path, rng, on, 
         assert tuned[key] is expected and tuned["postprocess"]["f1"] == 1.0
     result = CliRunner().invoke(app, ["info", str(tmp_path / f"{on}.pt")])
     assert result.exit_code == 0 and info in result.output
+

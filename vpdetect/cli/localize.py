@@ -50,7 +50,6 @@ from vpdetect.cli.geometry import (
     tomograms_star_option,
 )
 from vpdetect.errors import VPDetectError
-from vpdetect.localize.fiducials import GOLD_CONTRAST_RATIO, MIN_PICKS
 
 log = logging.getLogger("vpdetect.localize")
 
@@ -148,10 +147,11 @@ def drop_thin_option():
 
 def drop_gold_option():
     return typer.Option(
-        False, "--drop-gold/--keep-gold",
-        help=f"Drop picks on gold fiducials: peak contrast over {GOLD_CONTRAST_RATIO:g} x the median pick's "
-        f"(beads are many times denser than any protein; needs {MIN_PICKS} picks or more). Off by default: "
-        "SHREC'21 and the bundled models count beads as particles (class fiducial).",
+        None, "--drop-gold/--keep-gold",
+        help="Drop picks on gold beads: objects whose smoothed robust |z| exceeds 20 (far denser than any "
+        "protein), picks within a bead's radius + 2 voxels. Default: the model card's choice (the bundled "
+        "localizer drops them: beads are not macromolecules), else keep; SHREC'21 scores beads as its class "
+        "fiducial, so --keep-gold there.",
     )
 
 
@@ -323,7 +323,7 @@ def build_localize_options(
     max_component: float | None = None,
     drop_thin: bool | None = None,
     spare_small: float | None = None,
-    drop_gold: bool = False,
+    drop_gold: bool | None = None,
     verify: bool | None = None,
     min_verified: float | None = None,
     flips: int | None = None,
@@ -517,7 +517,7 @@ def localize(
     max_component: float = max_component_option(),
     drop_thin: bool | None = drop_thin_option(),
     spare_small: float | None = spare_small_option(),
-    drop_gold: bool = drop_gold_option(),
+    drop_gold: bool | None = drop_gold_option(),
     verify: bool | None = verify_option(),
     min_verified: float | None = min_verified_option(),
     test_time_flips: int = localizer_flips_option(),

@@ -212,7 +212,7 @@ def pick(
     max_component: float = max_component_option(),
     drop_thin: bool | None = drop_thin_option(),
     spare_small: float | None = spare_small_option(),
-    drop_gold: bool = drop_gold_option(),
+    drop_gold: bool | None = drop_gold_option(),
     verify: bool | None = verify_option(),
     min_verified: float | None = min_verified_option(),
     localizer_flips: int = localizer_flips_option("--localizer-flips"),

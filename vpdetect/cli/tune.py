@@ -80,6 +80,11 @@ def tune(
     match_spectrum: bool = match_spectrum_option(),
     erase_membranes: bool = erase_membranes_option(),
     remove_gold_streaks: bool = gold_streaks_option(),
+    drop_gold: bool = typer.Option(
+        None, "--drop-gold/--keep-gold",
+        help="Store whether picks on gold beads are dropped by default (as `localize --drop-gold`; the search "
+        "itself scores the picks before beads are dropped) (default: leave the model's choice).",
+    ),
     tile: int = tile_option(),
     halo: int = halo_option(),
     device: str = device_option(),
@@ -163,6 +168,8 @@ def tune(
         card["erase_membranes"] = erase_membranes
     if remove_gold_streaks is not None:
         card["remove_gold_streaks"] = remove_gold_streaks
+    if drop_gold is not None:
+        card["drop_gold"] = drop_gold
     # A shipped model keeps its float16 storage (its weights are float16 values already).
     save_model(out or model, net.cpu(), card, training_state=read_training_state(model),
                half_weights=card.get("weights_storage") == "float16")

@@ -19,7 +19,7 @@ import numpy as np
 
 from vpdetect.errors import VPDetectError
 from vpdetect.localize.cluster import find_particles
-from vpdetect.localize.fiducials import GOLD_CONTRAST_RATIO, gold_picks, remove_gold_streaks
+from vpdetect.localize.fiducials import Bead, find_beads, picks_on_beads, remove_gold_streaks
 from vpdetect.localize.membranes import drop_remnants, erase_membranes
 from vpdetect.localize.tiling import (
     DEFAULT_HALO_CAP,
@@ -118,10 +118,9 @@ class LocalizeOptions:
     # Components of at most this many typical particles are not opened (faint particles at low
     # SNR); None = the card's tuned value, else 0 (open all).
     spare_small: float | None = None
-    # Drop picks on gold fiducials (peak contrast far above the median pick's,
-    # `vpdetect.localize.fiducials`); off by default: SHREC'21 and vpdetect's training data
-    # count beads as particles (class `fiducial`).
-    drop_gold: bool = False
+    # Drop picks on gold beads (`vpdetect.localize.fiducials`); None = the card's "drop_gold",
+    # else off (SHREC'21 scores beads as its class `fiducial`).
+    drop_gold: bool | None = None
     # Score every pick with the model's pick verifier and drop those under `min_verified`
     # (`vpdetect.localize.verify`); None = on when the model has one.
     verify: bool | None = None
@@ -188,6 +187,8 @@ class LocalizeOptions:
                 updates[name] = type(default)(tuned.get(name, default))
         if self.drop_thin is None:
             updates["drop_thin"] = bool(tuned.get("drop_thin", False))
+        if self.drop_gold is None:
+            updates["drop_gold"] = bool(card.get("drop_gold", False))
         verifier = card.get("verifier") or {}
         if self.verify and not verifier:
             raise VPDetectError("this localizer has no pick verifier (`vpdetect train-verifier` adds one): "
@@ -294,6 +295,7 @@ class ModelInput:
     contrast_score: float | None
     scale_zyx: tuple[float, float, float] | None
     erased: np.ndarray | None = None  # voxels replaced by noise (`--erase-membranes`), model grid
+    beads: list[Bead] | None = None  # gold beads on the model grid (None: not looked for)
 
 
 # Steps of `model_input` timed as phases of their own (the rest of it is "load").
@@ -326,12 +328,18 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
     phases: dict[str, float] = {}  # the cleaning steps that ran
     volume = subtract_background(volume, card.get("background_sigma"))
     method = card.get("normalisation", NORMALISATION)
-    if _chosen(options.remove_gold_streaks, card, "remove_gold_streaks"):
+    beads = None
+    remove_streaks = _chosen(options.remove_gold_streaks, card, "remove_gold_streaks")
+    if remove_streaks or _chosen(options.drop_gold, card, "drop_gold"):
         # Before the spectrum is matched: the beads' far excess is what finds them.
         phase_start = time.perf_counter()
-        volume, beads = remove_gold_streaks(volume, *tomogram_stats(volume, "robust"))
-        if beads:
-            log.info("%s: streaks of %d gold bead(s) subtracted (--keep-gold-streaks to keep them)", tomo.name, beads)
+        volume = np.asarray(volume, dtype=np.float32)
+        stats = tomogram_stats(volume, "robust")
+        beads = find_beads(volume, *stats)
+        if remove_streaks and beads:
+            volume, _ = remove_gold_streaks(volume, *stats, beads)
+            log.info("%s: streaks of %d gold bead(s) subtracted (--keep-gold-streaks to keep them)",
+                     tomo.name, len(beads))
         phases["gold"] = time.perf_counter() - phase_start
     # Matched as the model sees the tomogram: after the background subtraction, so that a
     # carbon film or thick ice is not clipped into a plateau before it is filtered.
@@ -374,7 +382,7 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
         timings["load"] = timings.get("load", 0.0) + time.perf_counter() - start - sum(phases.values())
         for phase, seconds in phases.items():
             timings[phase] = timings.get(phase, 0.0) + seconds
-    return ModelInput(volume, centre, scale, clip_of(method), contrast, score, scale_zyx, erased)
+    return ModelInput(volume, centre, scale, clip_of(method), contrast, score, scale_zyx, erased, beads)
 
 
 def segment_volume(
@@ -484,6 +492,11 @@ def particles_from_map(
         drop_thin=bool(options.drop_thin),
         spare_small=float(options.spare_small or 0.0),
     )
+    if options.drop_gold and len(found):
+        on_gold = picks_on_beads(found[["z", "y", "x"]].to_numpy(), _model_grid_beads(tomo, prepared, scale_zyx))
+        if on_gold.any():
+            log.info("%s: %d pick(s) on gold beads dropped (--keep-gold keeps them)", tomo.name, int(on_gold.sum()))
+        found = found[~on_gold]
     verify_seconds = 0.0
     if options.verify and len(found):
         verify_start = time.perf_counter()
@@ -499,12 +512,6 @@ def particles_from_map(
         if options.z_range is not None:  # the widened model-grid range may reach past the asked one
             z0, z1 = options.z_range
             found = found[(found["z"] >= z0 - 0.5) & (found["z"] <= z1 + 0.5)]
-    if options.drop_gold and len(found):
-        on_gold = gold_picks(tomo.data, found[["z", "y", "x"]].to_numpy())
-        if on_gold.any():
-            log.info("%s: %d pick(s) on gold fiducials dropped (peak contrast over %g x the median pick's)",
-                     tomo.name, int(on_gold.sum()), GOLD_CONTRAST_RATIO)
-        found = found[~on_gold]
     found.insert(3, "tomo_name", tomo.name)
     found.insert(4, "tomo_path", str(tomo.path.resolve()) if tomo.path is not None else "")
     used_bandwidth = found.attrs["bandwidth"]
@@ -522,6 +529,20 @@ def particles_from_map(
             tomo.name, options.threshold, options.min_size,
         )
     return table
+
+
+def _model_grid_beads(tomo, prepared: ModelInput | None, scale_zyx) -> list[Bead]:
+    """The tomogram's gold beads on the model grid: as `model_input` found them, else found in
+    the tomogram and scaled (`scale_zyx`: original voxels per model voxel, None = the same grid;
+    a scaled bead's centre and radius are the model grid's, its core box stays the tomogram's)."""
+    if prepared is not None and prepared.beads is not None:
+        return prepared.beads
+    volume = np.asarray(tomo.data, dtype=np.float32)
+    beads = find_beads(volume, *tomogram_stats(volume, "robust"))
+    if scale_zyx is None:
+        return beads
+    scale = np.asarray(scale_zyx, dtype=np.float64)
+    return [replace(b, centre=b.centre / scale, radius=b.radius / float(scale.mean())) for b in beads]
 
 
 def _verified(found, prob, tomo, options: LocalizeOptions, model, prepared: ModelInput | None):

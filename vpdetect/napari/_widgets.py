@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import (
-    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -33,6 +32,7 @@ MODES = ("pick", "localize")
 MEMBRANE_CHOICES = ("model's default", "erase", "keep")
 STREAK_CHOICES = ("model's default", "remove", "keep")
 VERIFY_CHOICES = ("model's default", "verify", "keep all")
+GOLD_CHOICES = ("model's default", "drop", "keep")
 TABLE_FILTER = "*.star *.csv *.txt"
 
 
@@ -73,8 +73,9 @@ class PickWidget(Container):
                                    tooltip="Classifier model (.pt); empty: the bundled one.")
         self.threshold = FloatSpinBox(label="threshold", min=0.0, max=1.0, step=0.05, value=0.0,
                                       tooltip="Foreground probability; 0: the model's tuned value.")
-        self.drop_gold = CheckBox(label="drop gold", value=False,
-                                  tooltip="Drop picks on gold fiducials (localize/pick --drop-gold).")
+        self.gold_picks = ComboBox(label="gold picks", choices=GOLD_CHOICES, value=GOLD_CHOICES[0],
+                                   tooltip="drop: drop picks on gold beads (localize/pick --drop-gold); "
+                                   "keep: --keep-gold.")
         self.membranes = ComboBox(label="membranes", choices=MEMBRANE_CHOICES, value=MEMBRANE_CHOICES[0],
                                   tooltip="erase: replace membranes by background before the network "
                                   "(localize/pick --erase-membranes); keep: --keep-membranes.")
@@ -92,7 +93,7 @@ class PickWidget(Container):
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self.status = Label(value="")
         self.extend([self.image, self.mode, self.localizer, self.classifier, self.threshold,
-                     self.drop_gold, self.membranes, self.gold_streaks, self.verify, self.voxel_size, self.output, self.run_button, self.progress, self.status])
+                     self.gold_picks, self.membranes, self.gold_streaks, self.verify, self.voxel_size, self.output, self.run_button, self.progress, self.status])
         self.mode.changed.connect(lambda value: setattr(self.classifier, "enabled", value == "pick"))
         self.run_button.clicked.connect(self.run)
         self.viewer.layers.events.inserted.connect(lambda _: self.image.reset_choices())
@@ -118,8 +119,8 @@ class PickWidget(Container):
         options = {}
         if self.threshold.value > 0:
             options["threshold"] = float(self.threshold.value)
-        if self.drop_gold.value:
-            options["drop_gold"] = True
+        if self.gold_picks.value != GOLD_CHOICES[0]:
+            options["drop_gold"] = self.gold_picks.value == "drop"
         if self.membranes.value != MEMBRANE_CHOICES[0]:
             options["erase_membranes"] = self.membranes.value == "erase"
         if self.gold_streaks.value != STREAK_CHOICES[0]:

@@ -209,7 +209,7 @@ def check_inference_card(card: dict, stage: str) -> None:
                 for v in reference)
     ):
         raise VPDetectError("model card spectrum_reference must be a list of non-negative numbers")
-    for flag in ("match_spectrum", "erase_membranes", "remove_gold_streaks"):
+    for flag in ("match_spectrum", "erase_membranes", "remove_gold_streaks", "drop_gold"):
         if not isinstance(card.get(flag, False), bool):
             raise VPDetectError(f"model card {flag} must be true or false, got {card[flag]!r}")
     if card.get("contrast", "dark") not in CONTRASTS:
@@ -332,6 +332,8 @@ def format_model_card(card: dict) -> str:
         lines.append("  membranes: erased before the network by default (vpdetect.localize.membranes)")
     if card.get("remove_gold_streaks"):
         lines.append("  gold beads' streaks: subtracted before the network by default (vpdetect.localize.fiducials)")
+    if card.get("drop_gold"):
+        lines.append("  picks on gold beads: dropped by default (--keep-gold keeps them)")
     lines.append(f"  contrast: {card.get('contrast', 'not recorded (tomograms used as given)')}")
     voxel = card.get("voxel_size")
     lines.append(f"  voxel size: {'unknown' if voxel is None else f'{voxel:.3f} A'}")

@@ -75,7 +75,8 @@ def tomogram_candidates(tomo, occupancy, truth, model, card: dict, options, box_
     from vpdetect.localize.pipeline import model_input, particles_from_map, segment_volume
     from vpdetect.localize.verify import verifier_boxes
 
-    options = replace(options, verify=False)
+    # Picks on beads stay candidates, labelled by the truth like any other.
+    options = replace(options, verify=False, drop_gold=False)
     prepared = model_input(tomo, card, options)
     prob, _ = segment_volume(tomo, model, card, options, prepared=prepared)
     picks = unique_picks([
