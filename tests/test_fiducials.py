@@ -7,9 +7,13 @@ from scipy import ndimage
 
 from vpdetect.localize.fiducials import (
     BEAD_MARGIN,
+    GOLD_CONTRAST_RATIO,
+    MIN_PICKS,
     Bead,
     _nan_median,
     find_beads,
+    gold_beads,
+    peak_contrast,
     picks_on_beads,
     remove_gold_streaks,
 )
@@ -52,6 +56,27 @@ def test_proteins_alone_and_faint_beads_are_no_beads(rng):
     # A "bead" only twice a protein's density is no bead.
     volume, _, _ = beads_and_particles(rng, gold=2.0)
     assert find_beads(volume, 0.0, 0.3) == []
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_gold_beads_are_far_stronger_than_the_median_pick(rng, sign):
+    volume, centres, is_gold = beads_and_particles(rng, gold=20.0)
+    # Given every object as a "bead" (as at high SNR, where proteins pass the |z| level too),
+    # only the gold is gold.
+    np.testing.assert_array_equal(gold_beads(sign * volume, centres, centres), is_gold)
+    # A "bead" only three times a protein's density is no gold; too few picks: the |z| decides.
+    volume, centres, is_gold = beads_and_particles(rng, gold=3.0)
+    assert not gold_beads(volume, centres[is_gold], centres).any()
+    assert gold_beads(volume, centres[is_gold], centres[: MIN_PICKS - 1]).all()
+
+
+def test_peak_contrast_at_the_volume_edges_and_against_the_local_background():
+    volume = np.full(SHAPE, 5.0, dtype=np.float32)  # a constant offset is background, not contrast
+    volume[0:3, 0:3, 0:3] += 10.0
+    peaks = peak_contrast(volume, np.array([[0, 0, 0], [39, 63, 63], [-3, 70, 10]]))
+    assert peaks[0] > 5.0 and peaks[1] == pytest.approx(0.0, abs=1e-5)
+    assert np.isfinite(peaks).all()
+    assert GOLD_CONTRAST_RATIO > 2.9  # above the largest true particle measured (module docstring)
 
 
 def test_picks_on_beads_reach_the_radius_and_margin():

@@ -19,7 +19,13 @@ import numpy as np
 
 from vpdetect.errors import VPDetectError
 from vpdetect.localize.cluster import find_particles
-from vpdetect.localize.fiducials import Bead, find_beads, picks_on_beads, remove_gold_streaks
+from vpdetect.localize.fiducials import (
+    Bead,
+    find_beads,
+    gold_beads,
+    picks_on_beads,
+    remove_gold_streaks,
+)
 from vpdetect.localize.membranes import drop_remnants, erase_membranes
 from vpdetect.localize.tiling import (
     DEFAULT_HALO_CAP,
@@ -493,7 +499,7 @@ def particles_from_map(
         spare_small=float(options.spare_small or 0.0),
     )
     if options.drop_gold and len(found):
-        on_gold = picks_on_beads(found[["z", "y", "x"]].to_numpy(), _model_grid_beads(tomo, prepared, scale_zyx))
+        on_gold = _picks_on_gold(found[["z", "y", "x"]].to_numpy(), tomo, prepared, scale_zyx)
         if on_gold.any():
             log.info("%s: %d pick(s) on gold beads dropped (--keep-gold keeps them)", tomo.name, int(on_gold.sum()))
         found = found[~on_gold]
@@ -529,6 +535,17 @@ def particles_from_map(
             tomo.name, options.threshold, options.min_size,
         )
     return table
+
+
+def _picks_on_gold(centres_zyx: np.ndarray, tomo, prepared: ModelInput | None, scale_zyx) -> np.ndarray:
+    """Which picks (model grid) sit on a gold bead: a bead found on the model grid whose peak
+    contrast in the tomogram passes `fiducials.gold_beads` against the picks'."""
+    beads = _model_grid_beads(tomo, prepared, scale_zyx)
+    if not beads:
+        return np.zeros(len(centres_zyx), dtype=bool)
+    to_tomogram = np.ones(3) if scale_zyx is None else np.asarray(scale_zyx, dtype=np.float64)
+    gold = gold_beads(tomo.data, np.array([b.centre for b in beads]) * to_tomogram, centres_zyx * to_tomogram)
+    return picks_on_beads(centres_zyx, [b for b, is_gold in zip(beads, gold, strict=True) if is_gold])
 
 
 def _model_grid_beads(tomo, prepared: ModelInput | None, scale_zyx) -> list[Bead]:
