@@ -11,7 +11,7 @@ is a false particle for every downstream step. `localize` / `pick` drop the pick
 a gold bead's radius + BEAD_MARGIN (`picks_on_beads`) when the model card says
 `drop_gold` (the bundled localizer does; `--keep-gold` keeps them, as SHREC'21's
 protocol wants, which scores beads as its class `fiducial`). At high SNR a protein's
-smoothed |z| passes STREAK_Z too (the benchmark's snr=4 cell: three of them), so a bead
+smoothed |z| passes STREAK_Z too (the benchmark's snr=4 cell: three of them, 20-21), so a bead
 also needs a peak contrast over GOLD_CONTRAST_RATIO times the median pick's
 (`gold_beads`): gold's is 19-34 times on the benchmark's gold cells, true particles' at
 most 2.9 times on all its cells. Testing the beads found this way rather than every
@@ -63,8 +63,9 @@ BACKGROUND_MARGIN = 4
 BEAD_MARGIN = 2.0
 
 # Objects whose Gaussian-smoothed (SMOOTHING_SIGMA) robust |z| exceeds this are treated as beads
-# (the benchmark's beads reach 65-130, its proteins at SNR 4 at most 18, vpdetect's
-# `shrec21` fiducials 13-27).
+# (after the card's background subtraction: the benchmark's gold cell's beads 24-106 at their
+# centres, its snr=4 cell's proteins up to 21 - hence `gold_beads` - and vpdetect's `shrec21`
+# fiducials 13-27).
 STREAK_Z = 20.0
 # The streak estimate is shrunk towards zero by this many robust deviations (its noise).
 STREAK_SHRINK = 1.0
