@@ -141,6 +141,9 @@ def test_evaluate_from_arrays_equals_evaluate_from_a_truth_folder(tmp_path):
     assert vp.evaluate(picks, folder)["localization"] == loc
     with pytest.raises(VPDetectError, match="occupancy"):
         vp.evaluate(picks, truth)
+    # Class b as context: not scored, so the one true particle is found.
+    context = vp.evaluate(picks, folder, context=["vesicle", "b"])["localization"]
+    assert (context["n_particles"], context["TP"], context["FP"], context["FN"]) == (1, 1, 1, 0)
 
 
 def test_tables_round_trip_through_every_format(tmp_path):

@@ -193,6 +193,21 @@ def test_evaluate_writes_json_and_plot(tmp_path, truth_dir, picks):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_evaluate_context_classes_are_not_scored(tmp_path, truth_dir, picks):
+    json_path = tmp_path / "metrics.json"
+    result = invoke("evaluate", picks, "--truth", truth_dir, "--json", json_path, "--context", "5MRC")
+    assert result.exit_code == 0, result.output
+    assert "context, not scored: 5MRC" in result.output
+    metrics = json.loads(json_path.read_text())
+    loc = metrics["localization"]
+    # The 5mrc particle is context now: the pick on it (labelled 1s3x) is a false positive, it is not
+    # counted, and the background pick labelled 5mrc is dropped.
+    assert (loc["RR"], loc["n_particles"], loc["TP"], loc["FP"], loc["FN"]) == (2, 1, 1, 1, 0)
+    assert metrics["context_classes"] == ["5MRC"]
+    invoke("evaluate", picks, "--truth", truth_dir, "--json", json_path)
+    assert json.loads(json_path.read_text())["context_classes"] == ["vesicle"]
+
+
 def test_evaluate_error_cases_exit_2_without_output(tmp_path, truth_dir, picks):
     json_path = tmp_path / "metrics.json"
 

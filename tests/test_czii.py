@@ -107,6 +107,11 @@ def test_parameters_weights_and_unscored_classes():
     _, f1 = evaluate_czii([(pred, truth)], {}, beta=1, default_radius=60.0)
     assert f1["radius_angstrom"] == {"apo-ferritin": 60.0, "ribosome": 60.0, "thyroglobulin": 60.0}
     assert f1["per_class"]["apo-ferritin"]["fbeta"] == pytest.approx(2 * (1 / 3) * 0.5 / (1 / 3 + 0.5))
+    # Context classes replace the default: ribosome is context now, and vesicle a class like any
+    # other, scored with the default radius.
+    _, ctx = evaluate_czii([(pred, truth)], {}, default_radius=60.0, context=["Ribosome"])
+    assert set(ctx["per_class"]) == {"apo-ferritin", "thyroglobulin", "vesicle"}
+    assert "ribosome" not in ctx["unscored_predictions"]
 
 
 def test_coordinates_compare_in_angstrom():

@@ -19,6 +19,7 @@ from vpdetect.evaluate.shrec import (
     read_size_groups,
     read_truth,
     round_and_clip,
+    scored_particles,
     scoring_mask,
 )
 from vpdetect.io.mrc import write_mrc
@@ -198,6 +199,18 @@ def test_predictions_labelled_vesicle_are_not_scored():
     before = evaluate_picks(pred, occupancy, truth)["localization"]
     after = evaluate_picks(ParticleTable(with_vesicle), occupancy, truth)["localization"]
     assert after == before
+
+
+def test_context_classes_are_background_and_their_predictions_are_dropped():
+    occupancy, truth = hand_truth()
+    context = ["Vesicle", "5MRC"]  # particles 2 and 3 are context too; b, c, h, i are labelled 5mrc
+    loc = evaluate_picks(hand_predictions(), occupancy, truth, context=context)["localization"]
+    # a -> 1, d on the gap between 2 and 3 -> background now, e -> 5, f and g background.
+    assert loc["n_particles"] == 4
+    assert (loc["RR"], loc["TP"], loc["FP"], loc["FN"], loc["MH"], loc["RO"]) == (5, 2, 3, 2, 0, 0)
+    prepared = scoring_mask(occupancy, truth, context)
+    assert evaluate_picks(hand_predictions(), occupancy, truth, prepared=prepared, context=context)["localization"] == loc
+    assert scored_particles(truth, context).tolist() == [True, False, False, True, True, False, True]
 
 
 def test_first_hit_rule_uses_file_order():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -358,12 +358,14 @@ def evaluate(
     truth,
     occupancy: np.ndarray | None = None,
     size_groups: Mapping | None = None,
+    context: Sequence[str] | None = None,
 ) -> dict:
     """SHREC'21 metrics of `picks` ({"localization": {...}, "classification": {...} or None}).
 
     `truth`: a SHREC-layout folder (occupancy mask, locations and size groups
     read from it), or a table of the true particles with `occupancy`, the
-    mask [z, y, x] whose id k marks row k (1-based) of that table.
+    mask [z, y, x] whose id k marks row k (1-based) of that table. `context`: classes that
+    are context, not targets (default ["vesicle"]; add "fiducial" to score gold beads so).
     """
     from vpdetect.evaluate.shrec import evaluate_picks, read_size_groups
 
@@ -381,7 +383,7 @@ def evaluate(
     pred = to_particle_table(picks)
     if pred.tomo_size is None:
         pred.tomo_size = tomo_size
-    return evaluate_picks(pred, occupancy, to_particle_table(truth), size_groups=size_groups)
+    return evaluate_picks(pred, occupancy, to_particle_table(truth), size_groups=size_groups, context=context)
 
 
 def simulate(preset: str = "shrec21", seed: int = 0, **params):

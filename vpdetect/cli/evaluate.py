@@ -46,6 +46,13 @@ def evaluate(
     distance_multiplier: float = typer.Option(
         0.5, "--distance-multiplier", help="czii: a prediction matches a reference within this times the radius."
     ),
+    context: list[str] = typer.Option(
+        [], "--context",
+        help="A class that is context, not a target (repeatable; replaces the default, vesicle): its true "
+        "particles are not scored, a pick on one is a false positive, predictions labelled with it are "
+        "ignored. SHREC'21 scores gold beads (class fiducial); --context vesicle --context fiducial scores "
+        "them as context, as vpdetect's default localizer treats them.",
+    ),
     json_path: Path = typer.Option(None, "--json", help="Write the metrics (each tomogram and the total) to this JSON file."),
     plot: Path = typer.Option(None, "--plot", help="shrec: write the confusion matrix to this PNG file."),
     confusion_csv_path: Path = typer.Option(
@@ -95,10 +102,14 @@ def evaluate(
                       stacklevel=1)
     pred_tables = [p.table if p is not None else ParticleTable.from_arrays([], class_name=[]) for p in paired]
     names = [t.name for t in truths]
+    from vpdetect.evaluate.shrec import UNSCORED_CLASSES
+
+    context_classes = sorted({name.strip() for name in context if name.strip()}) if context else sorted(UNSCORED_CLASSES)
     if metric == "shrec":
-        per, total = _shrec(pred_tables, folders)
+        per, total = _shrec(pred_tables, folders, context_classes)
     else:
-        per, total = _czii(pred_tables, truths, folders, radius, weight, beta, distance_multiplier, pixel_size)
+        per, total = _czii(pred_tables, truths, folders, radius, weight, beta, distance_multiplier, pixel_size,
+                           context_classes)
     per_tomogram = dict(zip(names, per, strict=True))
     empty = [name for name, result in per_tomogram.items() if result.get("localization", {}).get("n_particles") == 0]
     if empty:
@@ -119,12 +130,14 @@ def evaluate(
             from vpdetect.evaluate.report import confusion_csv
 
             csv_text = confusion_csv(confusion)
-    record = {"metric": metric, **total, "tomograms": per_tomogram}
+    record = {"metric": metric, "context_classes": context_classes, **total, "tomograms": per_tomogram}
     text = json.dumps(record, indent=2, allow_nan=False) + "\n" if json_path is not None else None
 
     from vpdetect.evaluate.report import print_czii, print_shrec
 
     (print_shrec if metric == "shrec" else print_czii)(console, per_tomogram, total)
+    if context:
+        console.print(f"context, not scored: {', '.join(context_classes) or 'none'}")
     if text is not None:
         write_text_atomic(json_path, text)
         console.print(f"metrics written to {json_path}")
@@ -190,7 +203,7 @@ def _read_predictions(paths: list[Path], fmt: str | None, pixel_size: float | No
     return preds
 
 
-def _shrec(pred_tables: list, folders: list[Path]):
+def _shrec(pred_tables: list, folders: list[Path], context: list[str]):
     from vpdetect.evaluate.shrec import (
         combine_results,
         evaluate_picks,
@@ -205,11 +218,11 @@ def _shrec(pred_tables: list, folders: list[Path]):
     per = []
     for pred, folder in zip(pred_tables, folders, strict=True):
         occupancy, truth_table = read_truth(folder)
-        per.append(evaluate_picks(pred, occupancy, truth_table, size_groups=groups))
+        per.append(evaluate_picks(pred, occupancy, truth_table, size_groups=groups, context=context))
     return per, combine_results(per, groups)
 
 
-def _czii(pred_tables, truths, folders, radius, weight, beta, distance_multiplier, pixel_size):
+def _czii(pred_tables, truths, folders, radius, weight, beta, distance_multiplier, pixel_size, context):
     from vpdetect.cli.options import parse_class_values
     from vpdetect.evaluate.czii import evaluate_czii, radii_from_simulation, truth_classes
     from vpdetect.io.shrec import read_simulation_record
@@ -231,7 +244,7 @@ def _czii(pred_tables, truths, folders, radius, weight, beta, distance_multiplie
         if truth_table.voxel_size is None:
             truth_table.voxel_size = pixel_size or pred.voxel_size
         pairs.append((pred, truth_table))
-    known = {k.strip().lower() for k in truth_classes([t for _, t in pairs])}
+    known = {k.strip().lower() for k in truth_classes([t for _, t in pairs], context)}
     for option, given in (("--radius", radius), ("--weight", weight)):
         named = [s.rpartition("=")[0].strip() for s in given if "=" in s]
         unknown = [n for n in named if n.lower() not in known]
@@ -240,5 +253,6 @@ def _czii(pred_tables, truths, folders, radius, weight, beta, distance_multiplie
     results, total = evaluate_czii(
         pairs, radii, weights, beta=beta, distance_multiplier=distance_multiplier,
         default_radius=default_radius, default_weight=1.0 if default_weight is None else default_weight,
+        context=context,
     )
     return [{"czii": r} for r in results], {"czii": total}

@@ -20,12 +20,12 @@ case-insensitively and keep the truth's spelling.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
 from vpdetect.errors import VPDetectError
-from vpdetect.evaluate.shrec import UNSCORED_CLASSES, _key, _safe_div
+from vpdetect.evaluate.shrec import _key, _safe_div, context_keys
 from vpdetect.io.particles import ParticleTable
 
 BETA = 4.0
@@ -63,12 +63,14 @@ def _labels(table: ParticleTable, what: str) -> list[str]:
     return labels
 
 
-def truth_classes(truths: Sequence[ParticleTable]) -> dict[str, str]:
-    """{key: display name} of the scored classes over all truth tables, in first-seen order."""
+def truth_classes(truths: Sequence[ParticleTable], context: Collection[str] | None = None) -> dict[str, str]:
+    """{key: display name} of the scored classes (not `context`, default vesicles) over all truth
+    tables, in first-seen order."""
+    keys = context_keys(context)
     classes: dict[str, str] = {}
     for truth in truths:
         for name in _labels(truth, "truth particles"):
-            if _key(name) not in UNSCORED_CLASSES:
+            if _key(name) not in keys:
                 classes.setdefault(_key(name), name)
     return classes
 
@@ -79,8 +81,10 @@ def tomogram_counts(
     classes: Mapping[str, str],
     radii: Mapping[str, float],
     distance_multiplier: float = DISTANCE_MULTIPLIER,
+    context: Collection[str] | None = None,
 ) -> tuple[dict[str, tuple[int, int, int]], dict[str, int]]:
-    """Per-class (TP, FP, FN) of one tomogram, and the count of predictions of unscored classes.
+    """Per-class (TP, FP, FN) of one tomogram, and the count of predictions of unscored classes
+    (neither scored nor `context`, default vesicles).
 
     Both tables need their voxel size (Angstrom): coordinates are compared in Angstrom.
     `classes` maps keys to display names (`truth_classes`); `radii` maps keys to Angstrom.
@@ -99,7 +103,7 @@ def tomogram_counts(
         )
     unscored: dict[str, int] = {}
     for name in _labels(pred, "predictions"):
-        if _key(name) not in classes and _key(name) not in UNSCORED_CLASSES:
+        if _key(name) not in classes and _key(name) not in context_keys(context):
             unscored[name] = unscored.get(name, 0) + 1
     return counts, unscored
 
@@ -137,18 +141,20 @@ def evaluate_czii(
     distance_multiplier: float = DISTANCE_MULTIPLIER,
     default_radius: float | None = None,
     default_weight: float = 1.0,
+    context: Collection[str] | None = None,
 ) -> tuple[list[dict], dict]:
     """CZII results of each (predictions, truth) tomogram and their total (counts summed).
 
     `radii` and `weights` map class names (any case) to Angstrom and to weights; classes
     they do not name take `default_radius` and `default_weight`. Each result is the
-    `czii_metrics` dict plus the parameters it used and `unscored_predictions`.
+    `czii_metrics` dict plus the parameters it used and `unscored_predictions`. `context`: classes
+    that are context, not targets (default vesicles).
     """
     if not (math.isfinite(beta) and beta > 0):
         raise VPDetectError(f"--beta must be positive, got {beta}")
     if not (math.isfinite(distance_multiplier) and distance_multiplier > 0):
         raise VPDetectError(f"--distance-multiplier must be positive, got {distance_multiplier}")
-    classes = truth_classes([truth for _, truth in pairs])
+    classes = truth_classes([truth for _, truth in pairs], context)
     radius = {_key(k): float(v) for k, v in radii.items()}
     weight = {_key(k): float(v) for k, v in (weights or {}).items()}
     for key in classes:
@@ -171,7 +177,7 @@ def evaluate_czii(
     summed = {key: (0, 0, 0) for key in classes}
     unscored_total: dict[str, int] = {}
     for pred, truth in pairs:
-        counts, unscored = tomogram_counts(pred, truth, classes, radius, distance_multiplier)
+        counts, unscored = tomogram_counts(pred, truth, classes, radius, distance_multiplier, context)
         results.append({**czii_metrics(counts, classes, weight, beta), **parameters,
                         "unscored_predictions": unscored})
         summed = {key: tuple(a + b for a, b in zip(summed[key], counts[key], strict=True)) for key in classes}

@@ -20,12 +20,14 @@ are context, not targets): their voxels are background before the dilation, so a
 prediction on a vesicle is a false positive, and they do not count in n_particles.
 Predictions labelled `vesicle` are dropped before scoring for the same reason, so
 a ground-truth file scores perfectly against itself.
+`context` (`evaluate --context`) names other context classes in place of vesicles,
+e.g. gold beads (`fiducial`), which SHREC'21 scores but vpdetect's localizer drops.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +42,12 @@ SHREC21_SIZE_GROUPS: dict[str, list[str]] = {
     "medium": ["3d2f", "1u6g", "3cf3", "1bxn", "1qvr"],
     "large": ["4cr2", "5mrc"],
 }
-UNSCORED_CLASSES = frozenset({"vesicle"})
+UNSCORED_CLASSES = frozenset({"vesicle"})  # the default context classes
+
+
+def context_keys(context: Collection[str] | None = None) -> frozenset[str]:
+    """The classes that are context, not targets, as comparison keys (None: UNSCORED_CLASSES)."""
+    return UNSCORED_CLASSES if context is None else frozenset(_key(name) for name in context)
 BACKGROUND = "background"
 
 
@@ -131,20 +138,23 @@ class ScoringMask:
     scored: np.ndarray
 
 
-def scored_particles(truth: ParticleTable) -> np.ndarray:
-    """Per row of `truth`, whether the particle counts (vesicles are context, not targets)."""
+def scored_particles(truth: ParticleTable, context: Collection[str] | None = None) -> np.ndarray:
+    """Per row of `truth`, whether the particle counts: not of a `context` class (default:
+    vesicles, which are context, not targets)."""
     labels = truth.class_labels()
     if labels is None:
         return np.ones(len(truth), dtype=bool)
-    return np.array([_key(v) not in UNSCORED_CLASSES for v in labels], dtype=bool)
+    keys = context_keys(context)
+    return np.array([_key(v) not in keys for v in labels], dtype=bool)
 
 
-def scoring_mask(occupancy: np.ndarray, truth: ParticleTable) -> ScoringMask:
-    """The checked, dilated lookup of `occupancy` for `truth` (vesicles are not scored)."""
+def scoring_mask(occupancy: np.ndarray, truth: ParticleTable, context: Collection[str] | None = None) -> ScoringMask:
+    """The checked, dilated lookup of `occupancy` for `truth` (particles of `context` classes,
+    default vesicles, are background)."""
     occupancy = _check_truth(occupancy, truth)
     n = len(truth)
     # ids 1..n; scored[k] says whether particle k counts.
-    scored = np.concatenate([[False], scored_particles(truth)])
+    scored = np.concatenate([[False], scored_particles(truth, context)])
     id_map = np.where(scored, np.arange(n + 1), 0).astype(occupancy.dtype)
     return ScoringMask(dilate_occupancy(id_map[occupancy]), scored)
 
@@ -155,20 +165,24 @@ def evaluate_picks(
     truth: ParticleTable,
     size_groups: Mapping[str, Sequence[str]] | None = None,
     prepared: ScoringMask | None = None,
+    context: Collection[str] | None = None,
 ) -> dict:
     """SHREC metrics of `pred` against the occupancy mask [z, y, x] and the truth table.
 
     `size_groups` maps a group name to class names (default: SHREC'21 table 5);
     groups report the mean F1 of their classes that occur in the truth.
-    `prepared`: `scoring_mask(occupancy, truth)` made beforehand (when scoring many sets).
+    `prepared`: `scoring_mask(occupancy, truth, context)` made beforehand (when scoring many sets).
+    `context`: classes that are context, not targets (default vesicles; SHREC'21 scores gold
+    beads, class `fiducial`): their particles are background, predictions of them are dropped.
     Returns {"localization": {...}, "classification": {...} or None}.
     """
-    mask = scoring_mask(occupancy, truth) if prepared is None else prepared
+    mask = scoring_mask(occupancy, truth, context) if prepared is None else prepared
     lookup, scored = mask.lookup, mask.scored
     _check_pred(pred, lookup.shape, truth)
     pred_labels = pred.class_labels()
     if pred_labels is not None:
-        keep = np.array([_key(v) not in UNSCORED_CLASSES for v in pred_labels], dtype=bool)
+        keys = context_keys(context)
+        keep = np.array([_key(v) not in keys for v in pred_labels], dtype=bool)
         if not keep.all():
             pred = ParticleTable(pred.data[keep].reset_index(drop=True), pred.voxel_size, pred.tomo_size)
     n = len(truth)
