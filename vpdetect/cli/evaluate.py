@@ -48,7 +48,7 @@ def evaluate(
     ),
     context: list[str] = typer.Option(
         [], "--context",
-        help="A class that is context, not a target (repeatable; replaces the default, vesicle): its true "
+        help="A class that is context, not a target (repeatable; replaces the default, vesicle; '' for none): its true "
         "particles are not scored, a pick on one is a false positive, predictions labelled with it are "
         "ignored. SHREC'21 scores gold beads (class fiducial); --context vesicle --context fiducial scores "
         "them as context, as vpdetect's default localizer treats them.",

@@ -148,8 +148,9 @@ def drop_thin_option():
 def drop_gold_option():
     return typer.Option(
         None, "--drop-gold/--keep-gold",
-        help="Drop picks on gold beads: objects whose smoothed robust |z| exceeds 20 (far denser than any "
-        "protein), picks within a bead's radius + 2 voxels. Default: the model card's choice (the bundled "
+        help="Drop picks on gold beads: objects whose smoothed robust |z| exceeds 20 and whose peak contrast "
+        "exceeds 4 x the median pick's (far denser than any protein), picks within a bead's radius + 2 voxels. "
+        "Default: the model card's choice (the bundled "
         "localizer drops them: beads are not macromolecules), else keep; SHREC'21 scores beads as its class "
         "fiducial, so --keep-gold there.",
     )
