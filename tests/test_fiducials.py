@@ -50,6 +50,32 @@ def test_find_beads_finds_each_bead_in_either_contrast_and_no_particle(rng, sign
     np.testing.assert_array_equal(picks_on_beads(shaken, beads), is_gold)
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_touching_beads_are_two_and_a_bright_rimmed_bead_is_one(rng, sign):
+    z, y, x = np.indices(SHAPE)
+    volume = rng.normal(0.0, 0.3, SHAPE).astype(np.float32)
+    # Two radius-3 beads whose surfaces are a voxel apart: one connected body over the level.
+    pair = np.array([[20.0, 20.0, 16.0], [20.0, 20.0, 23.0]])
+    for c in pair:
+        volume[(z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= 9.0] += 20.0
+    # A radius-6 bead whose rim is brighter than its centre, as a reconstruction draws a large bead:
+    # its smoothed top has several maxima, and it is still one bead.
+    lone = np.array([20.0, 44.0, 40.0])
+    distance = np.sqrt((z - lone[0]) ** 2 + (y - lone[1]) ** 2 + (x - lone[2]) ** 2)
+    volume[distance <= 6.0] += 10.0
+    volume[(distance > 4.5) & (distance <= 6.0)] += 12.0
+    beads = find_beads(sign * volume, 0.0, 0.3)
+    assert len(beads) == 3
+    found = np.array(sorted(tuple(b.centre) for b in beads))
+    np.testing.assert_allclose(found, sorted(map(tuple, [*pair, lone])), atol=1.0)
+    by_centre = sorted(beads, key=lambda b: tuple(b.centre))
+    assert all(2.0 <= b.radius <= 4.0 for b in by_centre[:2])  # each its own body, not the pair's
+    # Each bead's core is its own: the pair's cores do not reach past the plane between them.
+    for bead, other in zip(by_centre[:2], by_centre[1::-1], strict=True):
+        core = np.argwhere(bead.core) + [s.start for s in bead.box]
+        assert np.all(np.linalg.norm(core - bead.centre, axis=1) <= np.linalg.norm(core - other.centre, axis=1) + 1.0)
+
+
 def test_proteins_alone_and_faint_beads_are_no_beads(rng):
     volume, _, _ = beads_and_particles(rng, n_gold=0)
     assert find_beads(volume, 0.0, 0.3) == []

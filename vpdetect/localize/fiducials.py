@@ -4,7 +4,9 @@ Gold (19.3 g/cm^3) differs from ice about fifty times as much as a protein does
 (1.35 g/cm^3); in a reconstruction a bead's peak stays many times any
 macromolecule's even after the CTF and the resolution blur it. `find_beads` takes
 every object whose Gaussian-smoothed robust |z| exceeds STREAK_Z as a bead (its
-centre and radius from its half-maximum body).
+centre and radius from its half-maximum body), one per maximum of a wider smoothing,
+so that touching beads (clusters are common) are told apart and each keeps its own
+body and core.
 
 Beads are context, not targets: vpdetect picks macromolecules, and a pick on a bead
 is a false particle for every downstream step. `localize` / `pick` drop the picks within
@@ -67,6 +69,12 @@ BEAD_MARGIN = 2.0
 # centres, its snr=4 cell's proteins up to 21 - hence `gold_beads` - and vpdetect's `shrec21`
 # fiducials 13-27).
 STREAK_Z = 20.0
+# Each bead is one maximum of the deviation smoothed by this many voxels (at the model's voxel
+# size, beads of 5-15 nm): fewer would split a large bead's bright rim, more would merge touching beads.
+PEAK_SMOOTHING_SIGMA = 3.0
+# A bead's own peak (the smoothed |z| over STREAK_Z) lies within this many voxels of that maximum
+# (its wide hill may peak in a darker centre: the reconstruction enhances a large bead's rim).
+BEAD_SEARCH = 4
 # The streak estimate is shrunk towards zero by this many robust deviations (its noise).
 STREAK_SHRINK = 1.0
 # A bead's core: voxels above this share of its smoothed peak (grown by one voxel) within
@@ -104,9 +112,15 @@ def find_beads(volume: np.ndarray, centre: float, scale: float) -> list[Bead]:
     # (most tomograms), and nothing more is computed.
     if not max(float(volume.max()) - centre, centre - float(volume.min())) > STREAK_Z * abs(scale):
         return []
-    smoothed = ndimage.gaussian_filter(np.abs((volume - centre) / scale), SMOOTHING_SIGMA)
-    labels, n = ndimage.label(smoothed > STREAK_Z)
-    return [_bead(smoothed, peak) for peak in ndimage.maximum_position(smoothed, labels, range(1, n + 1))]
+    deviation = np.abs((volume - centre) / scale)
+    smoothed = ndimage.gaussian_filter(deviation, SMOOTHING_SIGMA)
+    # One peak per bead: maxima of a wider smoothing, under which a large bead's rim (the
+    # reconstruction enhances its edge, leaving several maxima on it) becomes one hill, while
+    # touching beads stay two.
+    wide = ndimage.gaussian_filter(deviation, PEAK_SMOOTHING_SIGMA)
+    near_level = ndimage.maximum_filter(smoothed, size=2 * BEAD_SEARCH + 1) > STREAK_Z
+    peaks = list(np.argwhere(near_level & (wide == ndimage.maximum_filter(wide, size=2 * PEAK_RADIUS + 1))))
+    return [_bead(smoothed, peak, peaks) for peak in peaks]
 
 
 def picks_on_beads(centres_zyx: np.ndarray, beads: list[Bead], margin: float = BEAD_MARGIN) -> np.ndarray:
@@ -150,8 +164,9 @@ def gold_beads(volume: np.ndarray, beads_zyx: np.ndarray, picks_zyx: np.ndarray,
     return peak_contrast(volume, beads_zyx) > ratio * typical
 
 
-def _bead(smoothed: np.ndarray, peak_zyx) -> Bead:
-    """The bead whose smoothed |z| peaks at `peak_zyx`."""
+def _bead(smoothed: np.ndarray, peak_zyx, other_peaks=()) -> Bead:
+    """The bead whose smoothed |z| peaks near `peak_zyx`; voxels nearer to another of
+    `other_peaks` (a touching bead) are not its."""
     from scipy import ndimage
 
     peak = np.asarray(peak_zyx)
@@ -159,12 +174,18 @@ def _bead(smoothed: np.ndarray, peak_zyx) -> Bead:
     hi = np.minimum(peak + CORE_BOX + 1, smoothed.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     sub = smoothed[box]
-    top = tuple(peak - lo)
-    labels, _ = ndimage.label(sub > 0.5 * sub[top])
+    grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi, strict=True)), indexing="ij"), axis=-1)
+    own = np.ones(sub.shape, dtype=bool)
+    distance = np.linalg.norm(grid - peak, axis=-1)
+    for other in other_peaks:
+        if 0 < np.abs(np.asarray(other) - peak).max() <= 2 * CORE_BOX:
+            own &= distance <= np.linalg.norm(grid - np.asarray(other), axis=-1)
+    top = np.unravel_index(np.argmax(np.where(own & (distance <= BEAD_SEARCH), sub, -np.inf)), sub.shape)
+    labels, _ = ndimage.label((sub > 0.5 * sub[top]) & own)
     body = labels == labels[top]
     centre = np.array(ndimage.center_of_mass(np.where(body, sub, 0.0))) + lo
     radius = float((3.0 * body.sum() / (4.0 * np.pi)) ** (1.0 / 3.0))
-    labels, _ = ndimage.label(ndimage.binary_dilation(sub > CORE_SHARE * sub[top]))
+    labels, _ = ndimage.label(ndimage.binary_dilation(sub > CORE_SHARE * sub[top]) & own)
     return Bead(np.rint(2.0 * centre) / 2.0, radius, box, labels == labels[top])
 
 
