@@ -116,10 +116,24 @@ def find_beads(volume: np.ndarray, centre: float, scale: float) -> list[Bead]:
     smoothed = ndimage.gaussian_filter(deviation, SMOOTHING_SIGMA)
     # One peak per bead: maxima of a wider smoothing, under which a large bead's rim (the
     # reconstruction enhances its edge, leaving several maxima on it) becomes one hill, while
-    # touching beads stay two.
-    wide = ndimage.gaussian_filter(deviation, PEAK_SMOOTHING_SIGMA)
-    near_level = ndimage.maximum_filter(smoothed, size=2 * BEAD_SEARCH + 1) > STREAK_Z
-    peaks = list(np.argwhere(near_level & (wide == ndimage.maximum_filter(wide, size=2 * PEAK_RADIUS + 1))))
+    # touching beads stay two. Computed only in boxes around the voxels over the level.
+    labels, _ = ndimage.label(smoothed > STREAK_Z)
+    reach = int(np.ceil(4 * PEAK_SMOOTHING_SIGMA)) + BEAD_SEARCH + PEAK_RADIUS
+    peaks: list[np.ndarray] = []
+    for found in ndimage.find_objects(labels):
+        lo = np.maximum([s.start - reach for s in found], 0)
+        hi = np.minimum([s.stop + reach for s in found], volume.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        wide = ndimage.gaussian_filter(deviation[box], PEAK_SMOOTHING_SIGMA)
+        near_level = ndimage.maximum_filter(smoothed[box], size=2 * BEAD_SEARCH + 1) > STREAK_Z
+        # Maxima near this object only, where the box's smoothing is the volume's (boxes may overlap).
+        inner = np.zeros(wide.shape, dtype=bool)
+        inner[tuple(slice(max(s.start - BEAD_SEARCH, 0) - a, s.stop + BEAD_SEARCH - a)
+                    for s, a in zip(found, lo, strict=True))] = True
+        is_peak = near_level & inner & (wide == ndimage.maximum_filter(wide, size=2 * PEAK_RADIUS + 1))
+        peaks.extend(np.argwhere(is_peak) + lo)
+    unique = {tuple(int(v) for v in p) for p in peaks}
+    peaks = [np.array(p) for p in sorted(unique)]
     return [_bead(smoothed, peak, peaks) for peak in peaks]
 
 
