@@ -76,6 +76,16 @@ def test_touching_beads_are_two_and_a_bright_rimmed_bead_is_one(rng, sign):
         assert np.all(np.linalg.norm(core - bead.centre, axis=1) <= np.linalg.norm(core - other.centre, axis=1) + 1.0)
 
 
+def test_a_saturated_bead_between_voxels_is_one_bead():
+    # Clipped (8-bit) data and a centre between voxels give equal maxima on 8 voxels: still one bead.
+    z, y, x = np.indices(SHAPE)
+    centre = np.array([20.5, 30.5, 30.5])
+    volume = np.where((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= 12.0, 30.0, 0.0)
+    beads = find_beads(volume.astype(np.float32), 0.0, 1.0)
+    assert len(beads) == 1
+    np.testing.assert_allclose(beads[0].centre, centre, atol=0.5)
+
+
 def test_proteins_alone_and_faint_beads_are_no_beads(rng):
     volume, _, _ = beads_and_particles(rng, n_gold=0)
     assert find_beads(volume, 0.0, 0.3) == []

@@ -119,7 +119,7 @@ def find_beads(volume: np.ndarray, centre: float, scale: float) -> list[Bead]:
     # touching beads stay two. Computed only in boxes around the voxels over the level.
     labels, _ = ndimage.label(smoothed > STREAK_Z)
     reach = int(np.ceil(4 * PEAK_SMOOTHING_SIGMA)) + BEAD_SEARCH + PEAK_RADIUS
-    peaks: list[np.ndarray] = []
+    candidates: dict[tuple[int, ...], float] = {}  # peak -> its wide value
     for found in ndimage.find_objects(labels):
         lo = np.maximum([s.start - reach for s in found], 0)
         hi = np.minimum([s.stop + reach for s in found], volume.shape)
@@ -131,9 +131,14 @@ def find_beads(volume: np.ndarray, centre: float, scale: float) -> list[Bead]:
         inner[tuple(slice(max(s.start - BEAD_SEARCH, 0) - a, s.stop + BEAD_SEARCH - a)
                     for s, a in zip(found, lo, strict=True))] = True
         is_peak = near_level & inner & (wide == ndimage.maximum_filter(wide, size=2 * PEAK_RADIUS + 1))
-        peaks.extend(np.argwhere(is_peak) + lo)
-    unique = {tuple(int(v) for v in p) for p in peaks}
-    peaks = [np.array(p) for p in sorted(unique)]
+        for voxel in np.argwhere(is_peak):
+            candidates[tuple(int(v) for v in voxel + lo)] = float(wide[tuple(voxel)])
+    # Equal neighbours (a symmetric or saturated bead) are one maximum: the maximum filter leaves
+    # two within PEAK_RADIUS of each other only when they tie, so the first of them stands for all.
+    peaks: list[np.ndarray] = []
+    for voxel in sorted(candidates, key=lambda v: (-candidates[v], v)):
+        if all(np.abs(np.subtract(voxel, kept)).max() > PEAK_RADIUS for kept in peaks):
+            peaks.append(np.array(voxel))
     return [_bead(smoothed, peak, peaks) for peak in peaks]
 
 
