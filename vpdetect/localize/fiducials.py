@@ -139,6 +139,7 @@ def find_beads(volume: np.ndarray, centre: float, scale: float) -> list[Bead]:
     for voxel in sorted(candidates, key=lambda v: (-candidates[v], v)):
         if all(np.abs(np.subtract(voxel, kept)).max() > PEAK_RADIUS for kept in peaks):
             peaks.append(np.array(voxel))
+    peaks.sort(key=tuple)  # in scan order (`remove_gold_streaks` cleans the beads one after another)
     return [_bead(smoothed, peak, peaks) for peak in peaks]
 
 
