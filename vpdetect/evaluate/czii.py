@@ -102,8 +102,9 @@ def tomogram_counts(
             pred_xyz[pred_keys == key], truth_xyz[truth_keys == key], distance_multiplier * radii[key]
         )
     unscored: dict[str, int] = {}
+    context_classes = context_keys(context)
     for name in _labels(pred, "predictions"):
-        if _key(name) not in classes and _key(name) not in context_keys(context):
+        if _key(name) not in classes and _key(name) not in context_classes:
             unscored[name] = unscored.get(name, 0) + 1
     return counts, unscored
 

@@ -43,12 +43,12 @@ SHREC21_SIZE_GROUPS: dict[str, list[str]] = {
     "large": ["4cr2", "5mrc"],
 }
 UNSCORED_CLASSES = frozenset({"vesicle"})  # the default context classes
+BACKGROUND = "background"
 
 
 def context_keys(context: Collection[str] | None = None) -> frozenset[str]:
     """The classes that are context, not targets, as comparison keys (None: UNSCORED_CLASSES)."""
     return UNSCORED_CLASSES if context is None else frozenset(_key(name) for name in context)
-BACKGROUND = "background"
 
 
 def _key(name: str) -> str:
