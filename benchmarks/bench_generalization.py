@@ -2,7 +2,7 @@
 tomograms that do not look like its training data?
 
     python -m benchmarks generalization [--model PATH] [--cells TEXT ...] [--quick] [--json OUT] [--fresh]
-                                        [--validation]
+                                        [--validation | --seeds SEED ...]
 
 A grid of tomograms, each differing from a base cell along one axis (and a few
 combinations), from two simulators:
@@ -18,7 +18,10 @@ combinations), from two simulators:
 Test seeds are 9000-9999: never used to train or tune vpdetect's models.
 `--validation` draws every cell again with seeds 9100 (independent) and 9101
 (vpdetect), kept apart under .bench/generalization-validation/: the grid on
-which a default may be chosen, so that the reported grid stays a test.
+which a default may be chosen, so that the reported grid stays a test. `--seeds`
+draws the selected cells on more seeds (under .bench/generalization-draws/seedN/),
+e.g. the 18 design gold tomograms of the README: `--cells gold --seeds 9100 9200
+9300 9400 9500 9600 9700 9800 9900`.
 
 Every cell: the localizer run as a user runs it (`vpdetect localize TOMO.mrc -o
 picks.csv`, in-process, default options, the MRC's header carrying the voxel
@@ -39,7 +42,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +119,15 @@ def grid(validation: bool = False) -> list[Cell]:
             cells.append(Cell(f"vpdetect {label}", "vpdetect simulator", label, "vpdetect",
                               vpdetect_snr=snr, inverted=inverted, seed=vpdetect_seed))
     return cells
+
+
+def draws(cells: list[Cell], seeds: Sequence[int]) -> list[Cell]:
+    """Every cell drawn again on each of `seeds` (independent cells with the seed, vpdetect cells
+    with seed + 1, as the test and validation grids pair them), seed by seed."""
+    for seed in seeds:
+        if not 9000 <= seed <= 9998:
+            raise ValueError(f"seed {seed} is outside 9000-9998, the seeds kept for testing")
+    return [replace(c, seed=seed if c.source == "independent" else seed + 1) for seed in seeds for c in cells]
 
 
 def select_cells(cells: list[Cell], patterns: Sequence[str] | str | None, quick: bool) -> list[Cell]:
@@ -316,6 +328,17 @@ def score_cell(cell: Cell, folder: Path, model: Path | None) -> dict:
 # --------------------------------------------------------------------------- report
 
 
+def draws_summary(rows: list[dict]) -> str:
+    """Each cell's mean localizer and DoG F1 over its draws, and the mean over all rows."""
+    lines = ["| cell | draws | localizer F1, mean (min - max) | DoG F1, mean |", "|---|---|---|---|"]
+    for name in dict.fromkeys(r["cell"] for r in rows):
+        f1 = [r["localizer"]["f1"] for r in rows if r["cell"] == name]
+        dog = [r["dog"]["f1"] for r in rows if r["cell"] == name]
+        lines.append(f"| {name} | {len(f1)} | {np.mean(f1):.4f} ({min(f1):.3f} - {max(f1):.3f}) | {np.mean(dog):.3f} |")
+    lines.append(f"\nmean localizer F1 over the {len(rows)} tomograms: {np.mean([r['localizer']['f1'] for r in rows]):.4f}")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| cell | axis | value | SNR measured | n true | localizer F1 | localizer P / R | picks | DoG F1 |",
@@ -347,8 +370,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"Where the cells' SHREC folders live (default {WORK_DIR}, or its -validation twin).")
     parser.add_argument("--validation", action="store_true",
                         help=f"The same cells on the validation seeds {VALIDATION_SEEDS}: for choosing defaults.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="Draw the cells again on these seeds (9000-9998; vpdetect's cells on seed + 1), "
+                        "each seed in a folder of its own, and print each cell's mean over them: design "
+                        "draws for choosing defaults (the README's use 9100 9200 ... 9900).")
     args = parser.parse_args(argv)
-    suffix = "-validation" if args.validation else ""
+    if args.seeds and args.validation:
+        parser.error("--seeds and --validation both choose the seeds: give one")
+    suffix = "-validation" if args.validation else "-draws" if args.seeds else ""
     if args.json is None:
         args.json = DEFAULT_JSON.with_name(f"{DEFAULT_JSON.stem}{suffix}{DEFAULT_JSON.suffix}")
     if args.work_dir is None:
@@ -367,9 +396,14 @@ def run(argv: list[str] | None = None) -> list[dict]:
     cells = select_cells(grid(args.validation), args.cells, args.quick)
     if not cells:
         raise SystemExit(f"no cell matches {', '.join(args.cells or [])!r}")
+    if args.seeds:
+        try:
+            cells = draws(cells, args.seeds)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     model = args.model
     model_text = str(model) if model is not None else f"bundled ({default_model_path('localizer')})"
-    seeds = "validation" if args.validation else "test"
+    seeds = "validation" if args.validation else f"{len(args.seeds)} design" if args.seeds else "test"
     print(f"localizer: {model_text}", flush=True)
     print(f"{len(cells)} cell(s) on the {seeds} seeds; torch threads {torch.get_num_threads()}; "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
@@ -382,7 +416,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
 
     for cell in cells:
         start = time.perf_counter()
-        folder, snr = make_tomogram(cell, args.work_dir, fresh=args.fresh)
+        root = args.work_dir / f"seed{cell.seed}" if args.seeds else args.work_dir
+        folder, snr = make_tomogram(cell, root, fresh=args.fresh)
         simulated = time.perf_counter() - start
         result = score_cell(cell, folder, model)
         row = {"cell": cell.name, "axis": cell.axis, "value": cell.value, "source": cell.source,
@@ -398,5 +433,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
               f"DoG F1 {row['dog']['f1']:.2f}  (tomogram {simulated:.1f} s)", flush=True)
     print()
     print(markdown_table(rows))
+    if args.seeds:
+        print()
+        print(draws_summary(rows))
     print(f"\nmetrics written to {args.json}")
     return rows

@@ -133,6 +133,26 @@ def test_validation_grid_is_the_same_cells_on_other_seeds_in_other_folders():
     assert bench.parse_args([]).work_dir == bench.WORK_DIR
 
 
+def test_design_draws_repeat_the_cells_on_other_seeds_in_folders_of_their_own():
+    cells = bench.select_cells(bench.grid(), ["context=gold", "vpdetect snr=4"], quick=False)
+    drawn = bench.draws(cells, [9100, 9200])
+    assert [(c.name, c.seed) for c in drawn] == [
+        ("context=gold", 9100), ("vpdetect snr=4", 9101), ("vpdetect snr=4 inverted", 9101),
+        ("context=gold", 9200), ("vpdetect snr=4", 9201), ("vpdetect snr=4 inverted", 9201)]
+    assert [c.params for c in drawn[:3]] == [c.params for c in cells]
+    with pytest.raises(ValueError, match="9999 is outside"):
+        bench.draws(cells, [9999])
+    args = bench.parse_args(["--seeds", "9100", "9200"])
+    assert args.seeds == [9100, 9200] and args.work_dir not in (bench.WORK_DIR, bench.parse_args(["--validation"]).work_dir)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--seeds", "9100", "--validation"])
+    row = {"cell": "context=gold", "localizer": {"f1": 0.9}, "dog": {"f1": 0.2}}
+    summary = bench.draws_summary([row, row | {"localizer": {"f1": 0.7}}, row | {"cell": "base"}])
+    assert "| context=gold | 2 | 0.8000 (0.700 - 0.900) | 0.200 |" in summary
+    assert "| base | 1 | 0.9000 (0.900 - 0.900) | 0.200 |" in summary
+    assert summary.endswith("over the 3 tomograms: 0.8333")
+
+
 def test_benchmark_runner_refuses_options_for_several_benchmarks(capsys):
     from benchmarks.__main__ import main
 
