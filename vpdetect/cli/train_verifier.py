@@ -11,7 +11,7 @@ from vpdetect.cli.app import app, console, user_errors
 from vpdetect.cli.batch import device_option
 from vpdetect.cli.localize import erase_membranes_option, gold_streaks_option, match_spectrum_option
 
-# Measured on the benchmark's validation draws (README, Generalization): 0.2 drops most false picks
+# Measured on the benchmark's validation draws (docs/GENERALIZATION_LOG.md): 0.2 drops most false picks
 # on carbon and at an ice gradient's edge and no cell's true ones; 0.3 starts to cost some.
 DEFAULT_MIN_SCORE = 0.2
 
