@@ -9,7 +9,6 @@ from vpdetect.localize.fiducials import (
     BEAD_MARGIN,
     GOLD_CONTRAST_RATIO,
     MIN_PICKS,
-    SLAB_MARGIN,
     SYMMETRY_GAIN,
     Bead,
     _nan_median,
@@ -18,6 +17,7 @@ from vpdetect.localize.fiducials import (
     peak_contrast,
     picks_on_beads,
     remove_gold_streaks,
+    streak_slab,
     symmetry_gain,
 )
 
@@ -173,11 +173,6 @@ def test_remove_gold_streaks_subtracts_the_symmetric_streaks_and_keeps_bead_and_
     np.testing.assert_array_equal(remove_gold_streaks(volume, 0.0, 1.0)[0], cleaned)  # deterministic
 
 
-def _slab(bead):
-    half = int(np.ceil(bead.radius + SLAB_MARGIN))
-    return int(np.floor(bead.centre[1])) - half, int(np.ceil(bead.centre[1])) + half + 1
-
-
 def test_point_symmetric_streaks_are_subtracted_in_full_and_misaligned_ones_shrunk(rng, monkeypatch):
     import vpdetect.localize.fiducials as fiducials
 
@@ -189,7 +184,7 @@ def test_point_symmetric_streaks_are_subtracted_in_full_and_misaligned_ones_shru
     # goes in full and the streaks leave no bias (the shrunk estimate would leave about +1 on them).
     volume, _, streaks, _ = bead_with_streaks(rng)
     (bead,) = find_beads(volume, 0.0, 1.0)
-    assert symmetry_gain(volume, bead.centre, _slab(bead)) > SYMMETRY_GAIN
+    assert symmetry_gain(volume, bead.centre, streak_slab(bead, volume.shape[1])) > SYMMETRY_GAIN
     cleaned = remove_gold_streaks(volume, 0.0, 1.0)[0]
     np.testing.assert_array_equal(cleaned, cleaned_with(volume, -np.inf))
     assert abs(cleaned[streaks].mean()) < 0.4 < cleaned_with(volume, np.inf)[streaks].mean()
@@ -197,7 +192,7 @@ def test_point_symmetric_streaks_are_subtracted_in_full_and_misaligned_ones_shru
     monkeypatch.undo()
     volume, _, _, _ = bead_with_streaks(rng, ray_shift=2.0)
     (bead,) = find_beads(volume, 0.0, 1.0)
-    assert symmetry_gain(volume, bead.centre, _slab(bead)) < 0.2
+    assert symmetry_gain(volume, bead.centre, streak_slab(bead, volume.shape[1])) < 0.2
     cleaned = remove_gold_streaks(volume, 0.0, 1.0)[0]
     np.testing.assert_array_equal(cleaned, cleaned_with(volume, np.inf))
     assert not np.array_equal(cleaned, cleaned_with(volume, -np.inf))

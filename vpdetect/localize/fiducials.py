@@ -224,6 +224,13 @@ def _bead(smoothed: np.ndarray, peak_zyx, other_peaks=()) -> Bead:
     return Bead(np.rint(2.0 * centre) / 2.0, radius, box, labels == labels[top])
 
 
+def streak_slab(bead: Bead, ny: int) -> tuple[int, int]:
+    """The y rows [start, stop) in which a bead's streaks are estimated: its radius + SLAB_MARGIN
+    either side of its centre, within a volume of `ny` rows."""
+    half = int(np.ceil(bead.radius + SLAB_MARGIN))
+    return max(0, int(np.floor(bead.centre[1])) - half), min(ny, int(np.ceil(bead.centre[1])) + half + 1)
+
+
 def _symmetric_samples(z: np.ndarray, centre: np.ndarray, y_range: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """The samples of `z` that share a voxel's streak value, for every voxel of the slab `y_range`:
     the identity, the point reflection through `centre` [z, y, x] and the mirrors across its y
@@ -302,9 +309,7 @@ def remove_gold_streaks(volume: np.ndarray, centre: float, scale: float,
         return volume, beads
     z = (volume - centre) / scale
     for bead in beads:
-        half = int(np.ceil(bead.radius + SLAB_MARGIN))
-        y_range = (max(0, int(np.floor(bead.centre[1])) - half),
-                   min(z.shape[1], int(np.ceil(bead.centre[1])) + half + 1))
+        y_range = streak_slab(bead, z.shape[1])
         streaks = _streak_estimate(z, bead.centre, y_range)
         # The core stays: in the slab's coordinates it is the box shifted by the slab's start.
         box, core = bead.box, bead.core
