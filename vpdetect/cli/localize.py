@@ -268,10 +268,10 @@ def gold_streaks_option():
     return typer.Option(
         None, "--remove-gold-streaks/--keep-gold-streaks",
         help="Subtract the streaks that gold beads throw across the tomogram before the network: each "
-        "bead's (smoothed robust |z| over 20) streaks are estimated from the tomogram by their symmetry "
-        "(point reflection and y mirror through the bead; tilt axis y) and subtracted outside the bead, "
-        "in full where those samples predict them (an aligned series), else shrunk by one robust deviation "
-        "(whole tomogram in memory; see README) (default: the model card's choice, else off).",
+        "bead's (smoothed robust |z| over 20) streaks are fitted as its back-projection, one ray per "
+        "tilt with a profile shared along each y row (tilt axis y; the tilt range fitted to the beads), "
+        "and subtracted outside the bead (whole tomogram in memory; see README) (default: the model "
+        "card's choice, else off).",
     )
 
 

@@ -26,31 +26,9 @@ over a limited tilt range is an X of rays through it in each x-z plane, tens of
 voxels long and many times a protein's contrast, and particles in those planes
 are lost (the generalization benchmark's gold cells: with the beads' context
 subtracted exactly, the bundled localizer scores 1.00 instead of 0.87).
-`remove_gold_streaks` estimates each bead's streaks from the tomogram itself: the
-point-spread function of a back-projection is even and a sphere is symmetric, so
-a bead's artefact is unchanged by the point reflection through its centre and by
-the mirror across its y plane (the tilt axis is y), and its rays run radially
-from it in the x-z plane, so the artefact changes little when a voxel's offset
-from the bead is scaled by 0.9 or 1.1. Particles have none of these symmetries:
-the median of the twelve samples is the artefact (a particle among them is
-outvoted, even on the bead's y plane, where the y mirror is the particle itself).
-None of these needs a tilt range centred on zero; the mirrors across the x or z
-planes would, and adding them loses on a pre-tilted lamella's range (-50..+66:
-validation gold cells 0.890 -> 0.840).
-It is subtracted outside the bead's core, which stays: in full where the samples
-predict the artefact (`symmetry_gain`: the least-squares gain of the data on the
-median of the samples away from each voxel reaches SYMMETRY_GAIN; an aligned
-series), else soft-shrunk by STREAK_SHRINK robust deviations (a misaligned series,
-whose rays miss their mirrors by a voxel or two: subtracted in full, the estimate's
-errors become particle-like blobs; vpdetect's own simulator shifts every tilt image
-by up to 1.5 nm, and its beads' gains are 0.0-0.68, those of the generalization
-benchmark's aligned beads mostly 0.5-1.0). The full subtraction lifted the 18 design
-gold tomograms of the benchmark from 0.916 to 0.934 and changes none of
-vpdetect's own tuning tomograms. On by default for the bundled localizer
-(`--keep-gold-streaks` turns it off): the benchmark's validation gold cells 0.87 ->
-0.93 and 0.84 -> 0.90, its tuning tomograms 0.734 -> 0.743. Cost on 200 x 512 x 512
-(2 threads): 0.2 s without beads; with ten synthetic beads finding them 2.2 s,
-subtracting 4.2 s (3.4 s before the symmetry gain).
+`vpdetect.localize.gold_streaks` fits and subtracts them (in the slab `streak_slab`
+names, outside the core a `Bead` carries); on by default for the bundled localizer
+(`--keep-gold-streaks` turns it off).
 """
 
 from __future__ import annotations
@@ -84,24 +62,12 @@ PEAK_SMOOTHING_SIGMA = 3.0
 # A bead's own peak (the smoothed |z| over STREAK_Z) lies within this many voxels of that maximum
 # (its wide hill may peak in a darker centre: the reconstruction enhances a large bead's rim).
 BEAD_SEARCH = 4
-# A bead's streak estimate is subtracted in full where its symmetric samples predict the
-# artefact: a least-squares gain of at least SYMMETRY_GAIN of the data on the median of the samples
-# over SELF_RADIUS voxels from each voxel, in x-z GAIN_RANGE voxels from the bead (`symmetry_gain`).
-# Elsewhere (a misaligned series) it is shrunk towards zero by STREAK_SHRINK robust deviations.
-SYMMETRY_GAIN = 0.75
-SELF_RADIUS = 5.0
-GAIN_RANGE = (6.0, 40.0)
-STREAK_SHRINK = 1.0
 # A bead's core: voxels above this share of its smoothed peak (grown by one voxel) within
 # CORE_BOX voxels of it; its streaks are estimated in the slab of y within its radius + SLAB_MARGIN.
 CORE_SHARE = 0.25
 CORE_BOX = 8
 SLAB_MARGIN = 3
-# A back-projection ray through a bead runs radially in its x-z plane, so a voxel's streak value is
-# also sampled at its offset from the bead scaled by these factors: a particle 30 voxels out moves
-# 3 voxels, off itself, and is outvoted even where it sits on the bead's y plane (where the y
-# mirror is the particle itself). Chosen on validation gold cells and two tuning tomograms.
-RAY_SCALES = (0.9, 1.0, 1.1)
+
 
 
 @dataclass(frozen=True)
@@ -154,7 +120,7 @@ def find_beads(volume: np.ndarray, centre: float, scale: float) -> list[Bead]:
     for voxel in sorted(candidates, key=lambda v: (-candidates[v], v)):
         if all(np.abs(np.subtract(voxel, kept)).max() > PEAK_RADIUS for kept in peaks):
             peaks.append(np.array(voxel))
-    peaks.sort(key=tuple)  # in scan order (`remove_gold_streaks` cleans the beads one after another)
+    peaks.sort(key=tuple)  # in scan order
     return [_bead(smoothed, peak, peaks) for peak in peaks]
 
 
@@ -229,95 +195,3 @@ def streak_slab(bead: Bead, ny: int) -> tuple[int, int]:
     either side of its centre, within a volume of `ny` rows."""
     half = int(np.ceil(bead.radius + SLAB_MARGIN))
     return max(0, int(np.floor(bead.centre[1])) - half), min(ny, int(np.ceil(bead.centre[1])) + half + 1)
-
-
-def _symmetric_samples(z: np.ndarray, centre: np.ndarray, y_range: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The samples of `z` that share a voxel's streak value, for every voxel of the slab `y_range`:
-    the identity, the point reflection through `centre` [z, y, x] and the mirrors across its y
-    plane, each at the voxel's x-z offset from the bead scaled by RAY_SCALES (NaN outside the
-    volume). Returns (samples, near): near marks the samples within SELF_RADIUS voxels of their
-    voxel (a particle there would be sampled too)."""
-    nz, ny, nx = z.shape
-    zz, yy, xx = np.meshgrid(np.arange(nz), np.arange(*y_range), np.arange(nx), indexing="ij", sparse=True)
-    dz, dx = zz - centre[0], xx - centre[2]
-    y_rows = {False: yy, True: np.rint(2.0 * centre[1] - yy).astype(np.int64)}
-    samples, near = [], []
-    for scale in RAY_SCALES:
-        for flip_zx, flip_y in ((False, False), (True, True), (False, True), (True, False)):
-            factor = -scale if flip_zx else scale
-            mz = np.rint(centre[0] + factor * dz).astype(np.int64)
-            mx = np.rint(centre[2] + factor * dx).astype(np.int64)
-            mz, my, mx = np.broadcast_arrays(mz, y_rows[flip_y], mx)
-            inside = (mz >= 0) & (mz < nz) & (my >= 0) & (my < ny) & (mx >= 0) & (mx < nx)
-            sample = np.full(inside.shape, np.nan, dtype=np.float32)
-            sample[inside] = z[mz[inside], my[inside], mx[inside]]
-            samples.append(sample)
-            near.append((mz - zz) ** 2 + (my - yy) ** 2 + (mx - xx) ** 2 < SELF_RADIUS**2)
-    return np.stack(samples), np.stack(near)
-
-
-def symmetry_gain(z: np.ndarray, centre: np.ndarray, y_range: tuple[int, int],
-                  sampled: tuple[np.ndarray, np.ndarray] | None = None) -> float:
-    """How much of a bead's artefact its symmetric samples predict: the least-squares gain of the
-    slab's values on the median of each voxel's samples away from it (not `near`), over the voxels
-    GAIN_RANGE voxels from the bead in x-z (`z` in robust deviations; `sampled`: the slab's
-    `_symmetric_samples`, else taken here). About 1 where the artefact is point-symmetric (an
-    aligned series); well below where it is not (tilt images misaligned by a voxel shift each ray
-    one way and its mirror the other) or where noise swamps the samples."""
-    samples, near = _symmetric_samples(z, centre, y_range) if sampled is None else sampled
-    nz, _, nx = z.shape
-    distance = np.hypot(*np.meshgrid(np.arange(nz) - centre[0], np.arange(nx) - centre[2], indexing="ij"))
-    ring = np.broadcast_to(((distance >= GAIN_RANGE[0]) & (distance <= GAIN_RANGE[1]))[:, None, :], samples.shape[1:])
-    far = _nan_median(np.where(near[:, ring], np.nan, samples[:, ring]), empty=np.nan)
-    observed = z[:, y_range[0]:y_range[1], :][ring]
-    kept = ~np.isnan(far)
-    predicted, observed = far[kept].astype(np.float64), observed[kept].astype(np.float64)
-    energy = float(predicted @ predicted)
-    return float(observed @ predicted) / energy if energy > 0 else 0.0
-
-
-def _streak_estimate(z: np.ndarray, centre: np.ndarray, y_range: tuple[int, int]) -> np.ndarray:
-    """A bead's streaks in the slab `y_range`: the median of each voxel's symmetric samples (a
-    particle among them is outvoted, even on the bead's y plane, where the y mirror is the particle
-    itself), in full where the samples predict the artefact (`symmetry_gain` >= SYMMETRY_GAIN),
-    else soft-shrunk by STREAK_SHRINK robust deviations."""
-    sampled = _symmetric_samples(z, centre, y_range)
-    streaks = _nan_median(sampled[0])
-    if symmetry_gain(z, centre, y_range, sampled) >= SYMMETRY_GAIN:
-        return streaks
-    return np.sign(streaks) * np.maximum(np.abs(streaks) - STREAK_SHRINK, 0.0)
-
-
-def _nan_median(stack: np.ndarray, empty: float = 0.0) -> np.ndarray:
-    """Median over axis 0 ignoring NaN (`empty` where all are NaN); sorting once is far faster
-    than np.nanmedian on many short columns."""
-    ordered = np.sort(stack, axis=0)  # NaN sorts last
-    count = np.sum(~np.isnan(stack), axis=0)
-    low = np.take_along_axis(ordered, (np.maximum(count - 1, 0) // 2)[None], axis=0)[0]
-    high = np.take_along_axis(ordered, (count // 2)[None], axis=0)[0]
-    return np.where(count > 0, 0.5 * (low + high), empty).astype(np.float32)
-
-
-def remove_gold_streaks(volume: np.ndarray, centre: float, scale: float,
-                        beads: list[Bead] | None = None) -> tuple[np.ndarray, list[Bead]]:
-    """`volume` [z, y, x] (float32) with the streaks of its gold beads subtracted (a new array;
-    the input itself where there is no bead); `centre` and `scale` its robust centre and
-    spread; `beads` as `find_beads` gives them (None: found here). Returns (volume, beads)."""
-    volume = np.asarray(volume, dtype=np.float32)
-    beads = find_beads(volume, centre, scale) if beads is None else beads
-    if not beads:
-        return volume, beads
-    z = (volume - centre) / scale
-    for bead in beads:
-        y_range = streak_slab(bead, z.shape[1])
-        streaks = _streak_estimate(z, bead.centre, y_range)
-        # The core stays: in the slab's coordinates it is the box shifted by the slab's start.
-        box, core = bead.box, bead.core
-        core_in_slab = np.zeros(streaks.shape, dtype=bool)
-        y0 = y_range[0]
-        ys = slice(max(box[1].start, y0) - y0, min(box[1].stop, y_range[1]) - y0)
-        core_in_slab[box[0], ys, box[2]] = core[:, max(box[1].start, y0) - box[1].start:
-                                                  min(box[1].stop, y_range[1]) - box[1].start, :]
-        streaks[core_in_slab] = 0.0
-        z[:, y_range[0]:y_range[1], :] -= streaks
-    return (z * scale + centre).astype(np.float32), beads

@@ -24,8 +24,8 @@ from vpdetect.localize.fiducials import (
     find_beads,
     gold_beads,
     picks_on_beads,
-    remove_gold_streaks,
 )
+from vpdetect.localize.gold_streaks import remove_gold_streaks
 from vpdetect.localize.membranes import drop_remnants, erase_membranes
 from vpdetect.localize.tiling import (
     DEFAULT_HALO_CAP,
@@ -343,9 +343,10 @@ def model_input(tomo, card: dict, options: LocalizeOptions, timings: dict | None
         stats = tomogram_stats(volume, "robust")
         beads = find_beads(volume, *stats)
         if remove_streaks and beads:
-            volume, _ = remove_gold_streaks(volume, *stats, beads)
-            log.info("%s: streaks of %d gold bead(s) subtracted (--keep-gold-streaks to keep them)",
-                     tomo.name, len(beads))
+            volume, _, tilt_range = remove_gold_streaks(volume, *stats, beads)
+            if tilt_range is not None:
+                log.info("%s: streaks of %d gold bead(s) subtracted, fitted over tilts %+.0f..%+.0f deg "
+                         "(--keep-gold-streaks to keep them)", tomo.name, len(beads), *tilt_range)
         phases["gold"] = time.perf_counter() - phase_start
     # Matched as the model sees the tomogram: after the background subtraction, so that a
     # carbon film or thick ice is not clipped into a plateau before it is filtered.

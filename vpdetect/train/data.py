@@ -281,14 +281,14 @@ def spectrum_matched(tv: TrainingVolume, reference, normalisation: str) -> Train
 
 
 def streaks_removed(tv: TrainingVolume, normalisation: str) -> TrainingVolume:
-    """`tv` with its gold beads' streaks subtracted (`vpdetect.localize.fiducials`, as `localize`
+    """`tv` with its gold beads' streaks subtracted (`vpdetect.localize.gold_streaks`, as `localize`
     subtracts a user's: after the background, before any spectrum matching) and its
     normalisation measured again, the contrast sign kept."""
-    from vpdetect.localize.fiducials import remove_gold_streaks
+    from vpdetect.localize.gold_streaks import remove_gold_streaks
 
     volume = np.asarray(tv.volume, dtype=np.float32)
     centre, scale = normalisation_params(volume, "robust")
-    volume, beads = remove_gold_streaks(volume, centre, scale)
+    volume, beads, _ = remove_gold_streaks(volume, centre, scale)
     if not beads:
         return tv
     try:
