@@ -69,7 +69,6 @@ CORE_BOX = 8
 SLAB_MARGIN = 3
 
 
-
 @dataclass(frozen=True)
 class Bead:
     """A gold bead found in a volume: its centre [z, y, x] (voxels, on the half-voxel grid), its
