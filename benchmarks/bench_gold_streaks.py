@@ -80,10 +80,11 @@ def left_share(cleaned, volume, streaks, centres, radii, distances=((8, 20), (20
     for low, high in distances:
         total_left = total = 0.0
         for (z, y, x), radius in zip(centres, radii, strict=True):
-            ring = (np.hypot(zz - z, xx - x) >= low) & (np.hypot(zz - z, xx - x) < high)
+            distance = np.hypot(zz - z, xx - x)
+            ring = ((distance >= low) & (distance < high))[:, None, :]
             rows = slice(max(0, int(y - radius)), min(ny, int(y + radius) + 1))
-            total_left += float((left[:, rows, :][np.broadcast_to(ring[:, None, :], left[:, rows, :].shape)] ** 2).sum())
-            total += float((streaks[:, rows, :][np.broadcast_to(ring[:, None, :], left[:, rows, :].shape)] ** 2).sum())
+            total_left += float(np.sum(np.where(ring, left[:, rows, :], 0.0) ** 2))
+            total += float(np.sum(np.where(ring, streaks[:, rows, :], 0.0) ** 2))
         shares.append(np.sqrt(total_left / max(total, 1e-12)))
     return shares
 
@@ -99,19 +100,23 @@ def run(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv or [])
     start = time.perf_counter()
     volume, streaks, centres, radii = bead_scene(tuple(args.shape), args.beads)
-    print(f"scene: {args.shape[2]} x {args.shape[1]} x {args.shape[0]} voxels, {args.beads} beads (radius 3-5, "
-          f"skimage radon/iradon over +-60 step 3, unit noise), made in {time.perf_counter() - start:.1f} s")
+    print(f"scene: {args.beads} beads (radius 3-5) in {args.shape[2]} x {args.shape[1]} x "
+          f"{args.shape[0]} voxels of unit noise,")
+    print(f"  skimage radon/iradon over +-60 step 3 ({time.perf_counter() - start:.1f} s)")
     centre, scale = normalisation_params(volume, "robust")
     baseline, _ = _fastest(lambda: np.asarray(subtract_background(volume, BACKGROUND_SIGMA)[:]))
     find_s, beads = _fastest(lambda: find_beads(volume, centre, scale))
-    range_s, tilt_range = _fastest(lambda: fit_tilt_range((volume - centre) / scale, beads))
+    range_s, tilt_range = _fastest(lambda: fit_tilt_range(volume, beads, centre, scale))
     remove_s, (cleaned, _, fitted) = _fastest(lambda: remove_gold_streaks(volume, centre, scale, beads))
     shares = left_share(cleaned, volume, streaks, centres, radii)
-    print(f"baseline: background subtraction (Gaussian of {BACKGROUND_SIGMA:g} voxels) {baseline:.2f} s")
-    print(f"find_beads: {find_s:.2f} s ({len(beads)} beads found), {find_s / baseline:.2f} x the baseline")
-    print(f"remove_gold_streaks: {remove_s:.2f} s ({remove_s / max(len(beads), 1):.2f} s per bead), "
-          f"{remove_s / baseline:.2f} x the baseline; of it the tilt-range fit {range_s:.2f} s")
-    print(f"range fitted: {fitted[0]:+.0f}..{fitted[1]:+.0f} degrees (skimage's +-60, mirrored)")
-    print(f"streaks' rms left: {100 * shares[0]:.0f} % 8-20 voxels from a bead, {100 * shares[1]:.0f} % 20-45 voxels out")
+    print(f"baseline, background subtraction ({BACKGROUND_SIGMA:g} voxels): {baseline:.2f} s")
+    print(f"find_beads: {find_s:.2f} s, {find_s / baseline:.1f} x baseline ({len(beads)} beads)")
+    per_bead = remove_s / max(len(beads), 1)
+    print(f"remove_gold_streaks: {remove_s:.2f} s, {remove_s / baseline:.1f} x baseline "
+          f"({per_bead:.2f} s per bead)")
+    print(f"  of it the tilt-range fit: {range_s:.2f} s, {fitted[0]:+.0f}..{fitted[1]:+.0f} deg "
+          "(skimage's +-60, mirrored)")
+    print(f"streaks' rms left: {100 * shares[0]:.0f} % at 8-20 voxels from a bead, "
+          f"{100 * shares[1]:.0f} % at 20-45")
     return {"baseline_s": baseline, "find_s": find_s, "range_s": range_s, "remove_s": remove_s,
             "n_beads": len(beads), "tilt_range": tilt_range, "left_share": shares}

@@ -75,7 +75,7 @@ def test_ray_design_back_projects_a_profile_along_each_tilts_rays(rng):
 def test_the_tilt_range_is_fitted_to_a_beads_streaks(rng, angles):
     volume, _, _ = tomogram(rng, angles)
     centre, scale = normalisation_params(volume, "robust")
-    low, high = fit_tilt_range((volume - centre) / scale, find_beads(volume, centre, scale))
+    low, high = fit_tilt_range(volume, find_beads(volume, centre, scale), centre, scale)
     # scikit-image's frame is this module's mirrored: the same range, its signs flipped.
     assert abs(-high - angles[0]) <= 1.0 and abs(-low - angles[-1]) <= 1.0
     assert fan(low, high).tolist() == list(np.arange(low, high + 0.5, 1.0))

@@ -99,12 +99,14 @@ def _offsets(bead: Bead, plane: tuple[int, int], reach: float):
     return (slice(z0, z1), slice(x0, x1)), dz.ravel(), dx.ravel()
 
 
-def _probes(z: np.ndarray, beads: list[Bead]):
-    """For the PROBE_BEADS beads of highest |z| at the centre: (dz, dx, values [voxel, row]) of the
-    voxels from the bead's radius + CORE_MARGIN to FIT_RADIUS voxels in x-z, in its central row and
-    the rows beside it, at most PROBE_PIXELS voxels (an even stride through them)."""
-    nz, ny, nx = z.shape
-    peak = [abs(float(z[tuple(np.clip(np.rint(b.centre).astype(int), 0, np.array(z.shape) - 1))])) for b in beads]
+def _probes(volume: np.ndarray, beads: list[Bead], centre: float, scale: float):
+    """For the PROBE_BEADS beads of highest |volume - centre| at their centres: (dz, dx, values
+    [voxel, row]) of the voxels from the bead's radius + CORE_MARGIN to FIT_RADIUS voxels in x-z, in
+    its central row and the rows beside it (in robust deviations: (value - centre) / scale), at most
+    PROBE_PIXELS voxels (an even stride through them)."""
+    nz, ny, nx = volume.shape
+    last = np.array(volume.shape) - 1
+    peak = [abs(float(volume[tuple(np.clip(np.rint(b.centre).astype(int), 0, last))]) - centre) for b in beads]
     knots = 2 * PROFILE_HALF_WIDTH + 1
     probes = []
     for i in np.argsort(peak, kind="stable")[::-1][:PROBE_BEADS]:
@@ -117,8 +119,8 @@ def _probes(z: np.ndarray, beads: list[Bead]):
             continue
         y = int(np.rint(bead.centre[1]))
         rows = [r for r in (y - 1, y, y + 1) if 0 <= r < ny]
-        values = np.stack([z[box[0], r, box[1]].ravel()[keep] for r in rows], axis=1).astype(np.float64)
-        probes.append((dz[keep], dx[keep], values))
+        values = np.stack([volume[box[0], r, box[1]].ravel()[keep] for r in rows], axis=1).astype(np.float64)
+        probes.append((dz[keep], dx[keep], (values - centre) / scale))
     return probes
 
 
@@ -134,14 +136,15 @@ def _misfit(probes, angles_deg) -> float:
     return total
 
 
-def fit_tilt_range(z: np.ndarray, beads: list[Bead]) -> tuple[float, float] | None:
-    """(lowest, highest) tilt angle (degrees, this module's frame) of the series `z` [z, y, x]
-    (robust deviations) was reconstructed from, fitted to the streaks of its gold `beads`: the
+def fit_tilt_range(volume: np.ndarray, beads: list[Bead], centre: float = 0.0,
+                   scale: float = 1.0) -> tuple[float, float] | None:
+    """(lowest, highest) tilt angle (degrees, this module's frame) of the series `volume` [z, y, x]
+    (robust centre `centre`, spread `scale`) was reconstructed from, fitted to its gold `beads`: the
     ends, on a COARSE_STEP grid, of the fan of RAY_STEP rays whose least-squares profiles fit the
     brightest beads' central rows best (every pair of ends tried: a misaligned series can show a
     second, narrower optimum that one-end-at-a-time sweeps fall into), then each end swept by
     RAY_STEP around it. None where no bead leaves room for a fit."""
-    probes = _probes(z, beads)
+    probes = _probes(volume, beads, centre, scale)
     if not probes:
         return None
     grid = np.arange(-RANGE_LIMITS[1], RANGE_LIMITS[1] + COARSE_STEP / 2, COARSE_STEP)
@@ -184,31 +187,38 @@ def _robust_profiles(design: np.ndarray, values: np.ndarray, fit: np.ndarray, pl
     beyond BLOB_LEVEL robust deviations of it are dropped from the next fit."""
     from scipy import ndimage
 
+    # The smoothing works on the fit's bounding box with a margin past the Gaussian's reach
+    # (truncated at 4 sigma), where it equals the whole plane's.
+    margin = int(np.ceil(4 * BLOB_SIGMA)) + 1
+    zs, xs = np.unravel_index(fit, plane)
+    z0, x0 = max(zs.min() - margin, 0), max(xs.min() - margin, 0)
+    shape = (min(zs.max() + margin + 1, plane[0]) - z0, min(xs.max() + margin + 1, plane[1]) - x0)
+    inside = (zs - z0, xs - x0)
+    image = np.zeros(shape)
+    fitted = np.zeros(shape)
+    fitted[inside] = 1.0
+    # Normalised convolution: averages over the fitted voxels only, so the core's gap adds nothing.
+    weight = np.maximum(ndimage.gaussian_filter(fitted, BLOB_SIGMA), 1e-6)
     keep = np.ones(values.size, dtype=bool)
     ridge = 1e-6 * np.eye(design.shape[1])
-    image = np.zeros(plane[0] * plane[1])
-    fitted = np.zeros(plane[0] * plane[1], dtype=bool)
-    fitted[fit] = True
     for _ in range(ROBUST_ITERATIONS):
         kept = design[keep]
         profiles = np.linalg.solve(kept.T @ kept + ridge, kept.T @ values[keep])
-        image[fit] = values - design @ profiles
-        # Smoothed over the fitted voxels only (normalised convolution): the core's gap adds nothing.
-        smooth = (ndimage.gaussian_filter(image.reshape(plane), BLOB_SIGMA)
-                  / np.maximum(ndimage.gaussian_filter(fitted.reshape(plane).astype(np.float64), BLOB_SIGMA), 1e-6))
-        blob = np.abs(smooth.ravel()[fit])
+        image[inside] = values - design @ profiles
+        blob = np.abs((ndimage.gaussian_filter(image, BLOB_SIGMA) / weight)[inside])
         keep = blob <= BLOB_LEVEL * 1.4826 * float(np.median(blob)) + 1e-12
     return profiles
 
 
-def streak_model(z: np.ndarray, beads: list[Bead], angles_deg: np.ndarray) -> np.ndarray:
-    """The beads' streaks in `z` [z, y, x] (float32, zero outside their slabs and on their cores):
-    in each row, one profile per bead whose slab holds it, fitted jointly and robustly."""
-    nz, ny, nx = z.shape
+def streak_rows(volume: np.ndarray, centre: float, scale: float, beads: list[Bead], angles_deg: np.ndarray):
+    """The beads' streaks in `volume` [z, y, x] (robust centre `centre`, spread `scale`), row by row:
+    yields (y, streaks [z, x] in robust deviations, zero on the beads' cores) for every row whose
+    fit is significant; in each row one profile per bead whose slab holds it, fitted jointly and
+    robustly. Reads one row at a time (no copy of the volume)."""
+    nz, ny, nx = volume.shape
     knots = 2 * PROFILE_HALF_WIDTH + 1
     slabs = [streak_slab(bead, ny) for bead in beads]
     models: dict[int, tuple] = {}  # bead -> (flat voxel indices, design, x-z distance), while its slab lasts
-    streaks = np.zeros(z.shape, dtype=np.float32)
     for y in range(ny):
         active = [i for i, (start, stop) in enumerate(slabs) if start <= y < stop]
         for i in list(models):
@@ -239,7 +249,7 @@ def streak_model(z: np.ndarray, beads: list[Bead], angles_deg: np.ndarray) -> np
             rows = position[flat]
             inside = rows >= 0
             design[rows[inside], n * knots:(n + 1) * knots] = bead_design[inside]
-        values = z[:, y, :].ravel()[fit].astype(np.float64)
+        values = (volume[:, y, :].ravel()[fit].astype(np.float64) - centre) / scale
         profiles = _robust_profiles(design, values, fit, (nz, nx))
         explained = design @ profiles
         noise = 1.4826 * float(np.median(np.abs(values - explained)))
@@ -249,10 +259,12 @@ def streak_model(z: np.ndarray, beads: list[Bead], angles_deg: np.ndarray) -> np
         for n, i in enumerate(active):
             flat, bead_design, _ = models[i]
             row[flat] += bead_design @ profiles[n * knots:(n + 1) * knots]
-        streaks[:, y, :] = row.reshape(nz, nx)
-    for bead in beads:  # the cores stay for the picker (and for dropping the picks on them)
-        streaks[bead.box][bead.core] = 0.0
-    return streaks
+        row = row.reshape(nz, nx)
+        for bead in beads:  # the cores stay for the picker (and for dropping the picks on them)
+            box = bead.box
+            if box[1].start <= y < box[1].stop:
+                row[box[0], box[2]][bead.core[:, y - box[1].start, :]] = 0.0
+        yield y, row
 
 
 def remove_gold_streaks(volume: np.ndarray, centre: float, scale: float, beads: list[Bead] | None = None,
@@ -266,10 +278,15 @@ def remove_gold_streaks(volume: np.ndarray, centre: float, scale: float, beads: 
     beads = find_beads(volume, centre, scale) if beads is None else beads
     if not beads:
         return volume, beads, None
-    z = (volume - centre) / scale
-    tilt_range = fit_tilt_range(z, beads) if tilt_range is None else tuple(float(v) for v in tilt_range)
+    if tilt_range is None:
+        tilt_range = fit_tilt_range(volume, beads, centre, scale)
+    else:
+        tilt_range = tuple(float(v) for v in tilt_range)
     if tilt_range is None:
         log.warning("gold beads found, but none leaves room to fit its streaks: kept")
         return volume, beads, None
-    # Subtracted in the volume's own units: voxels the model leaves at zero keep their bytes.
-    return volume - np.float32(scale) * streak_model(z, beads, fan(*tilt_range)), beads, tilt_range
+    cleaned = volume.copy()
+    for y, streaks in streak_rows(volume, centre, scale, beads, fan(*tilt_range)):
+        # In the volume's own units: voxels the model leaves at zero keep their bytes.
+        cleaned[:, y, :] -= (scale * streaks).astype(np.float32)
+    return cleaned, beads, tilt_range
